@@ -1,0 +1,357 @@
+"""Loading official ALBEF checkpoints and saving/loading albef's own format.
+
+Official checkpoints (``ALBEF.pth``, ``ALBEF_4M.pth``, ``mscoco.pth``, ``flickr30k.pth``, training snapshots)
+come as ``{'model': state_dict, ...}`` or as a raw state dict, with or without momentum encoders and queues,
+in the pretraining layout (``text_encoder.bert.*`` + ``text_encoder.cls.*``) or the finetuning layout
+(``text_encoder.*``). :func:`load_official` maps any of them onto an albef pretraining or retrieval model and
+reports every key it could not place.
+
+albef's own format is a directory with ``model.safetensors`` (no pickle on load) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
+from albef.models.base import ContrastiveModel
+from albef.models.pretrain import ALBEFPretrain
+from albef.models.retrieval import ALBEFRetrieval
+from albef.models.vision import resample_pos_embed
+
+log = logging.getLogger(__name__)
+
+TASKS: dict[str, type[ContrastiveModel]] = {"pretrain": ALBEFPretrain, "retrieval": ALBEFRetrieval}
+FORMAT_NAME = "albef"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+_QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+_MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+def build_model(task: str, cfg: ModelConfig) -> ContrastiveModel:
+    if task not in TASKS:
+        raise CheckpointError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    return TASKS[task](cfg)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_official_state_dict(source: str | Path | dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict inside an official checkpoint file (or dict), unwrapped from ``model``/``module.``."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            # weights_only: never execute pickled code from a downloaded file.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    else:
+        obj = source
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+    for wrapper in ("model", "state_dict", "module"):
+        if wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+            break
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CheckpointError("checkpoint holds no tensors")
+    return state
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def config_from_official(
+    config: dict[str, Any], bert_config: dict[str, Any], vit: dict[str, Any] | None = None
+) -> ModelConfig:
+    """An albef config from the official yaml config, ``config_bert.json`` and (optionally) ViT sizes."""
+    vit = vit or {}
+    cfg = base_config()
+    layers = int(bert_config["num_hidden_layers"])
+    fusion = int(bert_config.get("fusion_layer", 6))
+    cfg.vision = VisionConfig(
+        image_size=int(vit.get("img_size", config.get("image_res", 256))),
+        patch_size=int(vit.get("patch_size", 16)),
+        width=int(vit.get("embed_dim", config.get("vision_width", 768))),
+        depth=int(vit.get("depth", 12)),
+        heads=int(vit.get("num_heads", 12)),
+        mlp_ratio=float(vit.get("mlp_ratio", 4.0)),
+    )
+    cfg.text = TextConfig(
+        vocab_size=int(bert_config["vocab_size"]),
+        hidden=int(bert_config["hidden_size"]),
+        text_layers=fusion,
+        fusion_layers=layers - fusion,
+        heads=int(bert_config["num_attention_heads"]),
+        intermediate=int(bert_config["intermediate_size"]),
+        max_positions=int(bert_config["max_position_embeddings"]),
+        type_vocab=int(bert_config.get("type_vocab_size", 2)),
+        dropout=float(bert_config.get("hidden_dropout_prob", 0.1)),
+        layer_norm_eps=float(bert_config.get("layer_norm_eps", 1e-12)),
+        initializer_range=float(bert_config.get("initializer_range", 0.02)),
+        pad_token_id=int(bert_config.get("pad_token_id", 0)),
+    )
+    for key in ("embed_dim", "queue_size"):
+        if key in config:
+            setattr(cfg, key, int(config[key]))
+    for key in ("temp", "momentum", "alpha", "mlm_probability"):
+        if key in config:
+            setattr(cfg, key, float(config[key]))
+    if "distill" in config:
+        cfg.distill = bool(config["distill"])
+    return cfg
+
+
+def infer_config(state: dict[str, torch.Tensor], base: ModelConfig, image_size: int | None = None) -> ModelConfig:
+    """Adapt ``base`` (which supplies what shapes cannot tell: heads, special token ids) to a state dict."""
+    cfg = ModelConfig.from_dict(base.to_dict())
+
+    def find(suffix: str) -> torch.Tensor | None:
+        for k, v in state.items():
+            if k.startswith(("visual_encoder.", "text_encoder.")) and k.endswith(suffix):
+                return v
+        return None
+
+    if (pe := state.get("visual_encoder.pos_embed")) is not None:
+        cfg.vision.width = pe.shape[-1]
+        grid = int(round((pe.shape[1] - 1) ** 0.5))
+        if (patch := state.get("visual_encoder.patch_embed.proj.weight")) is not None:
+            cfg.vision.patch_size = patch.shape[-1]
+        cfg.vision.image_size = image_size or grid * cfg.vision.patch_size
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"visual_encoder\.blocks\.(\d+)\.", k))}
+    if blocks:
+        cfg.vision.depth = max(blocks) + 1
+    if (fc1 := state.get("visual_encoder.blocks.0.mlp.fc1.weight")) is not None:
+        cfg.vision.mlp_ratio = fc1.shape[0] / fc1.shape[1]
+    if (we := find("embeddings.word_embeddings.weight")) is not None:
+        cfg.text.vocab_size, cfg.text.hidden = we.shape
+    if (pos := find("embeddings.position_embeddings.weight")) is not None:
+        cfg.text.max_positions = pos.shape[0]
+    if (tt := find("embeddings.token_type_embeddings.weight")) is not None:
+        cfg.text.type_vocab = tt.shape[0]
+    if (inter := find("encoder.layer.0.intermediate.dense.weight")) is not None:
+        cfg.text.intermediate = inter.shape[0]
+    layers, cross = set(), set()
+    for k in state:
+        if m := re.match(r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.(crossattention)?", k):
+            layers.add(int(m.group(1)))
+            if m.group(2):
+                cross.add(int(m.group(1)))
+    if layers:
+        start = min(cross) if cross else max(layers) + 1
+        cfg.text.text_layers, cfg.text.fusion_layers = start, max(layers) + 1 - start
+    if (proj := state.get("vision_proj.weight")) is not None:
+        cfg.embed_dim = proj.shape[0]
+    if (queue := state.get("image_queue")) is not None:
+        cfg.queue_size = queue.shape[1]
+    if (temp := state.get("temp")) is not None:
+        cfg.temp = min(max(float(temp), cfg.quirks.temp_min), cfg.quirks.temp_max)
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint shapes give an inconsistent model: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------- official -> albef
+
+
+@dataclass
+class LoadReport:
+    """What happened to every key while loading a foreign checkpoint."""
+
+    missing: list[str] = field(default_factory=list)  # model keys the checkpoint did not provide
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys the model has no place for
+    resampled: list[str] = field(default_factory=list)  # position embeddings resized
+    momentum_from_online: list[str] = field(default_factory=list)  # twins initialised from online weights
+    reset: list[str] = field(default_factory=list)  # buffers kept at their fresh value (queue size changed)
+
+    def summary(self) -> str:
+        lines = []
+        for name in ("missing", "unexpected", "resampled", "momentum_from_online", "reset"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+                lines.append(f"{name}: {shown}")
+        return "\n".join(lines) if lines else "all keys matched"
+
+
+def convert_official_state_dict(
+    state: dict[str, torch.Tensor], model: ContrastiveModel
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Rename, resample and filter an official state dict so it loads into ``model``."""
+    report = LoadReport()
+    target = model.state_dict()
+    wants_mlm = isinstance(model, ALBEFPretrain)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("embeddings.position_ids"):  # a buffer old transformers saved; recomputed here
+            continue
+        new = _rename_text_key(key, wants_mlm)
+        if new is None:
+            report.unexpected.append(key)
+            continue
+        if new.endswith("pos_embed") and new in target and value.shape != target[new].shape:
+            value = resample_pos_embed(value, target[new].shape[1])
+            report.resampled.append(new)
+        out[new] = value
+
+    bad_shapes = []
+    for key in list(out):
+        if key not in target:
+            report.unexpected.append(key)
+            del out[key]
+        elif out[key].shape != target[key].shape:
+            if key in _QUEUE_KEYS:  # another queue size: start this model's queues fresh
+                report.reset.append(key)
+                del out[key]
+            else:
+                bad_shapes.append(f"{key}: checkpoint {tuple(out[key].shape)}, model {tuple(target[key].shape)}")
+    if bad_shapes:
+        raise CheckpointError(
+            "checkpoint does not fit this architecture (wrong config or wrong task?); "
+            f"{len(bad_shapes)} shape mismatches: " + "; ".join(bad_shapes[:6])
+        )
+    if "queue_ptr" in report.reset or any(k in report.reset for k in ("image_queue", "text_queue")):
+        for key in _QUEUE_KEYS:
+            if key in out:
+                del out[key]
+                report.reset.append(key)
+
+    # Momentum twins absent from the checkpoint (released finetuned weights strip them) start as copies of
+    # the online weights, as LAVIS does, never as random networks (official NLVR2 quirk).
+    for prefix in _MOMENTUM_PREFIXES:
+        online_prefix = prefix.replace("_m.", ".")
+        twin_keys = [k for k in target if k.startswith(prefix)]
+        if twin_keys and not any(k in out for k in twin_keys):
+            for k in twin_keys:
+                src = online_prefix + k[len(prefix) :]
+                if src in out:
+                    out[k] = out[src]
+                    report.momentum_from_online.append(k)
+    report.missing = sorted(k for k in target if k not in out and k not in report.reset)
+    return out, report
+
+
+def _rename_text_key(key: str, wants_mlm: bool) -> str | None:
+    for prefix in ("text_encoder.", "text_encoder_m."):
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            if wants_mlm:
+                return key if rest.startswith(("bert.", "cls.")) else prefix + "bert." + rest
+            if rest.startswith("cls."):
+                return None  # the MLM head has no place in a finetuning model
+            return prefix + rest.removeprefix("bert.")
+    return key
+
+
+def load_official(
+    model: ContrastiveModel, source: str | Path | dict[str, Any], strict: bool = False
+) -> LoadReport:
+    """Load an official ALBEF checkpoint into ``model``; with ``strict`` any missing weight is an error."""
+    state, report = convert_official_state_dict(read_official_state_dict(source), model)
+    missing_weights = [k for k in report.missing if k not in _QUEUE_KEYS]
+    if strict and missing_weights:
+        raise CheckpointError(f"checkpoint lacks {len(missing_weights)} weights: {missing_weights[:8]}")
+    model.load_state_dict(state, strict=False)
+    if report.missing:
+        log.warning("official checkpoint: %d model keys not in the checkpoint: %s", len(report.missing),
+                    report.missing[:8])
+    if report.unexpected:
+        log.info("official checkpoint: %d keys unused: %s", len(report.unexpected), report.unexpected[:8])
+    return report
+
+
+# ---------------------------------------------------------------------------- albef format
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: ContrastiveModel, directory: str | Path, task: str | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (each atomically) into ``directory``."""
+    from safetensors.torch import save_model
+
+    task = task or next(name for name, cls in TASKS.items() if type(model) is cls)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": task, "model": model.cfg.to_dict()}
+    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(model, tmp, metadata={"task": task}))
+    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    return out
+
+
+def read_config(directory: str | Path) -> tuple[str, ModelConfig]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: not an albef model directory")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: malformed JSON ({exc})") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not an albef config (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer albef (format_version {meta['format_version']})")
+    return meta["task"], ModelConfig.from_dict(meta["model"], prefix=f"{path.name}:model")
+
+
+def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> ContrastiveModel:
+    """Build and load a model saved by :func:`save_pretrained`. Strict by default: every key must match."""
+    from safetensors.torch import load_model
+
+    saved_task, cfg = read_config(directory)
+    if task is not None and task != saved_task:
+        raise CheckpointError(f"{directory} holds a {saved_task!r} model, not {task!r}")
+    model = build_model(saved_task, cfg)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=strict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match its config.json: {exc}") from exc
+    if missing or unexpected:
+        log.warning("non-strict load of %s: missing %s, unexpected %s", weights, missing, unexpected)
+    return model
+
+
+def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
+    seen = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

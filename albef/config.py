@@ -1,0 +1,299 @@
+"""Typed, validated model configuration.
+
+The model section of ``params.yaml`` looks like::
+
+    model:
+      preset: small            # base | small | tiny
+      vision: {image_size: 96} # any field below overrides the preset
+      temp: 0.07
+
+Every error names the offending key (``model.vision.width``) so a typo in ``params.yaml`` is found at load
+time, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, mistyped, unknown or inconsistent."""
+
+
+@dataclass
+class VisionConfig:
+    """ViT image encoder (timm ``VisionTransformer`` with ALBEF's choices)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 + self.grid_size**2
+
+
+@dataclass
+class TextConfig:
+    """BERT text encoder whose upper ``fusion_layers`` layers also cross-attend to image tokens."""
+
+    vocab_size: int = 30522
+    hidden: int = 768
+    text_layers: int = 6
+    fusion_layers: int = 6
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 512
+    type_vocab: int = 2
+    dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_layers + self.fusion_layers
+
+
+@dataclass
+class QuirksConfig:
+    """Switches for the official code's behaviours that change numbers (ALBEF-SPEC §1.6, §9).
+
+    The defaults reproduce the official code wherever that is not a bug that crashes or corrupts.
+    """
+
+    # Official tokenizer: a single sentence is "[CLS] tokens" with no trailing [SEP].
+    single_sentence_sep: bool = False
+    # Pretraining clamps the learnable temperature to [0.001, 0.5] at every forward; finetuning does not.
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    # Additive mask value for padded text keys (official: -10000; -inf would change nothing in practice).
+    text_mask_value: float = -10000.0
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an ALBEF model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    temp: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4
+    mlm_probability: float = 0.15
+    distill: bool = True
+    quirks: QuirksConfig = field(default_factory=QuirksConfig)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, prefix: str = "model") -> ModelConfig:
+        v, t = self.vision, self.text
+        positive = {
+            "vision.image_size": v.image_size,
+            "vision.patch_size": v.patch_size,
+            "vision.width": v.width,
+            "vision.depth": v.depth,
+            "vision.heads": v.heads,
+            "text.vocab_size": t.vocab_size,
+            "text.hidden": t.hidden,
+            "text.heads": t.heads,
+            "text.intermediate": t.intermediate,
+            "text.max_positions": t.max_positions,
+            "text.type_vocab": t.type_vocab,
+            "embed_dim": self.embed_dim,
+            "queue_size": self.queue_size,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{prefix}.{key} must be positive, got {value}")
+        if t.text_layers < 0 or t.fusion_layers < 0:
+            raise ConfigError(f"{prefix}.text.text_layers/fusion_layers must be >= 0")
+        if t.fusion_layers < 1:
+            raise ConfigError(f"{prefix}.text.fusion_layers must be >= 1 (ALBEF fuses in the upper layers)")
+        if v.image_size % v.patch_size:
+            raise ConfigError(
+                f"{prefix}.vision.image_size ({v.image_size}) must be a multiple of "
+                f"{prefix}.vision.patch_size ({v.patch_size})"
+            )
+        if v.width % v.heads:
+            raise ConfigError(
+                f"{prefix}.vision.width ({v.width}) is not divisible by {prefix}.vision.heads ({v.heads})"
+            )
+        if t.hidden % t.heads:
+            raise ConfigError(f"{prefix}.text.hidden ({t.hidden}) is not divisible by {prefix}.text.heads ({t.heads})")
+        if not 0.0 <= v.drop_path < 1.0:
+            raise ConfigError(f"{prefix}.vision.drop_path must be in [0, 1), got {v.drop_path}")
+        if not 0.0 < self.momentum < 1.0:
+            raise ConfigError(f"{prefix}.momentum must be in (0, 1), got {self.momentum}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{prefix}.alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"{prefix}.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        q = self.quirks
+        if not 0.0 < q.temp_min <= self.temp <= q.temp_max:
+            raise ConfigError(
+                f"{prefix}.temp ({self.temp}) must lie in [quirks.temp_min, quirks.temp_max] = "
+                f"[{q.temp_min}, {q.temp_max}]"
+            )
+        ids = {
+            "text.pad_token_id": t.pad_token_id,
+            "text.cls_token_id": t.cls_token_id,
+            "text.sep_token_id": t.sep_token_id,
+            "text.mask_token_id": t.mask_token_id,
+        }
+        for key, value in ids.items():
+            if not 0 <= value < t.vocab_size:
+                raise ConfigError(f"{prefix}.{key} ({value}) is outside the vocabulary [0, {t.vocab_size})")
+        return self
+
+    def check_global_batch(self, global_batch: int, prefix: str = "model") -> None:
+        """The queue is a ring buffer advanced by the gathered batch: its size must be a multiple of it."""
+        if global_batch <= 0:
+            raise ConfigError(f"global batch must be positive, got {global_batch}")
+        if self.queue_size % global_batch:
+            raise ConfigError(
+                f"{prefix}.queue_size ({self.queue_size}) is not divisible by the global batch "
+                f"({global_batch} = per-device batch x world size); choose a queue size that is a multiple of it"
+            )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+        """Build from a plain dict: a ``preset`` name plus overrides, or a full dict."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
+        data = copy.deepcopy(data)
+        preset = data.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"{prefix}.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            base = PRESETS[preset]().to_dict()
+        else:
+            base = ModelConfig().to_dict()
+        merged = _merge(base, data, cls, prefix)
+        return _build(cls, merged, prefix).validate(prefix)
+
+
+def _merge(base: dict, override: dict, schema: type, prefix: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in override.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}: unknown key; expected one of {sorted(fields)}")
+        sub = _dataclass_type(fields[key])
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}.{key} must be a mapping, got {type(value).__name__}")
+            base[key] = _merge(base[key], value, sub, f"{prefix}.{key}")
+        else:
+            base[key] = value
+    return base
+
+
+_SUBCONFIGS = {"VisionConfig": VisionConfig, "TextConfig": TextConfig, "QuirksConfig": QuirksConfig}
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    return _SUBCONFIGS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+
+
+def _build(schema: type, data: dict, prefix: str) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(schema):
+        value = data[f.name]
+        sub = _dataclass_type(f)
+        if sub is not None:
+            kwargs[f.name] = _build(sub, value, f"{prefix}.{f.name}")
+            continue
+        expected = f.type if isinstance(f.type, str) else f.type.__name__
+        kwargs[f.name] = _coerce(value, expected, f"{prefix}.{f.name}")
+    return schema(**kwargs)
+
+
+def _coerce(value: Any, expected: str, key: str) -> Any:
+    if expected == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if expected == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if expected == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------- presets
+def base_config() -> ModelConfig:
+    """The official ALBEF: ViT-B/16 at 256 px, BERT-base with fusion from layer 6."""
+    return ModelConfig()
+
+
+def small_config() -> ModelConfig:
+    """What the embedded default trains on a laptop CPU in minutes."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=64, patch_size=8, width=192, depth=4, heads=3),
+        text=TextConfig(
+            vocab_size=1000, hidden=192, text_layers=2, fusion_layers=2, heads=3, intermediate=768,
+            max_positions=64, pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4,
+        ),
+        embed_dim=128,
+        queue_size=1024,
+    )
+
+
+def tiny_config() -> ModelConfig:
+    """The smallest model that exercises every code path; for tests."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=16, width=32, depth=2, heads=2),
+        text=TextConfig(
+            vocab_size=100, hidden=32, text_layers=1, fusion_layers=1, heads=2, intermediate=64,
+            max_positions=32, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3,
+        ),
+        embed_dim=16,
+        queue_size=32,
+    )
+
+
+PRESETS = {"base": base_config, "small": small_config, "tiny": tiny_config}
+
+
+def load_model_config(params_path: str | Path, section: str = "model") -> ModelConfig:
+    """Read the ``model`` section (or another one) of a ``params.yaml``."""
+    import yaml
+
+    path = Path(params_path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(params, dict) or section not in params:
+        raise ConfigError(f"{path}: no '{section}' section")
+    return ModelConfig.from_dict(params[section], prefix=section)

@@ -1,0 +1,233 @@
+"""What the pretraining and retrieval models share: two encoders, projections, ITM head, temperature,
+momentum twins and feature queues, and the ITC/ITM computations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from albef.config import ModelConfig
+from albef.models.components import (
+    ChoiceSource,
+    RandomChoices,
+    copy_to_momentum,
+    enqueue,
+    gather_no_grad,
+    itc_targets,
+    momentum_update,
+    negative_probabilities,
+    soft_cross_entropy,
+)
+from albef.models.vision import ImageEncoder
+from albef.models.xbert import Mode, TextEncoder
+
+
+@dataclass
+class ITCResult:
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor  # online image vs [momentum texts ; text queue] / temp, (B, B + Q)
+    sim_t2i: torch.Tensor
+    sim_i2t_m: torch.Tensor | None  # teacher logits (momentum vs momentum)
+    sim_t2i_m: torch.Tensor | None
+    targets_i2t: torch.Tensor
+    targets_t2i: torch.Tensor
+
+
+@dataclass
+class ITMResult:
+    loss: torch.Tensor
+    logits: torch.Tensor  # (B + negatives, 2); column 1 = match
+    labels: torch.Tensor
+    neg_image_idx_for_text: torch.Tensor  # (B,), -1 where a text had no valid negative image
+    neg_text_idx_for_image: torch.Tensor
+
+
+def check_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: ModelConfig, batch: int | None) -> None:
+    """Fail early, naming what was expected, on malformed token batches."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected shape (batch, length), got {tuple(input_ids.shape)}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    if batch is not None and input_ids.shape[0] != batch:
+        raise ValueError(f"batch mismatch: {batch} images but {input_ids.shape[0]} texts")
+    if input_ids.shape[1] > cfg.text.max_positions:
+        raise ValueError(
+            f"input_ids: length {input_ids.shape[1]} exceeds text.max_positions ({cfg.text.max_positions})"
+        )
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= cfg.text.vocab_size:
+        raise ValueError(f"input_ids: token ids must lie in [0, {cfg.text.vocab_size}), got range [{lo}, {hi}]")
+
+
+class ContrastiveModel(nn.Module):
+    """ViT + BERT with ITC (momentum distillation, queues) and ITM (contrastive hard negatives)."""
+
+    #: extra index queue of image ids (retrieval) or not (pretraining)
+    uses_idx_queue = False
+
+    def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_encoder_m: nn.Module):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        text_width = cfg.text.hidden
+        self.visual_encoder = ImageEncoder(cfg.vision)
+        self.text_encoder = text_encoder
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+
+        self.visual_encoder_m = ImageEncoder(cfg.vision)
+        self.vision_proj_m = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_encoder_m = text_encoder_m
+        self.text_proj_m = nn.Linear(text_width, cfg.embed_dim)
+        copy_to_momentum(self.momentum_pairs())
+
+        q = cfg.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        if self.uses_idx_queue:
+            self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # ------------------------------------------------------------------ structure
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    @property
+    def text_backbone(self) -> TextEncoder:
+        """The BERT encoder (without an MLM head)."""
+        return self.text_encoder
+
+    @property
+    def text_backbone_m(self) -> TextEncoder:
+        return self.text_encoder_m
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        self.text_backbone.encoder.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Reset every momentum twin to its online module (after loading new online weights)."""
+        copy_to_momentum(self.momentum_pairs())
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        momentum_update(self.momentum_pairs(), self.cfg.momentum)
+
+    # ------------------------------------------------------------------ features
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all image tokens, L2-normalised projected CLS)."""
+        embeds = self.visual_encoder(images)
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0, :]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text-layer hidden states, L2-normalised projected CLS)."""
+        embeds = self.text_backbone(input_ids, attention_mask, mode=Mode.TEXT)
+        return embeds, F.normalize(self.text_proj(embeds[:, 0, :]), dim=-1)
+
+    def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Fusion layers on text hidden states cross-attending to image tokens."""
+        return self.text_backbone(
+            attention_mask=attention_mask, image_embeds=image_embeds, mode=Mode.FUSION, text_embeds=text_embeds
+        )
+
+    def itm_logits(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """ITM logits (B, 2) for aligned rows of text states and image tokens; column 1 = match."""
+        return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds)[:, 0, :])
+
+    @torch.no_grad()
+    def momentum_features(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(momentum image tokens, momentum image feature, momentum text feature)."""
+        image_embeds_m = self.visual_encoder_m(images)
+        image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
+        text_embeds_m = self.text_backbone_m(input_ids, attention_mask, mode=Mode.TEXT)
+        text_feat_m = F.normalize(self.text_proj_m(text_embeds_m[:, 0, :]), dim=-1)
+        return image_embeds_m, image_feat_m, text_feat_m
+
+    # ------------------------------------------------------------------ losses
+    def itc(
+        self,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        hard_targets: torch.Tensor,
+        alpha: float,
+    ) -> ITCResult:
+        """Contrastive loss of online features against [momentum batch ; queue] with distilled targets."""
+        with torch.no_grad():
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+            sim_i2t_m = sim_t2i_m = None
+            if self.cfg.distill:
+                sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+                sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            targets_i2t = itc_targets(hard_targets, sim_i2t_m, alpha)
+            targets_t2i = itc_targets(hard_targets, sim_t2i_m, alpha)
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+        return ITCResult(loss, sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, targets_i2t, targets_t2i)
+
+    def itm(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+        positive: torch.Tensor,
+        choices: ChoiceSource,
+    ) -> ITMResult:
+        """ITM on the B positives and, for every text an image and for every image a text, one hard
+        negative drawn in proportion to the in-batch ITC similarity (never a positive pair)."""
+        bs = image_embeds.shape[0]
+        with torch.no_grad():
+            probs_t2i = negative_probabilities(sim_t2i[:, :bs], positive)
+            probs_i2t = negative_probabilities(sim_i2t[:, :bs], positive)
+            neg_img = choices.negatives(probs_t2i, ~positive, "image_for_text")
+            neg_txt = choices.negatives(probs_i2t, ~positive, "text_for_image")
+        has_img, has_txt = neg_img >= 0, neg_txt >= 0
+        # Rows with no valid negative (batch of one, all captions of one image) contribute no negative.
+        text_all = torch.cat([text_embeds[has_img], text_embeds[neg_txt[has_txt]]], dim=0)
+        mask_all = torch.cat([attention_mask[has_img], attention_mask[neg_txt[has_txt]]], dim=0)
+        image_all = torch.cat([image_embeds[neg_img[has_img]], image_embeds[has_txt]], dim=0)
+        fused_pos = self.fuse(text_embeds, attention_mask, image_embeds)[:, 0, :]
+        if text_all.shape[0]:
+            fused_neg = self.fuse(text_all, mask_all, image_all)[:, 0, :]
+            fused = torch.cat([fused_pos, fused_neg], dim=0)
+        else:
+            fused = fused_pos
+        logits = self.itm_head(fused)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[:bs] = 1
+        return ITMResult(F.cross_entropy(logits, labels), logits, labels, neg_img, neg_txt)
+
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Write the momentum features of every rank (and the image ids) into the queues."""
+        queues = [self.image_queue, self.text_queue]
+        values = [gather_no_grad(image_feat_m), gather_no_grad(text_feat_m)]
+        if self.uses_idx_queue:
+            if idx is None:
+                raise ValueError("this model keeps an image-id queue: pass idx")
+            queues.append(self.idx_queue)
+            values.append(gather_no_grad(idx.view(-1, 1)))
+        enqueue(queues, values, self.queue_ptr)
+
+    def default_choices(self, choices: ChoiceSource | None) -> ChoiceSource:
+        return choices if choices is not None else RandomChoices()

@@ -1,0 +1,223 @@
+"""Small, separately testable pieces of ALBEF: momentum pairs, the feature queue, the contrastive loss,
+hard-negative sampling and MLM masking, and the source of random choices."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------- momentum encoders
+
+
+def copy_to_momentum(pairs: Iterable[tuple[nn.Module, nn.Module]]) -> None:
+    """Initialise each momentum twin from its online module and freeze it."""
+    with torch.no_grad():
+        for online, momentum in pairs:
+            for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True):
+                p_m.copy_(p)
+                p_m.requires_grad_(False)
+
+
+@torch.no_grad()
+def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], m: float) -> None:
+    """EMA ``p_m <- m * p_m + (1 - m) * p`` over every parameter pair (buffers are not averaged).
+
+    Uses the multi-tensor ``_foreach`` kernels: one launch per step instead of one per parameter.
+    """
+    online: list[torch.Tensor] = []
+    twins: list[torch.Tensor] = []
+    for a, b in pairs:
+        for p, p_m in zip(a.parameters(), b.parameters(), strict=True):
+            online.append(p.detach())
+            twins.append(p_m.data)
+    torch._foreach_mul_(twins, m)
+    torch._foreach_add_(twins, torch._foreach_mul(online, 1.0 - m))
+
+
+# ---------------------------------------------------------------------------- distributed gather
+
+
+@torch.no_grad()
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0 (no gradient); identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# ---------------------------------------------------------------------------- queue
+
+
+@torch.no_grad()
+def enqueue(queues: list[torch.Tensor], values: list[torch.Tensor], ptr: torch.Tensor) -> None:
+    """Write ``values`` (each (N, ...)) as columns ``ptr .. ptr+N`` of ``queues`` (each (D, Q)) and advance.
+
+    The queue is a ring buffer: ``Q`` must be a multiple of ``N`` (the global batch) so a write never wraps.
+    """
+    n = values[0].shape[0]
+    size = queues[0].shape[1]
+    if size % n:
+        raise ValueError(
+            f"queue size {size} is not divisible by the gathered batch {n}: choose queue_size as a multiple "
+            "of per-device batch x world size"
+        )
+    start = int(ptr.item())
+    for queue, value in zip(queues, values, strict=True):
+        queue[:, start : start + n] = value.reshape(n, -1).T.to(queue.dtype)
+    ptr[0] = (start + n) % size
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_j targets_j * log_softmax(logits)_j``."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_targets(hard: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``(1 - alpha) * hard + alpha * softmax(teacher)``; plain hard targets without a teacher."""
+    if teacher_logits is None:
+        return hard
+    return alpha * F.softmax(teacher_logits, dim=1) + (1 - alpha) * hard
+
+
+# ---------------------------------------------------------------------------- random choices
+
+
+class ChoiceSource(Protocol):
+    """Where the model's random decisions come from. Replace it to replay recorded choices."""
+
+    def negatives(self, weights: torch.Tensor, valid: torch.Tensor, which: str) -> torch.Tensor:
+        """One column index per row of ``weights`` (B, B); -1 where a row has no valid candidate.
+        ``which`` is ``"image_for_text"`` or ``"text_for_image"``."""
+        ...
+
+    def mlm_mask(self, input_ids: torch.Tensor, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked input ids and labels (-100 where nothing is predicted)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    probability: float
+    vocab_size: int
+    mask_token_id: int
+    never_mask: tuple[int, ...]  # pad, cls (and sep when sentences carry one)
+
+
+class RandomChoices:
+    """Sample with ``generator`` (or torch's global RNG when None)."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def negatives(self, weights: torch.Tensor, valid: torch.Tensor, which: str) -> torch.Tensor:
+        return sample_from_weights(weights, valid, self.generator)
+
+    def mlm_mask(self, input_ids: torch.Tensor, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        return mask_tokens(input_ids, spec, self.generator)
+
+
+@dataclass
+class RecordedChoices:
+    """Replays choices recorded from another run (e.g. the official code's ``torch.multinomial`` draws)."""
+
+    neg_image_idx_for_text: torch.Tensor | None = None
+    neg_text_idx_for_image: torch.Tensor | None = None
+    mlm_input_ids: torch.Tensor | None = None
+    mlm_labels: torch.Tensor | None = None
+
+    def negatives(self, weights: torch.Tensor, valid: torch.Tensor, which: str) -> torch.Tensor:
+        idx = self.neg_image_idx_for_text if which == "image_for_text" else self.neg_text_idx_for_image
+        if idx is None:
+            raise ValueError(f"RecordedChoices has no recorded negatives for {which}")
+        idx = idx.to(weights.device)
+        rows = torch.arange(len(idx), device=idx.device)
+        if not bool(valid[rows, idx].all()):
+            raise ValueError(f"recorded negatives {idx.tolist()} ({which}) include a positive pair")
+        return idx
+
+    def mlm_mask(self, input_ids: torch.Tensor, spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mlm_input_ids is None or self.mlm_labels is None:
+            raise ValueError("RecordedChoices has no recorded MLM masks")
+        return self.mlm_input_ids.to(input_ids.device), self.mlm_labels.to(input_ids.device)
+
+
+# ---------------------------------------------------------------------------- hard negatives
+
+
+def official_negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """The official sampling weights: ``softmax(sim, dim=1)`` with positives zeroed (rows not renormalised).
+
+    Kept for parity checks and inspection; sampling uses :func:`negative_probabilities`, which is the same
+    distribution up to each row's normalisation but cannot underflow to an all-zero row.
+    """
+    return F.softmax(sim.float(), dim=1).masked_fill(positive, 0.0)
+
+
+def negative_probabilities(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Row-normalised hard-negative probabilities: softmax over the non-positive columns only.
+
+    Masking *before* the softmax keeps the mass on valid candidates even when the temperature is so low that
+    the official "softmax then zero the diagonal" underflows to an all-zero row (official issues #18, #93).
+    Rows with no valid candidate (batch of one, every other sample sharing the image id) are all zero.
+    Non-finite similarities fall back to uniform over the valid candidates.
+    """
+    logits = sim.float().masked_fill(positive, float("-inf"))
+    probs = torch.softmax(logits, dim=1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    bad = ~torch.isfinite(sim.float()).all(dim=1)
+    if bool(bad.any()):
+        uniform = (~positive).float()
+        probs = torch.where(bad[:, None], uniform / uniform.sum(1, keepdim=True).clamp(min=1), probs)
+    return probs
+
+
+def sample_from_weights(
+    probs: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Draw one valid column per row (-1 for a row with no valid candidate). Never returns a positive."""
+    probs = probs * valid
+    has_candidate = probs.sum(dim=1) > 0
+    out = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
+    if bool(has_candidate.any()):
+        drawn = torch.multinomial(probs[has_candidate], 1, generator=generator).squeeze(1)
+        out[has_candidate] = drawn
+    return out
+
+
+# ---------------------------------------------------------------------------- MLM masking
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, spec: MaskSpec, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking as the official ``ALBEF.mask``: each token is chosen with ``probability`` (never a
+    special token in ``spec.never_mask``); of the chosen 80% become [MASK], half the rest a uniformly
+    random id from the whole vocabulary, the rest stay. Returns (masked ids, labels with -100 elsewhere)."""
+    ids = input_ids.clone()
+    labels = input_ids.clone()
+    device = ids.device
+
+    def bernoulli(p: float) -> torch.Tensor:
+        return torch.bernoulli(torch.full(ids.shape, p, device=device), generator=generator).bool()
+
+    chosen = bernoulli(spec.probability)
+    for special in spec.never_mask:
+        chosen &= ids != special
+    labels[~chosen] = -100
+    to_mask = bernoulli(0.8) & chosen
+    ids[to_mask] = spec.mask_token_id
+    to_random = bernoulli(0.5) & chosen & ~to_mask
+    random_ids = torch.randint(spec.vocab_size, ids.shape, dtype=ids.dtype, device=device, generator=generator)
+    ids[to_random] = random_ids[to_random]
+    return ids, labels

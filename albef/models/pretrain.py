@@ -1,0 +1,157 @@
+"""The ALBEF pretraining model: ITC + ITM + MLM, with momentum distillation for ITC and MLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from albef.config import ModelConfig
+from albef.models.base import ContrastiveModel, check_text
+from albef.models.components import ChoiceSource, MaskSpec
+from albef.models.vision import check_images
+from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM
+
+
+@dataclass
+class PretrainOutput:
+    """Everything one pretraining forward computes; losses keep their graph, the rest is detached."""
+
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_mlm: torch.Tensor
+    sim_i2t: torch.Tensor
+    sim_t2i: torch.Tensor
+    itm_logits: torch.Tensor
+    itm_labels: torch.Tensor
+    neg_image_idx_for_text: torch.Tensor
+    neg_text_idx_for_image: torch.Tensor
+    mlm_input_ids: torch.Tensor
+    mlm_labels: torch.Tensor
+    mlm_logits: torch.Tensor
+    mlm_teacher_logits: torch.Tensor | None
+    image_feat: torch.Tensor
+    text_feat: torch.Tensor
+    image_feat_m: torch.Tensor
+    text_feat_m: torch.Tensor
+    temp: float
+
+    def loss_terms(self) -> dict[str, float]:
+        return {
+            "loss": float(self.loss),
+            "loss_itc": float(self.loss_itc),
+            "loss_itm": float(self.loss_itm),
+            "loss_mlm": float(self.loss_mlm),
+        }
+
+
+def mlm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """``(1 - alpha) * CE(logits, labels) + alpha * soft-CE(softmax(teacher), logits)`` over masked tokens.
+
+    The soft term is taken over the vocabulary axis (the official code's fixed form, b726f8e). A batch
+    where no token was masked gives a zero loss that still belongs to the graph instead of NaN.
+    """
+    masked = labels != -100
+    if not bool(masked.any()):
+        return logits.sum() * 0.0
+    vocab = logits.shape[-1]
+    loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+    if teacher_logits is not None:
+        soft = -(F.log_softmax(logits, dim=-1) * F.softmax(teacher_logits, dim=-1)).sum(dim=-1)
+        loss = (1 - alpha) * loss + alpha * soft[masked].mean()
+    return loss
+
+
+class ALBEFPretrain(ContrastiveModel):
+    """Official ``models/model_pretrain.py`` ALBEF; state-dict keys are the official ones."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, TextEncoderForMLM(cfg), TextEncoderForMLM(cfg))
+
+    @property
+    def text_backbone(self) -> TextEncoder:
+        return self.text_encoder.bert
+
+    @property
+    def text_backbone_m(self) -> TextEncoder:
+        return self.text_encoder_m.bert
+
+    def mask_spec(self) -> MaskSpec:
+        t = self.cfg.text
+        never = (t.pad_token_id, t.cls_token_id)
+        if self.cfg.quirks.single_sentence_sep:
+            never = (*never, t.sep_token_id)
+        return MaskSpec(self.cfg.mlm_probability, t.vocab_size, t.mask_token_id, never)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float | None = None,
+        choices: ChoiceSource | None = None,
+    ) -> PretrainOutput:
+        """One pretraining step's losses. Updates the momentum encoders and the queues as a side effect
+        (as the official forward does), so call it once per optimisation step."""
+        check_images(images, self.cfg.vision)
+        check_text(input_ids, attention_mask, self.cfg, images.shape[0])
+        alpha = self.cfg.alpha if alpha is None else alpha
+        choices = self.default_choices(choices)
+        q = self.cfg.quirks
+        with torch.no_grad():
+            self.temp.clamp_(q.temp_min, q.temp_max)
+
+        image_embeds, image_feat = self.encode_image(images)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+
+        with torch.no_grad():
+            self.momentum_update()
+            image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
+            bs = images.shape[0]
+            hard = torch.zeros(bs, bs + self.cfg.queue_size, device=images.device)
+            hard.fill_diagonal_(1)
+        itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        positive = torch.eye(bs, dtype=torch.bool, device=images.device)
+        itm = self.itm(image_embeds, text_embeds, attention_mask, itc.sim_i2t, itc.sim_t2i, positive, choices)
+
+        mlm_ids, mlm_labels = choices.mlm_mask(input_ids, self.mask_spec())
+        teacher = None
+        if self.cfg.distill:
+            with torch.no_grad():
+                teacher = self.text_encoder_m.mlm_logits(mlm_ids, attention_mask, image_embeds_m)
+        mlm_logits = self.text_encoder.mlm_logits(mlm_ids, attention_mask, image_embeds)
+        loss_mlm = mlm_loss(mlm_logits, mlm_labels, teacher, alpha)
+
+        return PretrainOutput(
+            loss=itc.loss + itm.loss + loss_mlm,
+            loss_itc=itc.loss,
+            loss_itm=itm.loss,
+            loss_mlm=loss_mlm,
+            sim_i2t=itc.sim_i2t.detach(),
+            sim_t2i=itc.sim_t2i.detach(),
+            itm_logits=itm.logits.detach(),
+            itm_labels=itm.labels,
+            neg_image_idx_for_text=itm.neg_image_idx_for_text,
+            neg_text_idx_for_image=itm.neg_text_idx_for_image,
+            mlm_input_ids=mlm_ids,
+            mlm_labels=mlm_labels,
+            mlm_logits=mlm_logits.detach(),
+            mlm_teacher_logits=teacher,
+            image_feat=image_feat.detach(),
+            text_feat=text_feat.detach(),
+            image_feat_m=image_feat_m,
+            text_feat_m=text_feat_m,
+            temp=float(self.temp),
+        )
+
+    def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder.mlm_logits(input_ids, attention_mask, image_embeds)
+
+    def multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.text_backbone(input_ids, attention_mask, image_embeds, mode=Mode.MULTIMODAL)

@@ -1,0 +1,147 @@
+"""The ALBEF retrieval model (``models/model_retrieval.py``) and the scoring functions evaluation uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from albef.config import ModelConfig
+from albef.models.base import ContrastiveModel, check_text
+from albef.models.components import ChoiceSource
+from albef.models.vision import check_images
+from albef.models.xbert import TextEncoder
+
+
+@dataclass
+class RetrievalOutput:
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    sim_i2t: torch.Tensor
+    sim_t2i: torch.Tensor
+    itc_targets: torch.Tensor  # hard targets: uniform over every same-image-id column
+    itm_logits: torch.Tensor
+    itm_labels: torch.Tensor
+    neg_image_idx_for_text: torch.Tensor
+    neg_text_idx_for_image: torch.Tensor
+    image_feat: torch.Tensor
+    text_feat: torch.Tensor
+    image_feat_m: torch.Tensor
+    text_feat_m: torch.Tensor
+    temp: float
+
+    def loss_terms(self) -> dict[str, float]:
+        return {"loss": float(self.loss), "loss_itc": float(self.loss_itc), "loss_itm": float(self.loss_itm)}
+
+
+class ALBEFRetrieval(ContrastiveModel):
+    """ITC + ITM finetuning where captions of the same image (same ``idx``) are all positives."""
+
+    uses_idx_queue = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, TextEncoder(cfg), TextEncoder(cfg))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        alpha: float | None = None,
+        choices: ChoiceSource | None = None,
+    ) -> RetrievalOutput:
+        check_images(images, self.cfg.vision)
+        check_text(input_ids, attention_mask, self.cfg, images.shape[0])
+        if idx.numel() != images.shape[0]:
+            raise ValueError(f"idx: expected one image id per sample ({images.shape[0]}), got {tuple(idx.shape)}")
+        alpha = self.cfg.alpha if alpha is None else alpha
+        choices = self.default_choices(choices)
+
+        image_embeds, image_feat = self.encode_image(images)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+
+        idx = idx.view(-1, 1).to(self.idx_queue.device)
+        with torch.no_grad():
+            idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
+            same = torch.eq(idx, idx_all).float()
+            hard = same / same.sum(1, keepdim=True)
+            self.momentum_update()
+            _, image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
+        itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha)
+        self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
+
+        positive = torch.eq(idx, idx.t())
+        itm = self.itm(image_embeds, text_embeds, attention_mask, itc.sim_i2t, itc.sim_t2i, positive, choices)
+        return RetrievalOutput(
+            loss=itc.loss + itm.loss,
+            loss_itc=itc.loss,
+            loss_itm=itm.loss,
+            sim_i2t=itc.sim_i2t.detach(),
+            sim_t2i=itc.sim_t2i.detach(),
+            itc_targets=hard,
+            itm_logits=itm.logits.detach(),
+            itm_labels=itm.labels,
+            neg_image_idx_for_text=itm.neg_image_idx_for_text,
+            neg_text_idx_for_image=itm.neg_text_idx_for_image,
+            image_feat=image_feat.detach(),
+            text_feat=text_feat.detach(),
+            image_feat_m=image_feat_m,
+            text_feat_m=text_feat_m,
+            temp=float(self.temp),
+        )
+
+
+# ---------------------------------------------------------------------------- scoring for evaluation
+
+
+@torch.no_grad()
+def image_features(
+    model: ContrastiveModel, images: torch.Tensor, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image tokens (N, T, C), normalised ITC features (N, D)) for a stack of images, in batches."""
+    embeds, feats = [], []
+    for start in range(0, images.shape[0], batch_size):
+        e, f = model.encode_image(images[start : start + batch_size])
+        embeds.append(e)
+        feats.append(f)
+    return torch.cat(embeds), torch.cat(feats)
+
+
+@torch.no_grad()
+def text_features(
+    model: ContrastiveModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text-layer states (N, L, H), normalised ITC features (N, D)), in batches."""
+    check_text(input_ids, attention_mask, model.cfg, None)
+    embeds, feats = [], []
+    for start in range(0, input_ids.shape[0], batch_size):
+        e, f = model.encode_text(input_ids[start : start + batch_size], attention_mask[start : start + batch_size])
+        embeds.append(e)
+        feats.append(f)
+    return torch.cat(embeds), torch.cat(feats)
+
+
+@torch.no_grad()
+def itm_scores(
+    model: ContrastiveModel,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    text_mask: torch.Tensor,
+    pairs: torch.Tensor,
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """ITM match logits for (image index, text index) ``pairs`` (P, 2), computed in batches of pairs.
+
+    The score is the official one: the ITM head's "match" logit (no softmax, no ITC term added).
+    """
+    if pairs.dim() != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs: expected shape (P, 2) of (image index, text index), got {tuple(pairs.shape)}")
+    scores = torch.empty(pairs.shape[0], device=image_embeds.device, dtype=torch.float32)
+    for start in range(0, pairs.shape[0], batch_size):
+        chunk = pairs[start : start + batch_size]
+        img, txt = chunk[:, 0].to(image_embeds.device), chunk[:, 1].to(text_embeds.device)
+        logits = model.itm_logits(text_embeds[txt], text_mask[txt], image_embeds[img])
+        scores[start : start + batch_size] = logits[:, 1].float()
+    return scores

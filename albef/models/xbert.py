@@ -1,0 +1,286 @@
+"""BERT text encoder whose upper layers are fusion layers with cross-attention to image tokens.
+
+Built from transformers' BERT pieces (embeddings, feed-forward, output LayerNorms, the MLM transform) and
+an attention module of our own, because stock ``BertModel`` only allows cross-attention in a causal decoder
+while ALBEF's fusion encoder is bidirectional. Parameter names follow the official ``models/xbert.py`` so
+official checkpoints load with no renaming:
+
+    embeddings.*, encoder.layer.{i}.attention.{self.{query,key,value}, output.{dense,LayerNorm}}
+    encoder.layer.{i}.crossattention.*   (only for i >= text_layers)
+    encoder.layer.{i}.intermediate.dense, encoder.layer.{i}.output.{dense,LayerNorm}
+
+Attention runs through ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU), except when a
+layer is asked to keep its attention probabilities (Grad-CAM), which needs the explicit softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertOutput,
+    BertPredictionHeadTransform,
+    BertSelfOutput,
+)
+
+from albef.config import ModelConfig
+
+
+class Mode(str, Enum):
+    """Which layers a text-encoder call runs."""
+
+    TEXT = "text"  # embeddings + the text-only layers
+    FUSION = "fusion"  # the fusion layers, from given text hidden states
+    MULTIMODAL = "multimodal"  # everything
+
+
+def hf_bert_config(cfg: ModelConfig) -> BertConfig:
+    t = cfg.text
+    return BertConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.heads,
+        intermediate_size=t.intermediate,
+        hidden_act="gelu",  # exact erf GELU, as the official code
+        hidden_dropout_prob=t.dropout,
+        attention_probs_dropout_prob=t.dropout,
+        max_position_embeddings=t.max_positions,
+        type_vocab_size=t.type_vocab,
+        layer_norm_eps=t.layer_norm_eps,
+        initializer_range=t.initializer_range,
+        pad_token_id=t.pad_token_id,
+    )
+
+
+class _Projections(nn.Module):
+    """Query from the text stream; key and value from the text (self) or the image tokens (cross)."""
+
+    def __init__(self, hidden: int, kv_width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = hidden // heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head attention + BERT's post-LN residual output (``self`` and ``output`` submodules)."""
+
+    def __init__(self, bert_cfg: BertConfig, kv_width: int):
+        super().__init__()
+        self.self = _Projections(bert_cfg.hidden_size, kv_width, bert_cfg.num_attention_heads)
+        self.output = BertSelfOutput(bert_cfg)
+        self.dropout_p = bert_cfg.attention_probs_dropout_prob
+        # Grad-CAM support: when True, the next forward keeps probabilities and their gradient.
+        self.save_attention = False
+        self.attention_probs: torch.Tensor | None = None
+        self.attention_grads: torch.Tensor | None = None
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.self.heads, self.self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, hidden: torch.Tensor, kv: torch.Tensor | None = None, additive_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        source = hidden if kv is None else kv
+        q = self._split(self.self.query(hidden))
+        k = self._split(self.self.key(source))
+        v = self._split(self.self.value(source))
+        dropout = self.dropout_p if self.training else 0.0
+        if self.save_attention:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            if additive_mask is not None:
+                scores = scores + additive_mask
+            probs = scores.softmax(dim=-1)
+            self.attention_probs = probs
+            if probs.requires_grad:
+                probs.register_hook(self._keep_grad)
+            context = F.dropout(probs, dropout, self.training) @ v
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask, dropout_p=dropout)
+        b, _, n, _ = context.shape
+        context = context.transpose(1, 2).reshape(b, n, -1)
+        return self.output(context, hidden)
+
+    def _keep_grad(self, grad: torch.Tensor) -> None:
+        self.attention_grads = grad
+
+
+class FusionLayer(nn.Module):
+    """Self-attention, then (fusion layers only) cross-attention to the image, then the feed-forward."""
+
+    def __init__(self, bert_cfg: BertConfig, encoder_width: int, has_cross_attention: bool):
+        super().__init__()
+        self.attention = AttentionBlock(bert_cfg, bert_cfg.hidden_size)
+        self.has_cross_attention = has_cross_attention
+        if has_cross_attention:
+            self.crossattention = AttentionBlock(bert_cfg, encoder_width)
+        self.intermediate = BertIntermediate(bert_cfg)
+        self.output = BertOutput(bert_cfg)
+
+    def forward(
+        self, hidden: torch.Tensor, text_mask: torch.Tensor | None, image: torch.Tensor | None
+    ) -> torch.Tensor:
+        hidden = self.attention(hidden, additive_mask=text_mask)
+        if self.has_cross_attention:
+            if image is None:
+                raise ValueError("a fusion layer needs image embeddings (image_embeds=...)")
+            # Every image token is attended, so the cross-attention needs no mask.
+            hidden = self.crossattention(hidden, kv=image)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class FusionEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, bert_cfg: BertConfig):
+        super().__init__()
+        self.fusion_start = cfg.text.text_layers
+        self.layer = nn.ModuleList(
+            FusionLayer(bert_cfg, cfg.vision.width, has_cross_attention=i >= self.fusion_start)
+            for i in range(cfg.text.num_layers)
+        )
+        self.grad_checkpointing = False
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        image: torch.Tensor | list[torch.Tensor] | None,
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        for i in range(start, end):
+            layer_image = image
+            if isinstance(image, (list, tuple)):  # several images (NLVR2): alternate between them
+                layer_image = image[(i - self.fusion_start) % len(image)]
+            layer = self.layer[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, text_mask, layer_image, use_reentrant=False)
+            else:
+                hidden = layer(hidden, text_mask, layer_image)
+        return hidden
+
+
+def text_additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, value: float) -> torch.Tensor:
+    """(B, L) 1/0 mask -> (B, 1, 1, L) additive mask: 0 for tokens, ``value`` (official -10000) for padding."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * value
+
+
+class TextEncoder(nn.Module):
+    """The official ``BertModel`` (no pooler) with the three modes."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        bert_cfg = hf_bert_config(cfg)
+        self.embeddings = BertEmbeddings(bert_cfg)
+        self.encoder = FusionEncoder(cfg, bert_cfg)
+        self.apply(partial_init(cfg.text.initializer_range))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | list[torch.Tensor] | None = None,
+        mode: Mode | str = Mode.MULTIMODAL,
+        text_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return the last hidden states (B, L, hidden).
+
+        ``mode='text'`` runs the embeddings and text layers on ``input_ids``; ``mode='fusion'`` runs the
+        fusion layers on ``text_embeds`` (output of a text pass) with ``image_embeds``; ``mode='multimodal'``
+        runs everything on ``input_ids`` with ``image_embeds``.
+        """
+        mode = Mode(mode)
+        n_layers = self.cfg.text.num_layers
+        if mode is Mode.FUSION:
+            if text_embeds is None:
+                raise ValueError("mode='fusion' needs text_embeds (the output of a mode='text' pass)")
+            hidden = text_embeds
+        else:
+            if input_ids is None:
+                raise ValueError(f"mode='{mode.value}' needs input_ids")
+            hidden = self.embeddings(input_ids=input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        mask = text_additive_mask(attention_mask, hidden.dtype, self.cfg.quirks.text_mask_value)
+        start = self.encoder.fusion_start if mode is Mode.FUSION else 0
+        end = self.encoder.fusion_start if mode is Mode.TEXT else n_layers
+        if mode is not Mode.TEXT and image_embeds is None:
+            raise ValueError(f"mode='{mode.value}' needs image_embeds for the fusion layers")
+        return self.encoder(hidden, mask, image_embeds, start, end)
+
+
+class MLMPredictionHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, with a separate (tied) bias."""
+
+    def __init__(self, bert_cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(bert_cfg)
+        self.decoder = nn.Linear(bert_cfg.hidden_size, bert_cfg.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(bert_cfg.vocab_size))
+        self.decoder.weight = word_embeddings.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden))
+
+
+class _MLMHeadContainer(nn.Module):
+    """Holds ``predictions`` so keys read ``cls.predictions.*`` as in the official checkpoints."""
+
+    def __init__(self, bert_cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = MLMPredictionHead(bert_cfg, word_embeddings)
+
+
+class TextEncoderForMLM(nn.Module):
+    """The official ``BertForMaskedLM``: ``bert`` (the encoder) + ``cls`` (the tied MLM head)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.bert = TextEncoder(cfg)
+        bert_cfg = hf_bert_config(cfg)
+        self.cls = _MLMHeadContainer(bert_cfg, self.bert.embeddings.word_embeddings)
+        init = partial_init(cfg.text.initializer_range)
+        self.cls.predictions.transform.apply(init)
+        nn.init.zeros_(self.cls.predictions.bias)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.bert(*args, **kwargs)
+
+    def mlm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.bert(input_ids, attention_mask, image_embeds, mode=Mode.MULTIMODAL)
+        return self.cls.predictions(hidden)
+
+
+def partial_init(std: float):
+    """BERT's initialisation (normal(0, std) weights, zero biases, LayerNorm 1/0), as ``module.apply`` fn."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    return init
