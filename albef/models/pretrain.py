@@ -40,10 +40,10 @@ class PretrainOutput:
 
     def loss_terms(self) -> dict[str, float]:
         return {
-            "loss": float(self.loss),
-            "loss_itc": float(self.loss_itc),
-            "loss_itm": float(self.loss_itm),
-            "loss_mlm": float(self.loss_mlm),
+            "loss": float(self.loss.detach()),
+            "loss_itc": float(self.loss_itc.detach()),
+            "loss_itm": float(self.loss_itm.detach()),
+            "loss_mlm": float(self.loss_mlm.detach()),
         }
 
 
@@ -147,7 +147,7 @@ class ALBEFPretrain(ContrastiveModel):
             text_feat=text_feat.detach(),
             image_feat_m=image_feat_m,
             text_feat_m=text_feat_m,
-            temp=float(self.temp),
+            temp=float(self.temp.detach()),
         )
 
     def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:

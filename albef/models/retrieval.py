@@ -32,7 +32,7 @@ class RetrievalOutput:
     temp: float
 
     def loss_terms(self) -> dict[str, float]:
-        return {"loss": float(self.loss), "loss_itc": float(self.loss_itc), "loss_itm": float(self.loss_itm)}
+        return {"loss": float(self.loss.detach()), "loss_itc": float(self.loss_itc.detach()), "loss_itm": float(self.loss_itm.detach())}
 
 
 class ALBEFRetrieval(ContrastiveModel):
@@ -89,7 +89,7 @@ class ALBEFRetrieval(ContrastiveModel):
             text_feat=text_feat.detach(),
             image_feat_m=image_feat_m,
             text_feat_m=text_feat_m,
-            temp=float(self.temp),
+            temp=float(self.temp.detach()),
         )
 
 

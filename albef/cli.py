@@ -1,0 +1,112 @@
+"""The ``albef`` command line. Heavy libraries are imported inside each command to keep start-up fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _convert_official(args: argparse.Namespace) -> int:
+    from albef.checkpoint import (
+        build_model,
+        infer_config,
+        load_official,
+        read_official_state_dict,
+        save_pretrained,
+    )
+    from albef.config import PRESETS, load_model_config
+
+    state = read_official_state_dict(args.src)
+    base = load_model_config(args.params) if args.params else PRESETS[args.preset]()
+    cfg = infer_config(state, base, image_size=args.image_size)
+    model = build_model(args.task, cfg)
+    report = load_official(model, state, strict=args.strict)
+    out = save_pretrained(model, args.dst, task=args.task)
+    print(f"converted {args.src} -> {out} (task {args.task}, image size {cfg.vision.image_size}, "
+          f"queue {cfg.queue_size})")
+    print(report.summary())
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from albef.parity import check_reference
+
+    files = sorted(Path(args.directory).glob("albef_ref_*.pt"))
+    if not files:
+        print(f"no albef_ref_*.pt files in {args.directory}", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in files:
+        report = check_reference(path, tolerance=args.tolerance)
+        worst = max((e.max_abs_error for e in report.entries), default=float("nan"))
+        status = "ok" if report.ok else "FAIL"
+        print(f"{status:4} {path.name}: {len(report.entries)} entries, worst |diff| {worst:.3g}")
+        for line in report.failures():
+            print(f"     {line}")
+        failed += not report.ok
+    return 1 if failed else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from albef.checkpoint import build_model, parameter_count
+    from albef.config import PRESETS, load_model_config
+
+    cfg = load_model_config(args.params) if args.params else PRESETS[args.preset]()
+    model = build_model(args.task, cfg)
+    print(cfg.to_json())
+    print(json.dumps({
+        "parameters": parameter_count(model),
+        "trainable_parameters": parameter_count(model, trainable_only=True),
+    }, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="albef", description="ALBEF vision-language pretraining")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert-official", help="convert an official ALBEF checkpoint to albef's format")
+    conv.add_argument("src", help="official checkpoint (.pth): ALBEF.pth, mscoco.pth, a training snapshot")
+    conv.add_argument("dst", help="output directory (model.safetensors + config.json)")
+    conv.add_argument("--task", choices=["pretrain", "retrieval"], required=True)
+    conv.add_argument("--preset", choices=["base", "small", "tiny"], default="base",
+                      help="supplies what weights cannot tell (heads, special token ids); default base")
+    conv.add_argument("--params", help="take the model section of this params.yaml instead of a preset")
+    conv.add_argument("--image-size", type=int, default=None,
+                      help="target image size (position embeddings are resampled), e.g. 384 for finetuning")
+    conv.add_argument("--strict", action="store_true", help="fail if any model weight is missing")
+    conv.set_defaults(func=_convert_official)
+
+    par = sub.add_parser("parity", help="check albef against official reference files")
+    par.add_argument("directory", help="folder of albef_ref_<model>.pt files")
+    par.add_argument("--tolerance", type=float, default=1e-5)
+    par.set_defaults(func=_parity)
+
+    info = sub.add_parser("info", help="print a model configuration and its parameter counts")
+    info.add_argument("--task", choices=["pretrain", "retrieval"], default="pretrain")
+    info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
+    info.add_argument("--params", help="take the model section of this params.yaml")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from albef.checkpoint import CheckpointError
+    from albef.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"albef {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
