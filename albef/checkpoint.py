@@ -123,7 +123,9 @@ def config_from_official(
     return cfg
 
 
-def infer_config(state: dict[str, torch.Tensor], base: ModelConfig, image_size: int | None = None) -> ModelConfig:
+def infer_config(
+    state: dict[str, torch.Tensor], base: ModelConfig, image_size: int | None = None
+) -> ModelConfig:
     """Adapt ``base`` (which supplies what shapes cannot tell: heads, special token ids) to a state dict."""
     cfg = ModelConfig.from_dict(base.to_dict())
 
@@ -135,7 +137,7 @@ def infer_config(state: dict[str, torch.Tensor], base: ModelConfig, image_size: 
 
     if (pe := state.get("visual_encoder.pos_embed")) is not None:
         cfg.vision.width = pe.shape[-1]
-        grid = int(round((pe.shape[1] - 1) ** 0.5))
+        grid = round((pe.shape[1] - 1) ** 0.5)
         if (patch := state.get("visual_encoder.patch_embed.proj.weight")) is not None:
             cfg.vision.patch_size = patch.shape[-1]
         cfg.vision.image_size = image_size or grid * cfg.vision.patch_size
@@ -170,7 +172,10 @@ def infer_config(state: dict[str, torch.Tensor], base: ModelConfig, image_size: 
     try:
         return cfg.validate()
     except ConfigError as exc:
-        raise CheckpointError(f"checkpoint shapes give an inconsistent model: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint shapes give an inconsistent model: {exc}. The number of heads cannot be read from the "
+            "weights: take it from a preset or params.yaml that matches the checkpoint (--preset/--params)"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------- official -> albef
@@ -226,7 +231,9 @@ def convert_official_state_dict(
                 report.reset.append(key)
                 del out[key]
             else:
-                bad_shapes.append(f"{key}: checkpoint {tuple(out[key].shape)}, model {tuple(target[key].shape)}")
+                bad_shapes.append(
+                    f"{key}: checkpoint {tuple(out[key].shape)}, model {tuple(target[key].shape)}"
+                )
     if bad_shapes:
         raise CheckpointError(
             "checkpoint does not fit this architecture (wrong config or wrong task?); "
@@ -275,8 +282,11 @@ def load_official(
         raise CheckpointError(f"checkpoint lacks {len(missing_weights)} weights: {missing_weights[:8]}")
     model.load_state_dict(state, strict=False)
     if report.missing:
-        log.warning("official checkpoint: %d model keys not in the checkpoint: %s", len(report.missing),
-                    report.missing[:8])
+        log.warning(
+            "official checkpoint: %d model keys not in the checkpoint: %s",
+            len(report.missing),
+            report.missing[:8],
+        )
     if report.unexpected:
         log.info("official checkpoint: %d keys unused: %s", len(report.unexpected), report.unexpected[:8])
     return report
@@ -305,9 +315,16 @@ def save_pretrained(model: ContrastiveModel, directory: str | Path, task: str | 
     task = task or next(name for name, cls in TASKS.items() if type(model) is cls)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "task": task, "model": model.cfg.to_dict()}
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "task": task,
+        "model": model.cfg.to_dict(),
+    }
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(model, tmp, metadata={"task": task}))
-    _atomic_write(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    _atomic_write(
+        out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    )
     return out
 
 

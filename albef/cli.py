@@ -25,8 +25,10 @@ def _convert_official(args: argparse.Namespace) -> int:
     model = build_model(args.task, cfg)
     report = load_official(model, state, strict=args.strict)
     out = save_pretrained(model, args.dst, task=args.task)
-    print(f"converted {args.src} -> {out} (task {args.task}, image size {cfg.vision.image_size}, "
-          f"queue {cfg.queue_size})")
+    print(
+        f"converted {args.src} -> {out} (task {args.task}, image size {cfg.vision.image_size}, "
+        f"queue {cfg.queue_size})"
+    )
     print(report.summary())
     return 0
 
@@ -57,10 +59,15 @@ def _info(args: argparse.Namespace) -> int:
     cfg = load_model_config(args.params) if args.params else PRESETS[args.preset]()
     model = build_model(args.task, cfg)
     print(cfg.to_json())
-    print(json.dumps({
-        "parameters": parameter_count(model),
-        "trainable_parameters": parameter_count(model, trainable_only=True),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "parameters": parameter_count(model),
+                "trainable_parameters": parameter_count(model, trainable_only=True),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -73,11 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="official checkpoint (.pth): ALBEF.pth, mscoco.pth, a training snapshot")
     conv.add_argument("dst", help="output directory (model.safetensors + config.json)")
     conv.add_argument("--task", choices=["pretrain", "retrieval"], required=True)
-    conv.add_argument("--preset", choices=["base", "small", "tiny"], default="base",
-                      help="supplies what weights cannot tell (heads, special token ids); default base")
+    conv.add_argument(
+        "--preset",
+        choices=["base", "small", "tiny"],
+        default="base",
+        help="supplies what weights cannot tell (heads, special token ids); default base",
+    )
     conv.add_argument("--params", help="take the model section of this params.yaml instead of a preset")
-    conv.add_argument("--image-size", type=int, default=None,
-                      help="target image size (position embeddings are resampled), e.g. 384 for finetuning")
+    conv.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="target image size (position embeddings are resampled), e.g. 384 for finetuning",
+    )
     conv.add_argument("--strict", action="store_true", help="fail if any model weight is missing")
     conv.set_defaults(func=_convert_official)
 
@@ -97,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     from albef.checkpoint import CheckpointError
     from albef.config import ConfigError
 

@@ -137,7 +137,9 @@ class ModelConfig:
                 f"{prefix}.vision.width ({v.width}) is not divisible by {prefix}.vision.heads ({v.heads})"
             )
         if t.hidden % t.heads:
-            raise ConfigError(f"{prefix}.text.hidden ({t.hidden}) is not divisible by {prefix}.text.heads ({t.heads})")
+            raise ConfigError(
+                f"{prefix}.text.hidden ({t.hidden}) is not divisible by {prefix}.text.heads ({t.heads})"
+            )
         if not 0.0 <= v.drop_path < 1.0:
             raise ConfigError(f"{prefix}.vision.drop_path must be in [0, 1), got {v.drop_path}")
         if not 0.0 < self.momentum < 1.0:
@@ -189,7 +191,9 @@ class ModelConfig:
         preset = data.pop("preset", None)
         if preset is not None:
             if preset not in PRESETS:
-                raise ConfigError(f"{prefix}.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+                raise ConfigError(
+                    f"{prefix}.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
+                )
             base = PRESETS[preset]().to_dict()
         else:
             base = ModelConfig().to_dict()
@@ -259,8 +263,17 @@ def small_config() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(image_size=64, patch_size=8, width=192, depth=4, heads=3),
         text=TextConfig(
-            vocab_size=1000, hidden=192, text_layers=2, fusion_layers=2, heads=3, intermediate=768,
-            max_positions=64, pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4,
+            vocab_size=1000,
+            hidden=192,
+            text_layers=2,
+            fusion_layers=2,
+            heads=3,
+            intermediate=768,
+            max_positions=64,
+            pad_token_id=0,
+            cls_token_id=2,
+            sep_token_id=3,
+            mask_token_id=4,
         ),
         embed_dim=128,
         queue_size=1024,
@@ -272,8 +285,17 @@ def tiny_config() -> ModelConfig:
     return ModelConfig(
         vision=VisionConfig(image_size=32, patch_size=16, width=32, depth=2, heads=2),
         text=TextConfig(
-            vocab_size=100, hidden=32, text_layers=1, fusion_layers=1, heads=2, intermediate=64,
-            max_positions=32, pad_token_id=0, cls_token_id=1, sep_token_id=2, mask_token_id=3,
+            vocab_size=100,
+            hidden=32,
+            text_layers=1,
+            fusion_layers=1,
+            heads=2,
+            intermediate=64,
+            max_positions=32,
+            pad_token_id=0,
+            cls_token_id=1,
+            sep_token_id=2,
+            mask_token_id=3,
         ),
         embed_dim=16,
         queue_size=32,

@@ -23,7 +23,7 @@ import torch
 from albef.checkpoint import config_from_official, load_official
 from albef.config import ModelConfig
 from albef.models.base import ContrastiveModel
-from albef.models.components import RecordedChoices, enqueue, official_negative_weights, soft_cross_entropy
+from albef.models.components import RecordedChoices, official_negative_weights, soft_cross_entropy
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
 from albef.models.xbert import Mode
@@ -56,8 +56,11 @@ class ParityReport:
     def failures(self) -> list[str]:
         if self.error:
             return [self.error]
-        return [f"{e.name}: max |diff| {e.max_abs_error:.3g}{' ' + e.note if e.note else ''}"
-                for e in self.entries if not e.ok]
+        return [
+            f"{e.name}: max |diff| {e.max_abs_error:.3g}{' ' + e.note if e.note else ''}"
+            for e in self.entries
+            if not e.ok
+        ]
 
 
 def model_name(path: Path) -> str:
@@ -100,7 +103,9 @@ def _common_outputs(model: ContrastiveModel, ref: dict) -> dict[str, torch.Tenso
     n_img, n_txt = image.shape[0], ids.shape[0]
     img_idx = torch.arange(n_img).repeat_interleave(n_txt)
     txt_idx = torch.arange(n_txt).repeat(n_img)
-    all_pairs = model.itm_logits(text_embeds[txt_idx], mask[txt_idx], image_embeds[img_idx]).view(n_img, n_txt, 2)
+    all_pairs = model.itm_logits(text_embeds[txt_idx], mask[txt_idx], image_embeds[img_idx]).view(
+        n_img, n_txt, 2
+    )
     sims = image_feat @ text_feat.t()
     return {
         "outputs/image_embeds": image_embeds,
@@ -118,7 +123,9 @@ def _common_outputs(model: ContrastiveModel, ref: dict) -> dict[str, torch.Tenso
     }
 
 
-def _itc_step(model: ContrastiveModel, ref: dict, hard: torch.Tensor, idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _itc_step(
+    model: ContrastiveModel, ref: dict, hard: torch.Tensor, idx: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """One ITC step by its parts: momentum update, momentum features, distilled targets, loss, enqueue."""
     inp = ref["inputs"]
     image, ids, mask, alpha = inp["image"], inp["input_ids"], inp["attention_mask"], float(inp["alpha"])
@@ -134,31 +141,36 @@ def _itc_step(model: ContrastiveModel, ref: dict, hard: torch.Tensor, idx: torch
     text_embeds_m = model.text_backbone_m(ids, mask, mode=Mode.TEXT)
     itc = model.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha)
     bs = image.shape[0]
-    out.update({
-        "itc/image_embeds_m": image_embeds_m,
-        "itc/image_feat_m": image_feat_m,
-        "itc/text_embeds_m": text_embeds_m,
-        "itc/text_feat_m": text_feat_m,
-        "itc/image_feat_all": torch.cat([image_feat_m.t(), out["itc/image_queue_before"]], dim=1),
-        "itc/text_feat_all": torch.cat([text_feat_m.t(), out["itc/text_queue_before"]], dim=1),
-        "itc/sim_targets": hard,
-        "itc/sim_i2t_m": itc.sim_i2t_m,
-        "itc/sim_t2i_m": itc.sim_t2i_m,
-        "itc/sim_i2t_targets": itc.targets_i2t,
-        "itc/sim_t2i_targets": itc.targets_t2i,
-        "itc/sim_i2t": itc.sim_i2t,
-        "itc/sim_t2i": itc.sim_t2i,
-        "itc/loss_i2t": soft_cross_entropy(itc.sim_i2t, itc.targets_i2t),
-        "itc/loss_t2i": soft_cross_entropy(itc.sim_t2i, itc.targets_t2i),
-        "itc/loss_ita": itc.loss,
-    })
+    out.update(
+        {
+            "itc/image_embeds_m": image_embeds_m,
+            "itc/image_feat_m": image_feat_m,
+            "itc/text_embeds_m": text_embeds_m,
+            "itc/text_feat_m": text_feat_m,
+            "itc/image_feat_all": torch.cat([image_feat_m.t(), out["itc/image_queue_before"]], dim=1),
+            "itc/text_feat_all": torch.cat([text_feat_m.t(), out["itc/text_queue_before"]], dim=1),
+            "itc/sim_targets": hard,
+            "itc/sim_i2t_m": itc.sim_i2t_m,
+            "itc/sim_t2i_m": itc.sim_t2i_m,
+            "itc/sim_i2t_targets": itc.targets_i2t,
+            "itc/sim_t2i_targets": itc.targets_t2i,
+            "itc/sim_i2t": itc.sim_i2t,
+            "itc/sim_t2i": itc.sim_t2i,
+            "itc/loss_i2t": soft_cross_entropy(itc.sim_i2t, itc.targets_i2t),
+            "itc/loss_t2i": soft_cross_entropy(itc.sim_t2i, itc.targets_t2i),
+            "itc/loss_ita": itc.loss,
+        }
+    )
     positive = torch.eye(bs, dtype=torch.bool) if idx is None else idx.view(-1, 1) == idx.view(1, -1)
     out["itc/itm_weights_i2t"] = official_negative_weights(itc.sim_i2t[:, :bs], positive)
     out["itc/itm_weights_t2i"] = official_negative_weights(itc.sim_t2i[:, :bs], positive)
     # named_buffers adds the non-persistent ones (position_ids) that old transformers saved in state dicts.
     tensors = {**dict(model.named_buffers()), **model.state_dict()}
-    momentum = {k: v.clone() for k, v in tensors.items()
-                if k.startswith(("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m."))}
+    momentum = {
+        k: v.clone()
+        for k, v in tensors.items()
+        if k.startswith(("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m."))
+    }
     model.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
     out["itc/image_queue_after"] = model.image_queue
     out["itc/text_queue_after"] = model.text_queue
@@ -199,19 +211,21 @@ def compute_pretrain(ref: dict) -> dict[str, torch.Tensor]:
 
     model = _fresh(ALBEFPretrain, cfg, ref)
     fwd = model(image, ids, mask, alpha=alpha, choices=_recorded(ref))
-    out.update({
-        "forward/loss_mlm": fwd.loss_mlm,
-        "forward/loss_ita": fwd.loss_itc,
-        "forward/loss_itm": fwd.loss_itm,
-        "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
-        "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
-        "forward/vl_output": fwd.itm_logits,
-        "forward/itm_labels": fwd.itm_labels,
-        "forward/mlm_input_ids": fwd.mlm_input_ids,
-        "forward/mlm_labels": fwd.mlm_labels,
-        "forward/mlm_logits": fwd.mlm_logits,
-        "forward/mlm_logits_m": fwd.mlm_teacher_logits,
-    })
+    out.update(
+        {
+            "forward/loss_mlm": fwd.loss_mlm,
+            "forward/loss_ita": fwd.loss_itc,
+            "forward/loss_itm": fwd.loss_itm,
+            "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
+            "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
+            "forward/vl_output": fwd.itm_logits,
+            "forward/itm_labels": fwd.itm_labels,
+            "forward/mlm_input_ids": fwd.mlm_input_ids,
+            "forward/mlm_labels": fwd.mlm_labels,
+            "forward/mlm_logits": fwd.mlm_logits,
+            "forward/mlm_logits_m": fwd.mlm_teacher_logits,
+        }
+    )
     return out
 
 
@@ -232,14 +246,16 @@ def compute_retrieval(ref: dict) -> dict[str, torch.Tensor]:
 
     model = _fresh(ALBEFRetrieval, cfg, ref)
     fwd = model(image, ids, mask, idx, alpha=alpha, choices=_recorded(ref))
-    out.update({
-        "forward/loss_ita": fwd.loss_itc,
-        "forward/loss_itm": fwd.loss_itm,
-        "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
-        "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
-        "forward/vl_output": fwd.itm_logits,
-        "forward/itm_labels": fwd.itm_labels,
-    })
+    out.update(
+        {
+            "forward/loss_ita": fwd.loss_itc,
+            "forward/loss_itm": fwd.loss_itm,
+            "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
+            "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
+            "forward/vl_output": fwd.itm_logits,
+            "forward/itm_labels": fwd.itm_labels,
+        }
+    )
     return out
 
 
@@ -271,15 +287,19 @@ def check_reference(path: str | Path, tolerance: float = TOLERANCE) -> ParityRep
     name = model_name(path)
     report = ParityReport(path, name)
     if name not in COMPUTE:
-        report.error = (f"{path.name}: albef has no '{name}' model yet (implemented: {sorted(COMPUTE)}); "
-                        "this reference cannot be checked")
+        report.error = (
+            f"{path.name}: albef has no '{name}' model yet (implemented: {sorted(COMPUTE)}); "
+            "this reference cannot be checked"
+        )
         return report
     ref = torch.load(path, map_location="cpu", weights_only=True)
     with torch.no_grad():
         ours = COMPUTE[name](ref)
     for key, expected in _flatten(ref).items():
         if key not in ours:
-            report.entries.append(EntryResult(key, float("inf"), False, "(albef does not compute this entry)"))
+            report.entries.append(
+                EntryResult(key, float("inf"), False, "(albef does not compute this entry)")
+            )
             continue
         got = ours[key]
         if not isinstance(expected, torch.Tensor):
@@ -287,7 +307,10 @@ def check_reference(path: str | Path, tolerance: float = TOLERANCE) -> ParityRep
         got = got.detach().to(expected.dtype) if isinstance(got, torch.Tensor) else torch.tensor(got)
         if got.shape != expected.shape:
             report.entries.append(
-                EntryResult(key, float("inf"), False, f"(shape {tuple(got.shape)} vs {tuple(expected.shape)})"))
+                EntryResult(
+                    key, float("inf"), False, f"(shape {tuple(got.shape)} vs {tuple(expected.shape)})"
+                )
+            )
             continue
         err = (got.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
         report.entries.append(EntryResult(key, err, err <= tolerance))

@@ -36,7 +36,9 @@ def bert_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def load_bert_weights(model: ContrastiveModel, source: str | Path | dict[str, torch.Tensor]) -> dict[str, list[str]]:
+def load_bert_weights(
+    model: ContrastiveModel, source: str | Path | dict[str, torch.Tensor]
+) -> dict[str, list[str]]:
     """Copy BERT's embeddings, layers (and MLM head when the model has one) into the online text encoder."""
     state = bert_state_dict(source) if not isinstance(source, dict) else source
     backbone: TextEncoder = model.text_backbone
@@ -52,8 +54,11 @@ def load_bert_weights(model: ContrastiveModel, source: str | Path | dict[str, to
             "(text.text_layers + text.fusion_layers)"
         )
     mapped = {k: v for k, v in mapped.items() if k in own or not k.startswith("encoder.layer.")}
-    bad = [f"{k}: BERT {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in mapped.items() if k in own and own[k].shape != v.shape]
+    bad = [
+        f"{k}: BERT {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if bad:
         raise ValueError("BERT weights do not fit the text encoder: " + "; ".join(bad[:6]))
     unexpected = [k for k in mapped if k not in own]

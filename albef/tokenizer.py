@@ -33,7 +33,9 @@ class ALBEFTokenizer:
         self.single_sentence_sep = single_sentence_sep
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
             if getattr(tokenizer, name) is None:
-                raise ValueError(f"tokenizer has no {name.removesuffix('_id')} token; ALBEF needs [PAD], [CLS], [SEP], [MASK]")
+                raise ValueError(
+                    f"tokenizer has no {name.removesuffix('_id')} token; ALBEF needs [PAD], [CLS], [SEP], [MASK]"
+                )
 
     @classmethod
     def from_pretrained(cls, source: str | Path, single_sentence_sep: bool = False) -> ALBEFTokenizer:
@@ -74,10 +76,14 @@ class ALBEFTokenizer:
         """The model's vocabulary and special ids must be the tokenizer's."""
         problems = []
         if self.vocab_size > text_cfg.vocab_size:
-            problems.append(f"tokenizer has {self.vocab_size} tokens but text.vocab_size is {text_cfg.vocab_size}")
+            problems.append(
+                f"tokenizer has {self.vocab_size} tokens but text.vocab_size is {text_cfg.vocab_size}"
+            )
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
             if getattr(self, name) != getattr(text_cfg, name):
-                problems.append(f"text.{name} is {getattr(text_cfg, name)} but the tokenizer's is {getattr(self, name)}")
+                problems.append(
+                    f"text.{name} is {getattr(text_cfg, name)} but the tokenizer's is {getattr(self, name)}"
+                )
         if problems:
             raise ValueError("tokenizer and model config disagree: " + "; ".join(problems))
 
@@ -96,7 +102,11 @@ class ALBEFTokenizer:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         extra = 0 if self.single_sentence_sep else 1
         encoded = self.tokenizer(
-            list(texts), add_special_tokens=True, truncation=True, max_length=max_length + extra, padding=False
+            list(texts),
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_length + extra,
+            padding=False,
         )["input_ids"]
         if not self.single_sentence_sep:
             sep = self.sep_token_id

@@ -169,7 +169,7 @@ COLUMNS: list[tuple[str, int, Callable[[Row], str]]] = [
     ("params(M)", 9, lambda r: _fmt(r.params_m, ".2f")),
     ("s/step", 8, lambda r: _fmt(r.sec_per_step, ".4f")),
     ("min s", 8, lambda r: _fmt(r.min_sec_per_step, ".4f")),
-    ("samples/s", 9, lambda r: _fmt(r.samples_per_s, ".1f")),
+    ("samples/s", 9, lambda r: _fmt(r.samples_per_s, ".4g")),
     ("peak MiB", 8, lambda r: _fmt(r.peak_mem_mib, ".0f")),
     ("status", 6, lambda r: r.status),
 ]

@@ -60,7 +60,9 @@ def test_soft_cross_entropy_on_hand_made_values():
     hard = torch.tensor([[0.0, 1.0]])
     assert soft_cross_entropy(logits, hard).item() == pytest.approx(-math.log(0.75))
     soft = torch.tensor([[0.5, 0.5]])
-    assert soft_cross_entropy(logits, soft).item() == pytest.approx(-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)))
+    assert soft_cross_entropy(logits, soft).item() == pytest.approx(
+        -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))
+    )
 
 
 def test_distilled_targets_mix_hard_and_teacher():
@@ -105,7 +107,11 @@ def test_rows_without_any_negative_are_flagged_not_crashed():
     one = torch.ones(1, 1, dtype=torch.bool)
     assert sample_from_weights(negative_probabilities(torch.zeros(1, 1), one), ~one).tolist() == [-1]
     same = torch.ones(3, 3, dtype=torch.bool)
-    assert sample_from_weights(negative_probabilities(torch.randn(3, 3), same), ~same).tolist() == [-1, -1, -1]
+    assert sample_from_weights(negative_probabilities(torch.randn(3, 3), same), ~same).tolist() == [
+        -1,
+        -1,
+        -1,
+    ]
 
 
 def test_non_finite_similarities_fall_back_to_uniform():
@@ -119,7 +125,9 @@ def test_non_finite_similarities_fall_back_to_uniform():
 
 def test_recorded_choices_are_replayed_and_checked():
     eye = torch.eye(3, dtype=torch.bool)
-    rec = RecordedChoices(neg_image_idx_for_text=torch.tensor([1, 2, 0]), neg_text_idx_for_image=torch.tensor([0, 0, 0]))
+    rec = RecordedChoices(
+        neg_image_idx_for_text=torch.tensor([1, 2, 0]), neg_text_idx_for_image=torch.tensor([0, 0, 0])
+    )
     assert rec.negatives(torch.ones(3, 3), ~eye, "image_for_text").tolist() == [1, 2, 0]
     with pytest.raises(ValueError, match="include a positive"):
         rec.negatives(torch.ones(3, 3), ~eye, "text_for_image")

@@ -9,9 +9,20 @@ def test_presets_are_valid_and_base_is_the_official_model():
     for make in (base_config, small_config, tiny_config):
         make().validate()
     base = base_config()
-    assert (base.vision.image_size, base.vision.width, base.vision.depth, base.vision.heads) == (256, 768, 12, 12)
+    assert (base.vision.image_size, base.vision.width, base.vision.depth, base.vision.heads) == (
+        256,
+        768,
+        12,
+        12,
+    )
     assert (base.text.text_layers, base.text.fusion_layers, base.text.hidden) == (6, 6, 768)
-    assert (base.embed_dim, base.queue_size, base.momentum, base.alpha, base.temp) == (256, 65536, 0.995, 0.4, 0.07)
+    assert (base.embed_dim, base.queue_size, base.momentum, base.alpha, base.temp) == (
+        256,
+        65536,
+        0.995,
+        0.4,
+        0.07,
+    )
     assert base.quirks.single_sentence_sep is False
 
 

@@ -22,7 +22,9 @@ def pretrain_model():
 def test_pretrain_forward_returns_every_term(pretrain_model):
     cfg = pretrain_model.cfg
     images, ids, mask = make_batch(cfg, 4, 8)
-    out = pretrain_model(images, ids, mask, alpha=0.4, choices=RandomChoices(torch.Generator().manual_seed(0)))
+    out = pretrain_model(
+        images, ids, mask, alpha=0.4, choices=RandomChoices(torch.Generator().manual_seed(0))
+    )
     assert torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, out.loss_itc + out.loss_itm + out.loss_mlm)
     assert out.sim_i2t.shape == (4, 4 + cfg.queue_size)
@@ -87,7 +89,9 @@ def test_batch_of_one_and_shared_image_ids_do_not_crash():
     assert out.neg_image_idx_for_text.tolist() == [-1] * 4 and out.itm_logits.shape == (4, 2)
     out = retrieval(images, ids, mask, torch.tensor([1, 1, 2, 2]))
     ids_ = torch.tensor([1, 1, 2, 2])
-    assert (ids_[out.neg_image_idx_for_text] != ids_).all() and (ids_[out.neg_text_idx_for_image] != ids_).all()
+    assert (ids_[out.neg_image_idx_for_text] != ids_).all() and (
+        ids_[out.neg_text_idx_for_image] != ids_
+    ).all()
 
 
 def test_retrieval_targets_make_same_image_captions_positive():
@@ -108,7 +112,13 @@ def test_retrieval_targets_make_same_image_captions_positive():
 @pytest.mark.parametrize(
     ("images", "ids", "mask", "idx", "message"),
     [
-        ((4, 3, 16, 16), (4, 8), (4, 8), None, r"images: expected .*\(batch, 3, 32, 32\), got \(4, 3, 16, 16\)"),
+        (
+            (4, 3, 16, 16),
+            (4, 8),
+            (4, 8),
+            None,
+            r"images: expected .*\(batch, 3, 32, 32\), got \(4, 3, 16, 16\)",
+        ),
         ((4, 1, 32, 32), (4, 8), (4, 8), None, r"images: expected .* got \(4, 1, 32, 32\)"),
         ((4, 3, 32, 32), (3, 8), (3, 8), None, "batch mismatch: 4 images but 3 texts"),
         ((4, 3, 32, 32), (4, 8), (4, 7), None, "attention_mask: expected the shape of input_ids"),
@@ -120,8 +130,12 @@ def test_bad_shapes_say_what_was_expected(images, ids, mask, idx, message):
     cfg = tiny_config()
     model = ALBEFRetrieval(cfg)
     with pytest.raises(ValueError, match=message):
-        model(torch.randn(*images), torch.ones(*ids, dtype=torch.long), torch.ones(*mask, dtype=torch.long),
-              torch.arange(idx if idx is not None else images[0]))
+        model(
+            torch.randn(*images),
+            torch.ones(*ids, dtype=torch.long),
+            torch.ones(*mask, dtype=torch.long),
+            torch.arange(idx if idx is not None else images[0]),
+        )
 
 
 def test_token_ids_out_of_range_are_rejected(pretrain_model):
@@ -158,7 +172,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = ALBEFRetrieval(cfg)
         model.set_grad_checkpointing(enable)
-        out = model(images, ids, mask, torch.arange(4), choices=RandomChoices(torch.Generator().manual_seed(1)))
+        out = model(
+            images, ids, mask, torch.arange(4), choices=RandomChoices(torch.Generator().manual_seed(1))
+        )
         out.loss.backward()
         grads.append(model.visual_encoder.blocks[0].attn.qkv.weight.grad.clone())
         grads.append(model.text_encoder.encoder.layer[0].attention.self.query.weight.grad.clone())
@@ -171,7 +187,9 @@ def test_text_modes_compose(pretrain_model):
     images, ids, mask = make_batch(model.cfg, 2, 8)
     image_embeds, _ = model.encode_image(images)
     text = model.text_backbone(ids, mask, mode=Mode.TEXT)
-    fused = model.text_backbone(attention_mask=mask, image_embeds=image_embeds, mode="fusion", text_embeds=text)
+    fused = model.text_backbone(
+        attention_mask=mask, image_embeds=image_embeds, mode="fusion", text_embeds=text
+    )
     torch.testing.assert_close(fused, model.multimodal(ids, mask, image_embeds))
     with pytest.raises(ValueError, match="needs image_embeds"):
         model.text_backbone(ids, mask, mode="multimodal")
@@ -184,7 +202,7 @@ def test_scoring_functions_match_the_model():
     model = ALBEFRetrieval(cfg).eval()
     images, ids, mask = make_batch(cfg, 5, 8)
     img_embeds, img_feat = image_features(model, images, batch_size=2)
-    txt_embeds, txt_feat = text_features(model, ids, mask, batch_size=3)
+    txt_embeds, _ = text_features(model, ids, mask, batch_size=3)
     torch.testing.assert_close(img_feat, model.encode_image(images)[1])
     pairs = torch.tensor([[0, 1], [4, 4], [2, 0]])
     scores = itm_scores(model, img_embeds, txt_embeds, mask, pairs, batch_size=2)
@@ -219,7 +237,9 @@ def test_a_tiny_model_overfits_eight_pairs():
             sims = img_feat @ txt_feat.T
             itc_acc = ((sims.argmax(1) == idx).float().mean() + (sims.argmax(0) == idx).float().mean()) / 2
             off = sims.masked_fill(torch.eye(8, dtype=torch.bool), -2)
-            ii = torch.cat([idx, idx, off.argmax(0)])  # positives, hardest text per image, hardest image per text
+            ii = torch.cat(
+                [idx, idx, off.argmax(0)]
+            )  # positives, hardest text per image, hardest image per text
             tt = torch.cat([idx, off.argmax(1), idx])
             pred = model.itm_logits(txt_embeds[tt], mask[tt], img_embeds[ii]).argmax(1)
             itm_acc = (pred == (ii == tt).long()).float().mean()

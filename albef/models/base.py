@@ -45,7 +45,9 @@ class ITMResult:
     neg_text_idx_for_image: torch.Tensor
 
 
-def check_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: ModelConfig, batch: int | None) -> None:
+def check_text(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: ModelConfig, batch: int | None
+) -> None:
     """Fail early, naming what was expected, on malformed token batches."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected shape (batch, length), got {tuple(input_ids.shape)}")
@@ -61,7 +63,9 @@ def check_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Model
         )
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= cfg.text.vocab_size:
-        raise ValueError(f"input_ids: token ids must lie in [0, {cfg.text.vocab_size}), got range [{lo}, {hi}]")
+        raise ValueError(
+            f"input_ids: token ids must lie in [0, {cfg.text.vocab_size}), got range [{lo}, {hi}]"
+        )
 
 
 class ContrastiveModel(nn.Module):
@@ -132,18 +136,27 @@ class ContrastiveModel(nn.Module):
         embeds = self.visual_encoder(images)
         return embeds, F.normalize(self.vision_proj(embeds[:, 0, :]), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(text-layer hidden states, L2-normalised projected CLS)."""
         embeds = self.text_backbone(input_ids, attention_mask, mode=Mode.TEXT)
         return embeds, F.normalize(self.text_proj(embeds[:, 0, :]), dim=-1)
 
-    def fuse(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def fuse(
+        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """Fusion layers on text hidden states cross-attending to image tokens."""
         return self.text_backbone(
-            attention_mask=attention_mask, image_embeds=image_embeds, mode=Mode.FUSION, text_embeds=text_embeds
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            mode=Mode.FUSION,
+            text_embeds=text_embeds,
         )
 
-    def itm_logits(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def itm_logits(
+        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """ITM logits (B, 2) for aligned rows of text states and image tokens; column 1 = match."""
         return self.itm_head(self.fuse(text_embeds, attention_mask, image_embeds)[:, 0, :])
 
@@ -218,7 +231,9 @@ class ContrastiveModel(nn.Module):
         return ITMResult(F.cross_entropy(logits, labels), logits, labels, neg_img, neg_txt)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+    def dequeue_and_enqueue(
+        self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> None:
         """Write the momentum features of every rank (and the image ids) into the queues."""
         queues = [self.image_queue, self.text_queue]
         values = [gather_no_grad(image_feat_m), gather_no_grad(text_feat_m)]

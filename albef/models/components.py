@@ -218,6 +218,8 @@ def mask_tokens(
     to_mask = bernoulli(0.8) & chosen
     ids[to_mask] = spec.mask_token_id
     to_random = bernoulli(0.5) & chosen & ~to_mask
-    random_ids = torch.randint(spec.vocab_size, ids.shape, dtype=ids.dtype, device=device, generator=generator)
+    random_ids = torch.randint(
+        spec.vocab_size, ids.shape, dtype=ids.dtype, device=device, generator=generator
+    )
     ids[to_random] = random_ids[to_random]
     return ids, labels

@@ -110,7 +110,9 @@ class ALBEFPretrain(ContrastiveModel):
 
         with torch.no_grad():
             self.momentum_update()
-            image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
+            image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(
+                images, input_ids, attention_mask
+            )
             bs = images.shape[0]
             hard = torch.zeros(bs, bs + self.cfg.queue_size, device=images.device)
             hard.fill_diagonal_(1)
@@ -150,8 +152,12 @@ class ALBEFPretrain(ContrastiveModel):
             temp=float(self.temp.detach()),
         )
 
-    def mlm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def mlm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
         return self.text_encoder.mlm_logits(input_ids, attention_mask, image_embeds)
 
-    def multimodal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    def multimodal(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
         return self.text_backbone(input_ids, attention_mask, image_embeds, mode=Mode.MULTIMODAL)

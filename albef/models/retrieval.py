@@ -32,7 +32,11 @@ class RetrievalOutput:
     temp: float
 
     def loss_terms(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "loss_itc": float(self.loss_itc.detach()), "loss_itm": float(self.loss_itm.detach())}
+        return {
+            "loss": float(self.loss.detach()),
+            "loss_itc": float(self.loss_itc.detach()),
+            "loss_itm": float(self.loss_itm.detach()),
+        }
 
 
 class ALBEFRetrieval(ContrastiveModel):
@@ -55,7 +59,9 @@ class ALBEFRetrieval(ContrastiveModel):
         check_images(images, self.cfg.vision)
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
         if idx.numel() != images.shape[0]:
-            raise ValueError(f"idx: expected one image id per sample ({images.shape[0]}), got {tuple(idx.shape)}")
+            raise ValueError(
+                f"idx: expected one image id per sample ({images.shape[0]}), got {tuple(idx.shape)}"
+            )
         alpha = self.cfg.alpha if alpha is None else alpha
         choices = self.default_choices(choices)
 
@@ -117,7 +123,9 @@ def text_features(
     check_text(input_ids, attention_mask, model.cfg, None)
     embeds, feats = [], []
     for start in range(0, input_ids.shape[0], batch_size):
-        e, f = model.encode_text(input_ids[start : start + batch_size], attention_mask[start : start + batch_size])
+        e, f = model.encode_text(
+            input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        )
         embeds.append(e)
         feats.append(f)
     return torch.cat(embeds), torch.cat(feats)
@@ -137,7 +145,9 @@ def itm_scores(
     The score is the official one: the ITM head's "match" logit (no softmax, no ITC term added).
     """
     if pairs.dim() != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"pairs: expected shape (P, 2) of (image index, text index), got {tuple(pairs.shape)}")
+        raise ValueError(
+            f"pairs: expected shape (P, 2) of (image index, text index), got {tuple(pairs.shape)}"
+        )
     scores = torch.empty(pairs.shape[0], device=image_embeds.device, dtype=torch.float32)
     for start in range(0, pairs.shape[0], batch_size):
         chunk = pairs[start : start + batch_size]

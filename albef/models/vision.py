@@ -66,12 +66,18 @@ def resample_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor
     old = pos_embed.shape[1]
     if old == num_tokens:
         return pos_embed
-    new_grid = int(round((num_tokens - 1) ** 0.5))
-    old_grid = int(round((old - 1) ** 0.5))
+    new_grid = round((num_tokens - 1) ** 0.5)
+    old_grid = round((old - 1) ** 0.5)
     if new_grid * new_grid + 1 != num_tokens or old_grid * old_grid + 1 != old:
-        raise ValueError(f"pos_embed: cannot resample {old} tokens to {num_tokens}: both must be 1 + a square")
+        raise ValueError(
+            f"pos_embed: cannot resample {old} tokens to {num_tokens}: both must be 1 + a square"
+        )
     return resample_abs_pos_embed(
-        pos_embed, new_size=(new_grid, new_grid), num_prefix_tokens=1, interpolation="bicubic", antialias=False
+        pos_embed,
+        new_size=(new_grid, new_grid),
+        num_prefix_tokens=1,
+        interpolation="bicubic",
+        antialias=False,
     )
 
 
@@ -104,12 +110,17 @@ def load_deit_weights(encoder: ImageEncoder, source: str | Path) -> dict[str, li
             ) from exc
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist.", "fc_norm."))}
     if "dist_token" in state:
-        raise ValueError("distilled DeiT (with dist_token) is not the ALBEF initialisation; use deit_base_patch16_224")
+        raise ValueError(
+            "distilled DeiT (with dist_token) is not the ALBEF initialisation; use deit_base_patch16_224"
+        )
     if "pos_embed" in state:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], encoder.pos_embed.shape[1])
     own = encoder.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if k in own and own[k].shape != v.shape]
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if bad:
         raise ValueError("DeiT checkpoint does not fit the image encoder: " + "; ".join(bad))
     result = encoder.load_state_dict(state, strict=False)

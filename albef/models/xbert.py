@@ -16,7 +16,7 @@ layer is asked to keep its attention probabilities (Grad-CAM), which needs the e
 from __future__ import annotations
 
 import math
-from enum import Enum
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from transformers.models.bert.modeling_bert import (
 from albef.config import ModelConfig
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """Which layers a text-encoder call runs."""
 
     TEXT = "text"  # embeddings + the text-only layers
