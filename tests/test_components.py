@@ -171,3 +171,21 @@ def test_alpha_ramp_matches_the_official_epoch_rule():
     assert alpha_ramp(5, steps, 0.4, ramp_epochs=0) == 0.4
     with pytest.raises(ValueError):
         alpha_ramp(0, 0, 0.4)
+
+
+def test_mlm_loss_on_hand_made_values():
+    from albef.models.pretrain import mlm_loss
+
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0, 0.0])  # softmax [1/6, 1/2, 1/6, 1/6]
+    labels = torch.tensor([[-100, 1, -100]])
+    assert mlm_loss(logits, labels, None, 0.4).item() == pytest.approx(-math.log(0.5))
+    teacher = torch.zeros(1, 3, 4)  # uniform teacher
+    soft = -(math.log(1 / 6) * 3 + math.log(0.5)) / 4
+    expected = 0.6 * -math.log(0.5) + 0.4 * soft
+    assert mlm_loss(logits, labels, teacher, 0.4).item() == pytest.approx(expected)
+    # nothing masked: zero, not NaN, and still differentiable
+    logits.requires_grad_(True)
+    zero = mlm_loss(logits, torch.full((1, 3), -100), teacher, 0.4)
+    assert zero.item() == 0.0
+    zero.backward()
