@@ -305,8 +305,14 @@ def tiny_config() -> ModelConfig:
 PRESETS = {"base": base_config, "small": small_config, "tiny": tiny_config}
 
 
-def load_model_config(params_path: str | Path, section: str = "model") -> ModelConfig:
-    """Read the ``model`` section (or another one) of a ``params.yaml``."""
+def load_model_config(
+    params_path: str | Path, section: str = "model", global_batch: int | None = None
+) -> ModelConfig:
+    """Read the ``model`` section (or another one) of a ``params.yaml``.
+
+    With ``global_batch`` (per-device batch x world size) the queue size is checked against it too, so a
+    run that could never fill its queue fails here rather than at its first step.
+    """
     import yaml
 
     path = Path(params_path)
@@ -318,4 +324,7 @@ def load_model_config(params_path: str | Path, section: str = "model") -> ModelC
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict) or section not in params:
         raise ConfigError(f"{path}: no '{section}' section")
-    return ModelConfig.from_dict(params[section], prefix=section)
+    cfg = ModelConfig.from_dict(params[section], prefix=section)
+    if global_batch is not None:
+        cfg.check_global_batch(global_batch, prefix=section)
+    return cfg

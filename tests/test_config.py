@@ -70,6 +70,8 @@ def test_load_from_params_yaml(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("model:\n  preset: tiny\n  text:\n    vocab_size: 200\n")
     assert load_model_config(params).text.vocab_size == 200
+    with pytest.raises(ConfigError, match="not divisible by the global batch"):
+        load_model_config(params, global_batch=24)
     params.write_text("model:\n  preset: tiny\n  text: {vocab_sise: 200}\n")
     with pytest.raises(ConfigError, match="model.text.vocab_sise"):
         load_model_config(params)

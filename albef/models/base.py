@@ -215,16 +215,15 @@ class ContrastiveModel(nn.Module):
             neg_img = choices.negatives(probs_t2i, ~positive, "image_for_text")
             neg_txt = choices.negatives(probs_i2t, ~positive, "text_for_image")
         has_img, has_txt = neg_img >= 0, neg_txt >= 0
+        # One fusion pass over [positives ; (text, hard negative image) ; (hard negative text, image)]: the
+        # official code runs the positives and the negatives separately, with identical per-row results.
         # Rows with no valid negative (batch of one, all captions of one image) contribute no negative.
-        text_all = torch.cat([text_embeds[has_img], text_embeds[neg_txt[has_txt]]], dim=0)
-        mask_all = torch.cat([attention_mask[has_img], attention_mask[neg_txt[has_txt]]], dim=0)
-        image_all = torch.cat([image_embeds[neg_img[has_img]], image_embeds[has_txt]], dim=0)
-        fused_pos = self.fuse(text_embeds, attention_mask, image_embeds)[:, 0, :]
-        if text_all.shape[0]:
-            fused_neg = self.fuse(text_all, mask_all, image_all)[:, 0, :]
-            fused = torch.cat([fused_pos, fused_neg], dim=0)
-        else:
-            fused = fused_pos
+        text_all = torch.cat([text_embeds, text_embeds[has_img], text_embeds[neg_txt[has_txt]]], dim=0)
+        mask_all = torch.cat(
+            [attention_mask, attention_mask[has_img], attention_mask[neg_txt[has_txt]]], dim=0
+        )
+        image_all = torch.cat([image_embeds, image_embeds[neg_img[has_img]], image_embeds[has_txt]], dim=0)
+        fused = self.fuse(text_all, mask_all, image_all)[:, 0, :]
         logits = self.itm_head(fused)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         labels[:bs] = 1
