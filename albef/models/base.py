@@ -3,7 +3,7 @@ momentum twins and feature queues, and the ITC/ITM computations."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,33 @@ class ITMResult:
     labels: torch.Tensor
     neg_image_idx_for_text: torch.Tensor  # (B,), -1 where a text had no valid negative image
     neg_text_idx_for_image: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class ContrastiveOutput:
+    """What every ITC + ITM forward computes; losses keep their graph, everything else is detached."""
+
+    loss: torch.Tensor  # the sum of every loss term
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    sim_i2t: torch.Tensor  # online image vs [momentum texts ; queue] / temp, (B, B + Q)
+    sim_t2i: torch.Tensor
+    itc_targets: torch.Tensor  # hard targets before distillation, (B, B + Q)
+    itm_logits: torch.Tensor  # (B + negatives, 2): positives first; column 1 = match
+    itm_labels: torch.Tensor
+    neg_image_idx_for_text: torch.Tensor  # -1 where a text had no valid negative image
+    neg_text_idx_for_image: torch.Tensor
+    image_feat: torch.Tensor
+    text_feat: torch.Tensor
+    image_feat_m: torch.Tensor
+    text_feat_m: torch.Tensor
+    temp: float
+
+    def loss_terms(self) -> dict[str, float]:
+        """Every loss term as a float, for logging."""
+        return {
+            f.name: float(getattr(self, f.name).detach()) for f in fields(self) if f.name.startswith("loss")
+        }
 
 
 def check_text(
@@ -242,6 +269,33 @@ class ContrastiveModel(nn.Module):
             queues.append(self.idx_queue)
             values.append(gather_no_grad(idx.view(-1, 1)))
         enqueue(queues, values, self.queue_ptr)
+
+    @staticmethod
+    def contrastive_fields(
+        itc: ITCResult,
+        itm: ITMResult,
+        hard_targets: torch.Tensor,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        temp: torch.Tensor,
+    ) -> dict:
+        """The :class:`ContrastiveOutput` fields from the ITC and ITM results (losses summed by the caller)."""
+        image_feat, text_feat, image_feat_m, text_feat_m = features
+        return dict(
+            loss_itc=itc.loss,
+            loss_itm=itm.loss,
+            sim_i2t=itc.sim_i2t.detach(),
+            sim_t2i=itc.sim_t2i.detach(),
+            itc_targets=hard_targets,
+            itm_logits=itm.logits.detach(),
+            itm_labels=itm.labels,
+            neg_image_idx_for_text=itm.neg_image_idx_for_text,
+            neg_text_idx_for_image=itm.neg_text_idx_for_image,
+            image_feat=image_feat.detach(),
+            text_feat=text_feat.detach(),
+            image_feat_m=image_feat_m,
+            text_feat_m=text_feat_m,
+            temp=float(temp.detach()),
+        )
 
     def default_choices(self, choices: ChoiceSource | None) -> ChoiceSource:
         return choices if choices is not None else RandomChoices()

@@ -8,43 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from albef.config import ModelConfig
-from albef.models.base import ContrastiveModel, check_text
+from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource, MaskSpec
 from albef.models.vision import check_images
 from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM
 
 
-@dataclass
-class PretrainOutput:
-    """Everything one pretraining forward computes; losses keep their graph, the rest is detached."""
+@dataclass(kw_only=True)
+class PretrainOutput(ContrastiveOutput):
+    """Everything one pretraining forward computes: the ITC/ITM fields plus MLM."""
 
-    loss: torch.Tensor
-    loss_itc: torch.Tensor
-    loss_itm: torch.Tensor
     loss_mlm: torch.Tensor
-    sim_i2t: torch.Tensor
-    sim_t2i: torch.Tensor
-    itm_logits: torch.Tensor
-    itm_labels: torch.Tensor
-    neg_image_idx_for_text: torch.Tensor
-    neg_text_idx_for_image: torch.Tensor
     mlm_input_ids: torch.Tensor
     mlm_labels: torch.Tensor
     mlm_logits: torch.Tensor
     mlm_teacher_logits: torch.Tensor | None
-    image_feat: torch.Tensor
-    text_feat: torch.Tensor
-    image_feat_m: torch.Tensor
-    text_feat_m: torch.Tensor
-    temp: float
-
-    def loss_terms(self) -> dict[str, float]:
-        return {
-            "loss": float(self.loss.detach()),
-            "loss_itc": float(self.loss_itc.detach()),
-            "loss_itm": float(self.loss_itm.detach()),
-            "loss_mlm": float(self.loss_mlm.detach()),
-        }
 
 
 def mlm_loss(
@@ -132,24 +110,14 @@ class ALBEFPretrain(ContrastiveModel):
 
         return PretrainOutput(
             loss=itc.loss + itm.loss + loss_mlm,
-            loss_itc=itc.loss,
-            loss_itm=itm.loss,
             loss_mlm=loss_mlm,
-            sim_i2t=itc.sim_i2t.detach(),
-            sim_t2i=itc.sim_t2i.detach(),
-            itm_logits=itm.logits.detach(),
-            itm_labels=itm.labels,
-            neg_image_idx_for_text=itm.neg_image_idx_for_text,
-            neg_text_idx_for_image=itm.neg_text_idx_for_image,
             mlm_input_ids=mlm_ids,
             mlm_labels=mlm_labels,
             mlm_logits=mlm_logits.detach(),
             mlm_teacher_logits=teacher,
-            image_feat=image_feat.detach(),
-            text_feat=text_feat.detach(),
-            image_feat_m=image_feat_m,
-            text_feat_m=text_feat_m,
-            temp=float(self.temp.detach()),
+            **self.contrastive_fields(
+                itc, itm, hard, (image_feat, text_feat, image_feat_m, text_feat_m), self.temp
+            ),
         )
 
     def mlm_logits(

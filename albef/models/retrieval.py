@@ -7,36 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from albef.config import ModelConfig
-from albef.models.base import ContrastiveModel, check_text
+from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource
 from albef.models.vision import check_images
 from albef.models.xbert import TextEncoder
 
 
-@dataclass
-class RetrievalOutput:
-    loss: torch.Tensor
-    loss_itc: torch.Tensor
-    loss_itm: torch.Tensor
-    sim_i2t: torch.Tensor
-    sim_t2i: torch.Tensor
-    itc_targets: torch.Tensor  # hard targets: uniform over every same-image-id column
-    itm_logits: torch.Tensor
-    itm_labels: torch.Tensor
-    neg_image_idx_for_text: torch.Tensor
-    neg_text_idx_for_image: torch.Tensor
-    image_feat: torch.Tensor
-    text_feat: torch.Tensor
-    image_feat_m: torch.Tensor
-    text_feat_m: torch.Tensor
-    temp: float
-
-    def loss_terms(self) -> dict[str, float]:
-        return {
-            "loss": float(self.loss.detach()),
-            "loss_itc": float(self.loss_itc.detach()),
-            "loss_itm": float(self.loss_itm.detach()),
-        }
+@dataclass(kw_only=True)
+class RetrievalOutput(ContrastiveOutput):
+    """ITC + ITM finetuning outputs; ``itc_targets`` are uniform over every same-image-id column."""
 
 
 class ALBEFRetrieval(ContrastiveModel):
@@ -82,20 +61,9 @@ class ALBEFRetrieval(ContrastiveModel):
         itm = self.itm(image_embeds, text_embeds, attention_mask, itc.sim_i2t, itc.sim_t2i, positive, choices)
         return RetrievalOutput(
             loss=itc.loss + itm.loss,
-            loss_itc=itc.loss,
-            loss_itm=itm.loss,
-            sim_i2t=itc.sim_i2t.detach(),
-            sim_t2i=itc.sim_t2i.detach(),
-            itc_targets=hard,
-            itm_logits=itm.logits.detach(),
-            itm_labels=itm.labels,
-            neg_image_idx_for_text=itm.neg_image_idx_for_text,
-            neg_text_idx_for_image=itm.neg_text_idx_for_image,
-            image_feat=image_feat.detach(),
-            text_feat=text_feat.detach(),
-            image_feat_m=image_feat_m,
-            text_feat_m=text_feat_m,
-            temp=float(self.temp.detach()),
+            **self.contrastive_fields(
+                itc, itm, hard, (image_feat, text_feat, image_feat_m, text_feat_m), self.temp
+            ),
         )
 
 
