@@ -71,8 +71,14 @@ def dataset(tmp_path: Path) -> Path:
 
 def _cfg(root: Path, tmp: Path, **kw) -> PreprocessConfig:
     base = dict(
-        image_root=str(root), out_dir=str(tmp / "out"), files={"pretrain.json": "pretrain", "nlvr.json": "nlvr"},
-        max_side=32, min_side=8, shard_size=4, workers=2, max_drop_fraction=1.0,
+        image_root=str(root),
+        out_dir=str(tmp / "out"),
+        files={"pretrain.json": "pretrain", "nlvr.json": "nlvr"},
+        max_side=32,
+        min_side=8,
+        shard_size=4,
+        workers=2,
+        max_drop_fraction=1.0,
     )
     base.update(kw)
     return PreprocessConfig(**base)
@@ -179,6 +185,9 @@ def test_schema_problems_name_the_key(record, task, problem):
 
 
 def test_official_text_cleaning():
-    assert pre_caption("  A man's dog--runs (fast)!!  on <person>/grass.\n", 30) == "a mans dog runs fast on person grass"
+    assert (
+        pre_caption("  A man's dog--runs (fast)!!  on <person>/grass.\n", 30)
+        == "a mans dog runs fast on person grass"
+    )
     assert pre_caption("one two three four", 2) == "one two"
     assert pre_question("What colour is the cat-toy? ", 30) == "what colour is the cat toy"

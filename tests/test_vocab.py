@@ -3,8 +3,13 @@ from __future__ import annotations
 from albef.data.vocab import train_wordpiece
 from albef.tokenizer import ALBEFTokenizer
 
-TEXTS = [f"a {c} {s} left of a {c2} {s2}" for c in ("red", "blue", "green") for s in ("circle", "square")
-         for c2 in ("yellow", "purple") for s2 in ("star", "triangle")]
+TEXTS = [
+    f"a {c} {s} left of a {c2} {s2}"
+    for c in ("red", "blue", "green")
+    for s in ("circle", "square")
+    for c2 in ("yellow", "purple")
+    for s2 in ("star", "triangle")
+]
 
 
 def test_trained_vocabulary_is_deterministic_and_loads(tmp_path):
@@ -17,3 +22,10 @@ def test_trained_vocabulary_is_deterministic_and_loads(tmp_path):
     ids = batch.input_ids[0].tolist()
     assert ids[0] == 2 and 1 not in ids  # [CLS] first, no [UNK] for words seen in training
     assert tok.decode(ids) == "a red circle left of a yellow star"
+
+
+def test_words_outside_the_budget_are_spelled_not_unknown(tmp_path):
+    tok = ALBEFTokenizer.from_pretrained(train_wordpiece(TEXTS, tmp_path / "v", vocab_size=200, min_frequency=10**6))
+    ids = tok(["a red triangle"], max_length=30).input_ids[0].tolist()
+    assert 1 not in ids and len(ids) == 1 + len("aredtriangle")  # spelled by characters
+    assert tok.decode(ids) == "a red triangle"

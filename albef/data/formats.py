@@ -67,10 +67,16 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "question_id": Field((int,)),
         "image": Field((str,)),
         "question": Field((str,)),
-        "answer": Field((str, list), required=False, check=lambda v: _str_list(v) if isinstance(v, list) else None),
+        "answer": Field(
+            (str, list), required=False, check=lambda v: _str_list(v) if isinstance(v, list) else None
+        ),
         "dataset": Field((str,), required=False, check=_one_of("vqa", "vg")),
     },
-    "ve": {"image": Field((str,)), "sentence": Field((str,)), "label": Field((str,), check=_one_of(*VE_LABELS))},
+    "ve": {
+        "image": Field((str,)),
+        "sentence": Field((str,)),
+        "label": Field((str,), check=_one_of(*VE_LABELS)),
+    },
     "nlvr": {
         "images": Field((list,), check=lambda v: _str_list(v, 2)),
         "sentence": Field((str,)),
@@ -144,7 +150,9 @@ def read_json_list(path: str | Path) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise AnnotationError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise AnnotationError(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
     return data

@@ -43,7 +43,9 @@ def resolve_inside(root: Path, relative: str) -> Path:
     except (OSError, RuntimeError) as exc:  # symlink loops
         raise ImageProblem("outside_root", f"{relative}: cannot resolve ({exc})") from exc
     if not resolved.is_relative_to(root):
-        raise ImageProblem("outside_root", f"{relative} resolves to {resolved}, outside the image root {root}")
+        raise ImageProblem(
+            "outside_root", f"{relative} resolves to {resolved}, outside the image root {root}"
+        )
     return resolved
 
 
@@ -66,7 +68,9 @@ def decode_rgb(data: bytes, name: str, min_side: int = 1, max_pixels: int = 64_0
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageProblem("decompression_bomb", f"{name}: {width}x{height} pixels exceeds {max_pixels}")
+                raise ImageProblem(
+                    "decompression_bomb", f"{name}: {width}x{height} pixels exceeds {max_pixels}"
+                )
             image.load()
     except ImageProblem:
         raise

@@ -74,7 +74,9 @@ class PreprocessConfig:
             if getattr(self, key) <= 0:
                 raise PreprocessError(f"preprocess.{key} must be positive, got {getattr(self, key)}")
         if not 0.0 <= self.max_drop_fraction <= 1.0:
-            raise PreprocessError(f"preprocess.max_drop_fraction must be in [0, 1], got {self.max_drop_fraction}")
+            raise PreprocessError(
+                f"preprocess.max_drop_fraction must be in [0, 1], got {self.max_drop_fraction}"
+            )
         return self
 
 
@@ -128,7 +130,13 @@ class Report:
         if self.dropped:
             lines += ["", "## Dropped, by reason", "", "| reason | count |", "|---|---:|"]
             lines += [f"| {reason} | {count} |" for reason, count in sorted(self.reasons().items())]
-            lines += ["", "## Dropped records", "", "| file | record | reason | culprit |", "|---|---:|---|---|"]
+            lines += [
+                "",
+                "## Dropped records",
+                "",
+                "| file | record | reason | culprit |",
+                "|---|---:|---|---|",
+            ]
             for d in self.dropped[:MARKDOWN_ROWS]:
                 lines.append(f"| {d.file} | {d.index} | {d.reason} | {d.detail} |")
             if len(self.dropped) > MARKDOWN_ROWS:
@@ -243,7 +251,9 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
                 continue
             fingerprint = _dumps(record)
             if fingerprint in seen:
-                report.dropped.append(Drop(name, index, "duplicate", "same record appears earlier in the file"))
+                report.dropped.append(
+                    Drop(name, index, "duplicate", "same record appears earlier in the file")
+                )
                 continue
             seen.add(fingerprint)
             cleaned, reason, notes = _clean_record(record, task, cfg.max_words)
@@ -306,7 +316,10 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     bar = _progress(total, progress)
     with ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else _Inline() as pool:
         for number, name, slice_keys, slice_id, entry in todo:
-            jobs = [(str(root), k, cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality) for k in slice_keys]
+            jobs = [
+                (str(root), k, cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality)
+                for k in slice_keys
+            ]
             good: list[tuple[str, bytes]] = []
             bad: dict[str, tuple[str, str]] = {}
             for key, data, reason, detail in pool.map(_process_image, jobs, chunksize=16):

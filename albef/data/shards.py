@@ -76,7 +76,9 @@ class ShardedImages:
 
     def read_bytes(self, key: str) -> bytes:
         if key not in self.index:
-            raise KeyError(f"image {key!r} is not in {self.root} (dropped during preprocessing, or a wrong path)")
+            raise KeyError(
+                f"image {key!r} is not in {self.root} (dropped during preprocessing, or a wrong path)"
+            )
         name, offset, size = self.index[key]
         with open(self.root / name, "rb") as fh:
             fh.seek(offset)
