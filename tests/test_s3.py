@@ -481,7 +481,7 @@ def test_throttling_and_5xx_are_retried_and_logged(tmp_path, bucket, settings, p
     files = _make_tree(src)
     del files["big.bin"]
     (src / "big.bin").unlink()
-    cfg = _via(settings, proxy, max_attempts=4, max_workers=1)
+    cfg = _via(settings, proxy, max_attempts=5, max_workers=1)
 
     proxy.faults = [(503, "SlowDown"), (500, "InternalError"), (503, "SlowDown")]
     report = push(src, f"s3://{bucket}/t", cfg, progress=False)
