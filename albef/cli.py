@@ -71,6 +71,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from albef.data.stages import read_params, synth_stage
+
+    card = synth_stage(read_params(args.params), progress=not args.quiet)
+    print(json.dumps({k: v for k, v in card.items() if not isinstance(v, (dict, list))}, indent=2))
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from albef.data.stages import preprocess_stage, read_params
+
+    print(json.dumps(preprocess_stage(read_params(args.params), progress=not args.quiet), indent=2))
+    return 0
+
+
+def _s3_transfer(args: argparse.Namespace) -> int:
+    from albef.data.s3 import S3Settings, pull, push
+
+    settings = S3Settings(endpoint_url=args.endpoint_url)
+    if args.s3_command == "pull":
+        report = pull(args.uri, args.dest, settings, progress=not args.quiet)
+    else:
+        report = push(args.src, args.uri, settings, progress=not args.quiet)
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="albef", description="ALBEF vision-language pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -101,6 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tolerance", type=float, default=1e-5)
     par.set_defaults(func=_parity)
 
+    data = sub.add_parser("data", help="the synthetic benchmark and S3 transfers")
+    data_sub = data.add_subparsers(dest="s3_command", required=True)
+    synth = data_sub.add_parser("synth", help="generate the synthetic benchmark (params.yaml: synth)")
+    synth.add_argument("--params", default="params.yaml")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(func=_synth)
+    for name, helptext in (
+        ("pull", "download s3://bucket/prefix into DEST"),
+        ("push", "upload SRC to s3://..."),
+    ):
+        transfer = data_sub.add_parser(name, help=helptext)
+        if name == "pull":
+            transfer.add_argument("uri", help="s3://bucket/prefix")
+            transfer.add_argument("dest")
+        else:
+            transfer.add_argument("src")
+            transfer.add_argument("uri", help="s3://bucket/prefix")
+        transfer.add_argument(
+            "--endpoint-url",
+            default=None,
+            help="any S3-compatible endpoint (default: ALBEF_S3_ENDPOINT_URL or AWS_ENDPOINT_URL)",
+        )
+        transfer.add_argument("--quiet", action="store_true")
+        transfer.set_defaults(func=_s3_transfer)
+
+    pre = sub.add_parser(
+        "preprocess", help="validate and shard a dataset, build its tokenizer (params: preprocess)"
+    )
+    pre.add_argument("--params", default="params.yaml")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_preprocess)
+
     info = sub.add_parser("info", help="print a model configuration and its parameter counts")
     info.add_argument("--task", choices=["pretrain", "retrieval"], default="pretrain")
     info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
@@ -118,9 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     from albef.checkpoint import CheckpointError
     from albef.config import ConfigError
 
+    expected: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+    if args.command in ("data", "preprocess"):
+        from albef.data.preprocess import PreprocessError
+        from albef.data.s3 import S3Error
+
+        expected = (*expected, PreprocessError, S3Error)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except expected as exc:
         print(f"albef {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,9 @@ class PreprocessConfig:
     files: dict[str, str]  # annotation file (relative to annotation_dir) -> task
     annotation_dir: str | None = None  # default: image_root
     answer_list: str | None = None  # VQA answer list, to count answers outside it
+    copy: list[str] = field(
+        default_factory=list
+    )  # other files/folders to carry over (answer lists, eval assets)
     max_side: int = 384
     min_side: int = 8
     max_pixels: int = 64_000_000
@@ -281,7 +284,8 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     # 2. images, in fixed shard slices; finished slices are journalled and skipped on a rerun
     keys = sorted(needs)
     settings = [cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality, FORMAT_VERSION]
-    fingerprint = _hash(settings, cfg.files, file_hashes, cfg.max_words, [_image_stat(root, k) for k in keys])
+    extras = {name: _tree_hash(ann_dir / name) for name in cfg.copy}
+    fingerprint = _hash(asdict(cfg), settings, file_hashes, extras, [_image_stat(root, k) for k in keys])
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text())
@@ -315,7 +319,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     total = sum(len(t[2]) for t in todo)
     bar = _progress(total, progress)
     with ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else _Inline() as pool:
-        for number, name, slice_keys, slice_id, entry in todo:
+        for _number, name, slice_keys, slice_id, entry in todo:
             jobs = [
                 (str(root), k, cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality)
                 for k in slice_keys
@@ -366,6 +370,8 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(target, json.dumps(records, ensure_ascii=False, indent=0, sort_keys=True))
+    for extra in cfg.copy:
+        _copy_extra(ann_dir, out, extra)
     _atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     _atomic_write_text(out / "report.md", report.to_markdown())
 
@@ -392,6 +398,30 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     }
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
     return report
+
+
+def _tree_hash(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return _hash(
+            sorted((str(p.relative_to(path)), sha256_file(p)) for p in path.rglob("*") if p.is_file())
+        )
+    return "missing"
+
+
+def _copy_extra(src_root: Path, out: Path, name: str) -> None:
+    import shutil
+
+    src = src_root / name
+    if not src.exists():
+        raise PreprocessError(f"preprocess.copy: {src} not found")
+    dst = out / name
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
 
 
 class _Inline:

@@ -1,0 +1,101 @@
+"""The data stages as plain functions of a ``params.yaml``: the CLI, ``dvc.yaml`` and Prefect all call these.
+
+``synth``      generate the synthetic benchmark (``params.synth``) into ``synth.out``
+``preprocess`` validate + shard a dataset (``params.preprocess``) and build its tokenizer
+               (``params.tokenizer``) into ``preprocess.out``
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from albef.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return params
+
+
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    if name not in params or not isinstance(params[name], dict):
+        raise ConfigError(f"params.yaml has no '{name}' section")
+    return dict(params[name])
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """``cls(**values)`` with unknown keys named in the error (typos in params.yaml fail loudly)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**values)
+
+
+def synth_stage(params: dict[str, Any], progress: bool = True) -> dict:
+    from albef.data.synth import SynthConfig, generate
+
+    values = section(params, "synth")
+    out = values.pop("out", "data/synth")
+    cfg = build_dataclass(SynthConfig, values, "synth")
+    return generate(cfg, out, progress=progress)
+
+
+def preprocess_stage(params: dict[str, Any], progress: bool = True) -> dict:
+    from albef.data.preprocess import PreprocessConfig, preprocess
+
+    values = section(params, "preprocess")
+    cfg = build_dataclass(PreprocessConfig, values, "preprocess")
+    report = preprocess(cfg, progress=progress)
+    tokenizer_dir = build_tokenizer(params, Path(cfg.out_dir))
+    summary = {
+        "records_in": report.records_in,
+        "records_kept": report.records_kept,
+        "records_dropped": len(report.dropped),
+        "images_kept": report.images_kept,
+        "up_to_date": report.up_to_date,
+        "tokenizer": str(tokenizer_dir),
+    }
+    log.info("preprocess: %s", summary)
+    return summary
+
+
+def build_tokenizer(params: dict[str, Any], processed_dir: Path) -> Path:
+    """Copy a pretrained tokenizer (``tokenizer.source``) or build one from the training texts."""
+    from albef.data.formats import texts
+    from albef.data.vocab import train_wordpiece
+    from albef.tokenizer import ALBEFTokenizer
+
+    cfg = section(params, "tokenizer")
+    out = processed_dir / "tokenizer"
+    source = cfg.get("source")
+    if source:
+        ALBEFTokenizer.from_pretrained(source).save(out)
+        return out
+    files = section(params, "preprocess")["files"]
+    corpus = []
+    for name in cfg.get("train_files", []):
+        if name not in files:
+            raise ConfigError(f"tokenizer.train_files: {name} is not one of preprocess.files")
+        for record in json.loads((processed_dir / name).read_text()):
+            corpus.extend(texts(record, files[name]))
+    answer_list = section(params, "preprocess").get("answer_list")
+    if answer_list and (processed_dir / answer_list).is_file():
+        corpus.extend(json.loads((processed_dir / answer_list).read_text()))
+    return train_wordpiece(corpus, out, vocab_size=int(cfg.get("vocab_size", 1000)))
