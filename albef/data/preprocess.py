@@ -294,9 +294,15 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         ):
             log.info("preprocess: inputs unchanged since the last run; nothing to do")
             stored = json.loads((out / "report.json").read_text())
-            report.records_kept = stored["records_kept"]
-            report.images_kept = stored["images_kept"]
-            report.up_to_date = True
+            report = Report(
+                records_in=stored["records_in"],
+                records_kept=stored["records_kept"],
+                images_kept=stored["images_kept"],
+                dropped=[Drop(**d) for d in stored["dropped"]],
+                notes=Counter(stored["notes"]),
+                per_file=stored["per_file"],
+                up_to_date=True,
+            )
             return report
 
     bad_images: dict[str, tuple[str, str]] = {}

@@ -61,6 +61,7 @@ def preprocess_stage(params: dict[str, Any], progress: bool = True) -> dict:
     from albef.data.preprocess import PreprocessConfig, preprocess
 
     values = section(params, "preprocess")
+    metrics_path = values.pop("metrics", None)
     cfg = build_dataclass(PreprocessConfig, values, "preprocess")
     report = preprocess(cfg, progress=progress)
     tokenizer_dir = build_tokenizer(params, Path(cfg.out_dir))
@@ -73,6 +74,11 @@ def preprocess_stage(params: dict[str, Any], progress: bool = True) -> dict:
         "tokenizer": str(tokenizer_dir),
     }
     log.info("preprocess: %s", summary)
+    if metrics_path:
+        metrics = {k: v for k, v in summary.items() if isinstance(v, int) and not isinstance(v, bool)}
+        metrics["drop_fraction"] = summary["records_dropped"] / max(summary["records_in"], 1)
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return summary
 
 
