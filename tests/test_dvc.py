@@ -61,6 +61,9 @@ def project(tmp_path_factory) -> Path:
     # the working tree may hold uncommitted changes to the pipeline files during development
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, root / name)
+    shutil.copytree(
+        REPO / "albef", root / "albef", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["synth"].update(TINY_SYNTH)
     params["preprocess"].update(max_side=64, shard_size=16)
