@@ -49,8 +49,11 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return resolved
 
 
-def open_rgb(path: Path, min_side: int = 1, max_pixels: int = 64_000_000) -> Image.Image:
-    """Decode ``path`` fully into an upright RGB image, or raise :class:`ImageProblem`."""
+def open_rgb(
+    path: Path, min_side: int = 1, max_pixels: int = 64_000_000, max_side: int | None = None
+) -> Image.Image:
+    """Decode ``path`` fully into an upright RGB image (longest side at most ``max_side``), or raise
+    :class:`ImageProblem`."""
     if not path.exists():
         raise ImageProblem("missing_file", str(path))
     if not path.is_file():
@@ -58,10 +61,12 @@ def open_rgb(path: Path, min_side: int = 1, max_pixels: int = 64_000_000) -> Ima
     data = path.read_bytes()
     if not data:
         raise ImageProblem("empty_file", str(path))
-    return decode_rgb(data, str(path), min_side, max_pixels)
+    return decode_rgb(data, str(path), min_side, max_pixels, max_side)
 
 
-def decode_rgb(data: bytes, name: str, min_side: int = 1, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_rgb(
+    data: bytes, name: str, min_side: int = 1, max_pixels: int = 64_000_000, max_side: int | None = None
+) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -71,6 +76,13 @@ def decode_rgb(data: bytes, name: str, min_side: int = 1, max_pixels: int = 64_0
                 raise ImageProblem(
                     "decompression_bomb", f"{name}: {width}x{height} pixels exceeds {max_pixels}"
                 )
+            if min(width, height) < min_side:
+                raise ImageProblem("too_small", f"{name}: {width}x{height} < {min_side} px")
+            if max_side is not None and max(width, height) > 2 * max_side:
+                # JPEG: decode straight at 1/2, 1/4 or 1/8 scale (DCT scaling), never below twice the final
+                # size, so the bicubic resize that follows still sees enough pixels. Many times faster.
+                scale = max_side / max(width, height)
+                image.draft("RGB", (2 * round(width * scale), 2 * round(height * scale)))
             image.load()
     except ImageProblem:
         raise
@@ -83,9 +95,7 @@ def decode_rgb(data: bytes, name: str, min_side: int = 1, max_pixels: int = 64_0
     except Exception as exc:
         raise ImageProblem("corrupt_image", f"{name}: bad EXIF orientation ({exc})") from exc
     image = to_rgb(image)
-    if min(image.size) < min_side:
-        raise ImageProblem("too_small", f"{name}: {image.size[0]}x{image.size[1]} < {min_side} px")
-    return image
+    return resize_longest(image, max_side) if max_side is not None else image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -33,7 +33,7 @@ from albef.data.formats import (
     record_problem,
     texts,
 )
-from albef.data.images import ImageProblem, encode_jpeg, open_rgb, resize_longest, resolve_inside
+from albef.data.images import ImageProblem, encode_jpeg, open_rgb, resolve_inside
 from albef.data.shards import sha256_file, write_shard
 from albef.data.text import pre_caption, pre_question
 
@@ -193,8 +193,8 @@ def _process_image(args: tuple[str, str, int, int, int, int]) -> tuple[str, byte
     root, key, max_side, min_side, max_pixels, quality = args
     try:
         path = resolve_inside(Path(root), key)
-        image = open_rgb(path, min_side=min_side, max_pixels=max_pixels)
-        return key, encode_jpeg(resize_longest(image, max_side), quality), None, ""
+        image = open_rgb(path, min_side=min_side, max_pixels=max_pixels, max_side=max_side)
+        return key, encode_jpeg(image, quality), None, ""
     except ImageProblem as exc:
         return key, None, exc.reason, exc.detail
     except OSError as exc:  # unreadable file (permissions, I/O error)
