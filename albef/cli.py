@@ -94,7 +94,7 @@ def _s3_transfer(args: argparse.Namespace) -> int:
         report = pull(args.uri, args.dest, settings, progress=not args.quiet)
     else:
         report = push(args.src, args.uri, settings, progress=not args.quiet)
-    print(report)
+    print(report.summary())
     return 0
 
 

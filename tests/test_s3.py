@@ -222,7 +222,9 @@ class FaultyProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def object_gets(self, key: str) -> list[tuple[str, str, str | None, int]]:
@@ -442,6 +444,7 @@ def test_corrupt_part_is_detected_and_refetched(tmp_path, bucket, settings, prox
     report = pull(f"s3://{bucket}/r", out, _via(settings, proxy), progress=False)
     assert [g[2] for g in proxy.object_gets("r/blob.bin")] == ["bytes=1000-", None]
     assert report.retries == 1 and "checksum mismatch" in _retry_records(caplog)[0].getMessage()
+    assert report.bytes == len(data), "bytes of the discarded download must not count"
     assert (out / "blob.bin").read_bytes() == data
 
 
