@@ -545,3 +545,54 @@ def test_unreachable_endpoint_fails_fast_naming_it(tmp_path, settings):
         push(tmp_path / "f.txt", "s3://some-bucket/data/", cfg, progress=False)
     assert time.monotonic() - start < 10
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_push_and_pull(tmp_path, moto_url, bucket, capsys):
+    from albef.cli import main
+
+    tree = _make_tree(tmp_path / "src")
+    assert (
+        main(
+            [
+                "data",
+                "push",
+                str(tmp_path / "src"),
+                f"s3://{bucket}/cli",
+                "--endpoint-url",
+                moto_url,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "pull",
+                f"s3://{bucket}/cli",
+                str(tmp_path / "dst"),
+                "--endpoint-url",
+                moto_url,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    for rel, data in tree.items():
+        assert (tmp_path / "dst" / rel).read_bytes() == data
+    assert (
+        main(
+            [
+                "data",
+                "pull",
+                "s3://no-such-bucket-here/x",
+                str(tmp_path / "d2"),
+                "--endpoint-url",
+                moto_url,
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "no-such-bucket-here" in capsys.readouterr().err
