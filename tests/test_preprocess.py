@@ -191,3 +191,94 @@ def test_official_text_cleaning():
     )
     assert pre_caption("one two three four", 2) == "one two"
     assert pre_question("What colour is the cat-toy? ", 30) == "what colour is the cat toy"
+
+
+def test_decompression_bombs_whitespace_captions_and_unknown_answers(tmp_path: Path):
+    root = tmp_path / "raw"
+    _img(root / "img/ok.jpg")
+    _img(root / "img/huge.png", size=(200, 200))
+    (root / "answer_list.json").write_text(json.dumps(["red", "blue"]))
+    (root / "pretrain.json").write_text(
+        json.dumps(
+            [
+                {"image": "img/huge.png", "caption": "too many pixels"},
+                {"image": "img/ok.jpg", "caption": " \t\n "},
+                {"image": "img/ok.jpg", "caption": "fine"},
+            ]
+        )
+    )
+    (root / "vqa.json").write_text(
+        json.dumps(
+            [
+                {
+                    "question_id": 1,
+                    "image": "img/ok.jpg",
+                    "question": "what color?",
+                    "answer": ["red", "green"],
+                    "dataset": "vqa",
+                },
+            ]
+        )
+    )
+    cfg = PreprocessConfig(
+        image_root=str(root),
+        out_dir=str(tmp_path / "out"),
+        files={"pretrain.json": "pretrain", "vqa.json": "vqa"},
+        answer_list="answer_list.json",
+        max_pixels=10_000,
+        workers=1,
+        max_drop_fraction=1.0,
+    )
+    report = preprocess(cfg, progress=False)
+    assert {(d.index, d.reason) for d in report.dropped} == {(0, "decompression_bomb"), (1, "empty_text")}
+    assert report.notes["vqa_answer_not_in_answer_list"] == 1
+
+
+def test_grounding_boxes_outside_the_image_are_dropped(tmp_path: Path):
+    import pickle
+
+    root = tmp_path / "raw"
+    _img(root / "img/a.jpg", size=(40, 30))
+    assets = root / "refcoco+"
+    assets.mkdir(parents=True)
+    (assets / "instances.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "img/a.jpg", "width": 40, "height": 30}],
+                "annotations": [
+                    {"id": 10, "image_id": 1, "bbox": [5, 5, 10, 10], "category_id": 1},
+                    {"id": 11, "image_id": 1, "bbox": [35, 20, 20, 20], "category_id": 1},
+                ],
+                "categories": [{"id": 1, "name": "shape"}],
+            }
+        )
+    )
+    refs = [
+        {"ref_id": 1, "ann_id": 10, "image_id": 1, "split": "val"},
+        {"ref_id": 2, "ann_id": 11, "image_id": 1, "split": "val"},
+    ]
+    (assets / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (assets / "dets.json").write_text(json.dumps({"1": [[5, 5, 10, 10, 0.9]]}))
+    (root / "val.json").write_text(
+        json.dumps(
+            [
+                {"image": "img/a.jpg", "text": "the small square", "ref_id": 1},
+                {"image": "img/a.jpg", "text": "the square off the edge", "ref_id": 2},
+                {"image": "img/a.jpg", "text": "an expression without a box", "ref_id": 3},
+            ]
+        )
+    )
+    cfg = PreprocessConfig(
+        image_root=str(root),
+        out_dir=str(tmp_path / "out"),
+        files={"val.json": "grounding_eval"},
+        grounding_assets="refcoco+",
+        workers=1,
+        max_drop_fraction=1.0,
+    )
+    report = preprocess(cfg, progress=False)
+    assert {(d.index, d.reason) for d in report.dropped} == {(1, "box_outside_image"), (2, "ref_without_box")}
+    # a pickle that tries to build anything but plain data is refused
+    (assets / "refs(unc).p").write_bytes(pickle.dumps([Path("x")]))
+    with pytest.raises(PreprocessError, match="may only hold plain"):
+        preprocess(cfg, progress=False)

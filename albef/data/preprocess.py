@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -53,9 +54,10 @@ class PreprocessConfig:
     files: dict[str, str]  # annotation file (relative to annotation_dir) -> task
     annotation_dir: str | None = None  # default: image_root
     answer_list: str | None = None  # VQA answer list, to count answers outside it
-    copy: list[str] = field(
-        default_factory=list
-    )  # other files/folders to carry over (answer lists, eval assets)
+    # other files and folders to carry over (answer lists, evaluation assets)
+    copy: list[str] = field(default_factory=list)
+    # RefCOCO+ folder (instances.json, refs(unc).p, dets.json): grounding records with bad boxes are dropped
+    grounding_assets: str | None = None
     max_side: int = 384
     min_side: int = 8
     max_pixels: int = 64_000_000
@@ -234,6 +236,15 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         answer_data = read_json_list(ann_dir / cfg.answer_list)
         answers = set(answer_data)
 
+    assets = None
+    if cfg.grounding_assets:
+        from albef.data.grounding import GroundingAssets
+
+        try:
+            assets = GroundingAssets.load(ann_dir / cfg.grounding_assets)
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            raise PreprocessError(f"preprocess.grounding_assets: {exc}") from exc
+
     # 1. records: schema, text, duplicates, image paths
     report = Report()
     kept: dict[str, list[tuple[int, dict]]] = {}
@@ -263,6 +274,14 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
             if cleaned is None:
                 report.dropped.append(Drop(name, index, reason, f"text {texts(record, task)!r}"))
                 continue
+            if (
+                task == "grounding_eval"
+                and assets is not None
+                and (problem := assets.box_problem(record["ref_id"]))
+            ):
+                reason = "ref_without_box" if "has no box" in problem else "box_outside_image"
+                report.dropped.append(Drop(name, index, reason, problem))
+                continue
             report.notes.update(notes)
             if task == "vqa" and answers is not None and "answer" in record:
                 given = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
@@ -284,7 +303,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     # 2. images, in fixed shard slices; finished slices are journalled and skipped on a rerun
     keys = sorted(needs)
     settings = [cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality, FORMAT_VERSION]
-    extras = {name: _tree_hash(ann_dir / name) for name in cfg.copy}
+    extras = {name: _tree_hash(ann_dir / name) for name in [*cfg.copy, cfg.grounding_assets] if name}
     fingerprint = _hash(asdict(cfg), settings, file_hashes, extras, [_image_stat(root, k) for k in keys])
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
