@@ -1,20 +1,20 @@
 """Image transforms: the official ALBEF ``RandomAugment`` and the four pipelines (ALBEF-SPEC §4.3).
 
-The official ``dataset/randaugment.py`` re-implements PIL's ops with OpenCV on uint8 HWC arrays. Here the same
-ops run on PIL images through PIL itself, which computes the same numbers for the point ops and the
-sharpness filter, and the same geometry (OpenCV's pixel-index conventions, shear about the top-left corner,
-rotation about pixel ``(W/2, H/2)``) for the affine ops. What still differs, all of it small:
+The official ``dataset/randaugment.py`` re-implements PIL's ops with OpenCV on uint8 HWC arrays. Here the
+point ops (AutoContrast, Equalize, Brightness) and Sharpness run through PIL itself, which computes the same
+numbers, and the affine ops (shear about the top-left corner, translate, rotation about pixel
+``(W/2, H/2)``) through a small NumPy copy of OpenCV's bilinear warp. What still differs, all of it small:
 
 * **Sharpness overflow.** The official blends in float32 and casts to uint8 without clipping, so a value
   above 255 or below 0 wraps around (a bright pixel next to dark ones turns dark: 311 -> 55 on x86). PIL
   clips. Pixels that do not overflow are identical, borders included (both leave the outer ring untouched).
-* **Affine interpolation.** OpenCV's bilinear ``warpAffine`` uses fixed-point weights (1/32 px positions)
-  and blends the constant fill into the pixels within one pixel of the image border; PIL interpolates in
-  floating point and switches between image and fill with a hard edge. Measured against an emulation of
-  OpenCV's arithmetic (shear ±0.21, rotate ±21°): the filled area is identical; interior pixels differ by at
-  most 1 grey level on smooth content and up to ~5 on pixel-level noise; the one-pixel band where image
-  meets fill differs more (up to ~60 on noise). Translations are whole pixels at every integer level, so
-  they are exact.
+* **Affine ops** do not use PIL's ``transform``, which truncates instead of rounding, switches to the
+  fill with a hard edge and does not quantise sample positions (up to ~5 grey levels away from OpenCV on
+  noisy content). :func:`_warp` re-does OpenCV's bilinear ``warpAffine`` in NumPy: same inverse map, same
+  1/32-pixel positions, fill blended in over the border pixel, rounding half up. It matches, pixel for
+  pixel, an emulation of OpenCV's fixed-point code path (tests/test_transforms.py); OpenCV itself is not
+  installed here, so that emulation is the reference. Cost: about 3x PIL's ``rotate`` (~15 ms vs ~5 ms at
+  384 px on one slow core).
 * **Random stream.** The official draws from NumPy's global generator; here draws come from a
   ``random.Random`` (or the ``random`` module, which PyTorch's DataLoader reseeds in each worker). Same
   distribution, different sequence.
@@ -31,6 +31,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -111,8 +112,8 @@ def identity(img: Image.Image) -> Image.Image:
 def auto_contrast(img: Image.Image) -> Image.Image:
     """Stretch each channel on its own so its min maps to 0 and its max to 255 (cutoff 0).
 
-    Same table as the official ``autocontrast_func``: ``int(v * 255 / (hi - lo) - lo * 255 / (hi - lo))``;
-    a constant channel is left alone.
+    Same table as the official ``autocontrast_func``: ``int(v * 255 / (hi - lo) - lo * 255 / (hi - lo))``,
+    so ``hi`` can land on 254 through float rounding (in both); a constant channel is left alone.
     """
     return ImageOps.autocontrast(img, cutoff=0)
 
@@ -139,30 +140,60 @@ def sharpness(img: Image.Image, factor: float) -> Image.Image:
     return ImageEnhance.Sharpness(img).enhance(factor)
 
 
-def _fill(img: Image.Image, value: int) -> int | tuple[int, ...]:
-    bands = len(img.getbands())
-    return value if bands == 1 else (value,) * bands
+# OpenCV's warpAffine arithmetic: positions in 1/1024 pixel (AB_BITS = 10), sampled at 1/32 pixel (INTER_BITS = 5).
+_AB_SCALE = 1024
+_SUBPIXEL = 32
 
 
 def _warp(img: Image.Image, forward: Sequence[float], fill: int) -> Image.Image:
-    """Apply a 2x3 affine map the way ``cv2.warpAffine(img, M, (W, H), flags=INTER_LINEAR)`` does.
+    """``cv2.warpAffine(img, M, (W, H), flags=INTER_LINEAR, borderValue=fill)`` in NumPy.
 
-    ``forward`` maps source to destination pixel *indices* (pixel centres at integers, OpenCV's convention).
-    PIL wants the inverse map in *continuous* coordinates (pixel centres at ``i + 0.5``), so invert it and
-    shift by half a pixel on both sides: ``src_c = A⁻¹ (dst_c - 0.5 - t) + 0.5``.
+    ``forward`` maps source to destination pixel indices (pixel centres at integers). Each output pixel
+    samples the source at the inverse-mapped position, computed like OpenCV: the column and the row term
+    each rounded to 1/1024 pixel, their sum floored to 1/32 pixel. The four neighbours are blended
+    bilinearly; neighbours outside the image take the value ``fill`` (the image fades into the fill over one
+    pixel), and the result is rounded half up. PIL's own ``transform`` is not used: it truncates instead of
+    rounding, switches to the fill with a hard edge and does not quantise positions, which puts it up to
+    ~5 grey levels away from OpenCV on noisy content.
     """
-    a, b, tx, c, d, ty = forward
-    det = a * d - b * c
-    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
-    px, py = 0.5 + tx, 0.5 + ty
-    data = (ia, ib, 0.5 - (ia * px + ib * py), ic, id_, 0.5 - (ic * px + id_ * py))
-    return img.transform(
-        img.size,
-        Image.Transform.AFFINE,
-        data,
-        resample=Image.Resampling.BILINEAR,
-        fillcolor=_fill(img, fill),
-    )
+    m00, m01, m02, m10, m11, m12 = (float(v) for v in forward)
+    det = m00 * m11 - m01 * m10
+    # cv2.invertAffineTransform
+    i00, i01, i10, i11 = m11 / det, -m01 / det, -m10 / det, m00 / det
+    i02, i12 = -i00 * m02 - i01 * m12, -i10 * m02 - i11 * m12
+    src = np.asarray(img, dtype=np.uint8)
+    grey = src.ndim == 2
+    if grey:
+        src = src[..., None]
+    h, w, bands = src.shape
+    cols, rows = np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)[:, None]
+    frac_bits = _SUBPIXEL.bit_length() - 1  # 5
+    shift = (_AB_SCALE // _SUBPIXEL).bit_length() - 1  # 1/1024 -> 1/32 pixel
+
+    def position(row_term: np.ndarray, col_term: np.ndarray) -> np.ndarray:
+        """In 1/32 pixel: each term rounded (half to even, as cvRound) to 1/1024, the sum rounded down."""
+        row_fixed = np.rint(row_term * _AB_SCALE).astype(np.int32)
+        col_fixed = np.rint(col_term * _AB_SCALE).astype(np.int32)
+        return (row_fixed + col_fixed + (1 << (shift - 1))) >> shift
+
+    x = position(i01 * rows + i02, i00 * cols)
+    y = position(i11 * rows + i12, i10 * cols)
+    fx, fy = x & (_SUBPIXEL - 1), y & (_SUBPIXEL - 1)
+    x0, y0 = x >> frac_bits, y >> frac_bits
+    # Channels first (long inner loops). A one-pixel frame of fill around the image: clipping indices into
+    # it makes every tap outside the image read the fill.
+    padded = np.pad(src.transpose(2, 0, 1), ((0, 0), (1, 1), (1, 1)), constant_values=fill).reshape(bands, -1)
+    xa, xb = np.clip(x0 + 1, 0, w + 1), np.clip(x0 + 2, 0, w + 1)
+    ya, yb = np.clip(y0 + 1, 0, h + 1) * (w + 2), np.clip(y0 + 2, 0, h + 1) * (w + 2)
+    # Integer weights in 1/32 steps, as in OpenCV's (here exact) fixed-point table; they sum to 1024.
+    wx0, wy0 = _SUBPIXEL - fx, _SUBPIXEL - fy
+    total = padded.take(ya + xa, axis=1) * (wy0 * wx0)
+    total += padded.take(ya + xb, axis=1) * (wy0 * fx)
+    total += padded.take(yb + xa, axis=1) * (fy * wx0)
+    total += padded.take(yb + xb, axis=1) * (fy * fx)
+    out = ((total + (_SUBPIXEL * _SUBPIXEL // 2)) >> (2 * frac_bits)).astype(np.uint8)  # round half up
+    out = np.ascontiguousarray(out.transpose(1, 2, 0))
+    return Image.fromarray(out[..., 0] if grey else out)
 
 
 def shear_x(img: Image.Image, factor: float, fill: int = FILL) -> Image.Image:
@@ -177,7 +208,7 @@ def shear_y(img: Image.Image, factor: float, fill: int = FILL) -> Image.Image:
 
 def translate_x(img: Image.Image, pixels: float, fill: int = FILL) -> Image.Image:
     """Content moves LEFT by ``pixels`` (``out[y, x] = img[y, x + pixels]``); a positive offset uncovers a
-    ``pixels``-wide band on the right. Same direction as the official (and PIL's ``translate`` convention)."""
+    ``pixels``-wide band on the right. Same direction as the official."""
     return _warp(img, (1.0, 0.0, -pixels, 0.0, 1.0, 0.0), fill)
 
 
@@ -360,8 +391,8 @@ def train_transform(
 
 
 def grounding_train_transform(image_size: int, *, hflip: bool = True, augment: bool = True) -> T.Compose:
-    """Grounding fine-tuning: Resize((s, s)) (no crop, so boxes stay meaningful) -> HFlip -> RandomAugment
-    -> ToTensor -> Normalize(CLIP). Bicubic."""
+    """Grounding fine-tuning: Resize((s, s)) (no crop) -> HFlip -> RandomAugment(2, 7) -> ToTensor
+    -> Normalize(CLIP). Bicubic."""
     _check_size(image_size)
     return _train_pipeline(T.Resize((image_size, image_size), interpolation=_BICUBIC), hflip, augment)
 
