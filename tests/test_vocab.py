@@ -25,7 +25,9 @@ def test_trained_vocabulary_is_deterministic_and_loads(tmp_path):
 
 
 def test_words_outside_the_budget_are_spelled_not_unknown(tmp_path):
-    tok = ALBEFTokenizer.from_pretrained(train_wordpiece(TEXTS, tmp_path / "v", vocab_size=200, min_frequency=10**6))
+    tok = ALBEFTokenizer.from_pretrained(
+        train_wordpiece(TEXTS, tmp_path / "v", vocab_size=200, min_frequency=10**6)
+    )
     ids = tok(["a red triangle"], max_length=30).input_ids[0].tolist()
     assert 1 not in ids and len(ids) == 1 + len("aredtriangle")  # spelled by characters
     assert tok.decode(ids) == "a red triangle"
