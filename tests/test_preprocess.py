@@ -282,3 +282,17 @@ def test_grounding_boxes_outside_the_image_are_dropped(tmp_path: Path):
     (assets / "refs(unc).p").write_bytes(pickle.dumps([Path("x")]))
     with pytest.raises(PreprocessError, match="may only hold plain"):
         preprocess(cfg, progress=False)
+
+
+def test_same_input_content_gives_the_same_output_bytes(dataset: Path, tmp_path: Path):
+    cfg = _cfg(dataset, tmp_path)
+    preprocess(cfg, progress=False)
+    out = tmp_path / "out"
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for path in (dataset / "img").iterdir():  # rewrite every file: same bytes, new times
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            path.write_bytes(data)
+    report = preprocess(cfg, progress=False)
+    assert not report.up_to_date  # file times changed, so the images were checked again
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first

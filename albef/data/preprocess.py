@@ -228,8 +228,11 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     ann_dir = Path(cfg.annotation_dir or cfg.image_root)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    journal = out / ".progress"
-    journal.mkdir(exist_ok=True)
+    # Restart state (shard journal, input fingerprint) lives beside the output, not in it: it holds file
+    # times, and the output itself must be the same bytes for the same input content.
+    state = out.parent / f".{out.name}.state"
+    journal = state / "shards"
+    journal.mkdir(parents=True, exist_ok=True)
 
     answers = None
     if cfg.answer_list:
@@ -306,14 +309,18 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     extras = {name: _tree_hash(ann_dir / name) for name in [*cfg.copy, cfg.grounding_assets] if name}
     fingerprint = _hash(asdict(cfg), settings, file_hashes, extras, [_image_stat(root, k) for k in keys])
     manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
-        if previous.get("fingerprint") == fingerprint and all(
-            (out / s["name"]).is_file() for s in previous["shards"]
+    done_path = state / "done.json"
+    if manifest_path.is_file() and done_path.is_file():
+        done = json.loads(done_path.read_text())
+        current = json.loads(manifest_path.read_text())
+        if (
+            done.get("fingerprint") == fingerprint
+            and done.get("manifest_sha256") == sha256_file(manifest_path)
+            and all((out / s["name"]).is_file() for s in current["shards"])
         ):
             log.info("preprocess: inputs unchanged since the last run; nothing to do")
             stored = json.loads((out / "report.json").read_text())
-            report = Report(
+            return Report(
                 records_in=stored["records_in"],
                 records_kept=stored["records_kept"],
                 images_kept=stored["images_kept"],
@@ -322,7 +329,6 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
                 per_file=stored["per_file"],
                 up_to_date=True,
             )
-            return report
 
     bad_images: dict[str, tuple[str, str]] = {}
     shards = []
@@ -405,6 +411,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         reasons = ", ".join(f"{r}: {n}" for r, n in report.reasons().most_common())
         # no manifest: the output is not a valid dataset, and a rerun must not think it is up to date
         manifest_path.unlink(missing_ok=True)
+        done_path.unlink(missing_ok=True)
         raise PreprocessError(
             f"dropped {len(report.dropped)} of {report.records_in} records ({fraction:.1%}) > "
             f"preprocess.max_drop_fraction ({cfg.max_drop_fraction:.1%}); reasons: {reasons}. "
@@ -412,7 +419,6 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         )
     manifest = {
         "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
         "config": asdict(cfg),
         "files": {
             name: {"task": cfg.files[name], "records": len(outputs[name]), "sha256": sha256_file(out / name)}
@@ -422,6 +428,9 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         "images": report.images_kept,
     }
     _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    _atomic_write_text(
+        done_path, _dumps({"fingerprint": fingerprint, "manifest_sha256": sha256_file(manifest_path)})
+    )
     return report
 
 
