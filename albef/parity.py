@@ -22,7 +22,7 @@ import torch
 
 from albef.checkpoint import config_from_official, load_official
 from albef.config import ModelConfig
-from albef.models.base import ContrastiveModel
+from albef.models.base import ContrastiveModel, ContrastiveOutput
 from albef.models.components import RecordedChoices, official_negative_weights, soft_cross_entropy
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
@@ -192,6 +192,18 @@ def _recorded(ref: dict) -> RecordedChoices:
     )
 
 
+def _contrastive_forward(fwd: ContrastiveOutput) -> dict[str, torch.Tensor]:
+    """The ``forward/*`` entries every ITC + ITM model records (official names: ``loss_ita``, ``vl_output``)."""
+    return {
+        "forward/loss_ita": fwd.loss_itc,
+        "forward/loss_itm": fwd.loss_itm,
+        "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
+        "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
+        "forward/vl_output": fwd.itm_logits,
+        "forward/itm_labels": fwd.itm_labels,
+    }
+
+
 def compute_pretrain(ref: dict) -> dict[str, torch.Tensor]:
     cfg = reference_config(ref)
     inp = ref["inputs"]
@@ -211,15 +223,10 @@ def compute_pretrain(ref: dict) -> dict[str, torch.Tensor]:
 
     model = _fresh(ALBEFPretrain, cfg, ref)
     fwd = model(image, ids, mask, alpha=alpha, choices=_recorded(ref))
+    out.update(_contrastive_forward(fwd))
     out.update(
         {
             "forward/loss_mlm": fwd.loss_mlm,
-            "forward/loss_ita": fwd.loss_itc,
-            "forward/loss_itm": fwd.loss_itm,
-            "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
-            "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
-            "forward/vl_output": fwd.itm_logits,
-            "forward/itm_labels": fwd.itm_labels,
             "forward/mlm_input_ids": fwd.mlm_input_ids,
             "forward/mlm_labels": fwd.mlm_labels,
             "forward/mlm_logits": fwd.mlm_logits,
@@ -246,16 +253,7 @@ def compute_retrieval(ref: dict) -> dict[str, torch.Tensor]:
 
     model = _fresh(ALBEFRetrieval, cfg, ref)
     fwd = model(image, ids, mask, idx, alpha=alpha, choices=_recorded(ref))
-    out.update(
-        {
-            "forward/loss_ita": fwd.loss_itc,
-            "forward/loss_itm": fwd.loss_itm,
-            "forward/neg_image_idx_for_text": fwd.neg_image_idx_for_text,
-            "forward/neg_text_idx_for_image": fwd.neg_text_idx_for_image,
-            "forward/vl_output": fwd.itm_logits,
-            "forward/itm_labels": fwd.itm_labels,
-        }
-    )
+    out.update(_contrastive_forward(fwd))
     return out
 
 
