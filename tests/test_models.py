@@ -206,6 +206,9 @@ def test_scoring_functions_match_the_model():
     torch.testing.assert_close(img_feat, model.encode_image(images)[1])
     pairs = torch.tensor([[0, 1], [4, 4], [2, 0]])
     scores = itm_scores(model, img_embeds, txt_embeds, mask, pairs, batch_size=2)
+    torch.testing.assert_close(
+        itm_scores(model, img_embeds, txt_embeds, mask, pairs, batch_size=1, image_chunk=1), scores
+    )
     for (i, t), score in zip(pairs.tolist(), scores, strict=True):
         expected = model.itm_logits(txt_embeds[t : t + 1], mask[t : t + 1], img_embeds[i : i + 1])[0, 1]
         torch.testing.assert_close(score, expected)
@@ -255,3 +258,18 @@ def test_a_tiny_model_overfits_eight_pairs():
         if step % 10 == 0 and evaluate() == (1.0, 1.0):
             break
     assert evaluate() == (1.0, 1.0), f"not overfitted after {step} steps: {evaluate()} {out.loss_terms()}"
+
+
+def test_projected_image_keys_and_values_give_the_same_fusion():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = ALBEFRetrieval(cfg).eval()
+    images, ids, mask = make_batch(cfg, 3, 8)
+    img_embeds, _ = model.encode_image(images)
+    txt_embeds, _ = model.encode_text(ids, mask)
+    projected = model.text_backbone.project_image(img_embeds)
+    assert len(projected.layers) == cfg.text.fusion_layers
+    which = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(
+        model.fuse(txt_embeds, mask, projected.select(which)), model.fuse(txt_embeds, mask, img_embeds[which])
+    )
