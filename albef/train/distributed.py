@@ -1,0 +1,87 @@
+"""One distributed set-up for torchrun, SLURM and a plain single process.
+
+``torchrun`` sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``); under SLURM
+(``srun python -m albef ...``) the same facts come from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``
+and the first host of ``SLURM_JOB_NODELIST``. Without either, the run is one process with no process group,
+and every collective in albef is a no-op. NCCL is used on GPUs, gloo on CPUs, and the collective timeout is
+minutes, not the days some codebases set, so a dead rank stops the job instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    source: str = "single"  # torchrun | slurm | single
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """``node[03-05,07],gpu1`` -> ``node03``: the first host of a SLURM node list."""
+    head = (
+        nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    )
+    match = re.fullmatch(r"([^\[]+)\[([^\]]+)\]", head)
+    if not match:
+        return head
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return WorldInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return WorldInfo(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm"
+        )
+    return WorldInfo()
+
+
+def init_distributed(
+    timeout_minutes: float = 30.0, backend: str | None = None
+) -> tuple[WorldInfo, torch.device]:
+    """Join the process group described by the environment (if any); return the world and this rank's device."""
+    info = world_info_from_env()
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not info.distributed or dist.is_initialized():
+        return info, device
+    if info.source == "slurm":
+        os.environ.setdefault(
+            "MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        )
+        os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(
+        backend=backend or ("nccl" if use_cuda else "gloo"),
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return info, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
