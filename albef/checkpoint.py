@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
+from albef.io import atomic_write
 from albef.models.base import ContrastiveModel
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
@@ -295,19 +294,6 @@ def load_official(
 # ---------------------------------------------------------------------------- albef format
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pretrained(model: ContrastiveModel, directory: str | Path, task: str | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (each atomically) into ``directory``."""
     from safetensors.torch import save_model
@@ -321,8 +307,8 @@ def save_pretrained(model: ContrastiveModel, directory: str | Path, task: str | 
         "task": task,
         "model": model.cfg.to_dict(),
     }
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(model, tmp, metadata={"task": task}))
-    _atomic_write(
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(model, tmp, metadata={"task": task}))
+    atomic_write(
         out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True))
     )
     return out

@@ -72,7 +72,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from albef.data.stages import read_params, synth_stage
+    from albef.config import read_params
+    from albef.data.stages import synth_stage
 
     card = synth_stage(read_params(args.params), progress=not args.quiet)
     print(json.dumps({k: v for k, v in card.items() if not isinstance(v, (dict, list))}, indent=2))
@@ -80,7 +81,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from albef.data.stages import preprocess_stage, read_params
+    from albef.config import read_params
+    from albef.data.stages import preprocess_stage
 
     print(json.dumps(preprocess_stage(read_params(args.params), progress=not args.quiet), indent=2))
     return 0

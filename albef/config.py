@@ -305,6 +305,22 @@ def tiny_config() -> ModelConfig:
 PRESETS = {"base": base_config, "small": small_config, "tiny": tiny_config}
 
 
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """A ``params.yaml`` as a dict of sections; a missing file or bad YAML is a :class:`ConfigError`."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return params
+
+
 def load_model_config(
     params_path: str | Path, section: str = "model", global_batch: int | None = None
 ) -> ModelConfig:
@@ -313,17 +329,9 @@ def load_model_config(
     With ``global_batch`` (per-device batch x world size) the queue size is checked against it too, so a
     run that could never fill its queue fails here rather than at its first step.
     """
-    import yaml
-
-    path = Path(params_path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(params, dict) or section not in params:
-        raise ConfigError(f"{path}: no '{section}' section")
+    params = read_params(params_path)
+    if section not in params:
+        raise ConfigError(f"{params_path}: no '{section}' section")
     cfg = ModelConfig.from_dict(params[section], prefix=section)
     if global_batch is not None:
         cfg.check_global_batch(global_batch, prefix=section)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from albef.data.formats import (
+    TEXT_KEY,
     AnnotationError,
     check_task,
     image_paths,
@@ -37,6 +38,7 @@ from albef.data.formats import (
 from albef.data.images import ImageProblem, encode_jpeg, open_rgb, resolve_inside
 from albef.data.shards import sha256_file, write_shard
 from albef.data.text import pre_caption, pre_question
+from albef.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -155,14 +157,6 @@ class Report:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _dumps(data: Any) -> str:
     return json.dumps(data, sort_keys=True, ensure_ascii=False, indent=None, separators=(",", ":"))
 
@@ -178,8 +172,7 @@ def _clean_record(record: dict, task: str, max_words: int) -> tuple[dict | None,
     """Cleaned copy of ``record`` (texts through the official cleaning), or a drop reason; plus notes."""
     notes = []
     clean = pre_question if task == "vqa" else pre_caption
-    key = {"vqa": "question", "ve": "sentence", "nlvr": "sentence"}.get(task)
-    key = key or ("text" if task.startswith("grounding") else "caption")
+    key = TEXT_KEY[task]
     out = dict(record)
     originals = texts(record, task)
     cleaned = [clean(t, max_words) for t in originals]
@@ -370,7 +363,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
                 "count": len(members),
                 "members": [[m.key, m.offset, m.size] for m in members],
             }
-            _atomic_write_text(entry, _dumps({"slice_id": slice_id, "shard": shard, "bad": bad}))
+            atomic_write_text(entry, _dumps({"slice_id": slice_id, "shard": shard, "bad": bad}))
             shards.append(shard)
             bad_images.update(bad)
     bar.close()
@@ -400,11 +393,11 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     for name, records in outputs.items():
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(target, json.dumps(records, ensure_ascii=False, indent=0, sort_keys=True))
+        atomic_write_text(target, json.dumps(records, ensure_ascii=False, indent=0, sort_keys=True))
     for extra in cfg.copy:
         _copy_extra(ann_dir, out, extra)
-    _atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
-    _atomic_write_text(out / "report.md", report.to_markdown())
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
+    atomic_write_text(out / "report.md", report.to_markdown())
 
     fraction = len(report.dropped) / max(report.records_in, 1)
     if fraction > cfg.max_drop_fraction:
@@ -427,8 +420,8 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         "shards": shards,
         "images": report.images_kept,
     }
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
-    _atomic_write_text(
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_text(
         done_path, _dumps({"fingerprint": fingerprint, "manifest_sha256": sha256_file(manifest_path)})
     )
     return report

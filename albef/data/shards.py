@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from albef.io import atomic_write
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -35,22 +36,22 @@ class ShardEntry:
 
 def write_shard(path: Path, items: list[tuple[str, bytes]]) -> list[ShardEntry]:
     """Write ``(key, bytes)`` pairs as one tar at ``path`` atomically; return each member's offset."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    entries = []
-    # PAX: long member names are fine (USTAR stops at 255 characters).
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for key, data in items:
-            info = tarfile.TarInfo(name=key)
-            info.size = len(data)
-            info.mtime = 0  # same bytes for the same content: reproducible shards
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-            # the member's data ends the archive so far, padded to whole 512-byte blocks
-            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            entries.append(ShardEntry(key, tar.offset - padded, len(data)))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    entries: list[ShardEntry] = []
+
+    def write(tmp: Path) -> None:
+        # PAX: long member names are fine (USTAR stops at 255 characters).
+        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for key, data in items:
+                info = tarfile.TarInfo(name=key)
+                info.size = len(data)
+                info.mtime = 0  # same bytes for the same content: reproducible shards
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+                # the member's data ends the archive so far, padded to whole 512-byte blocks
+                padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                entries.append(ShardEntry(key, tar.offset - padded, len(data)))
+
+    atomic_write(path, write)
     return entries
 
 

@@ -18,21 +18,6 @@ from albef.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections")
-    return params
-
-
 def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     if name not in params or not isinstance(params[name], dict):
         raise ConfigError(f"params.yaml has no '{name}' section")

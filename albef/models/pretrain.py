@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from albef.config import ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource, MaskSpec
-from albef.models.vision import check_images
 from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM
 
 
@@ -75,7 +74,6 @@ class ALBEFPretrain(ContrastiveModel):
     ) -> PretrainOutput:
         """One pretraining step's losses. Updates the momentum encoders and the queues as a side effect
         (as the official forward does), so call it once per optimisation step."""
-        check_images(images, self.cfg.vision)
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
         alpha = self.cfg.alpha if alpha is None else alpha
         choices = self.default_choices(choices)

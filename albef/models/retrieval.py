@@ -9,7 +9,6 @@ import torch
 from albef.config import ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource
-from albef.models.vision import check_images
 from albef.models.xbert import TextEncoder
 
 
@@ -35,7 +34,6 @@ class ALBEFRetrieval(ContrastiveModel):
         alpha: float | None = None,
         choices: ChoiceSource | None = None,
     ) -> RetrievalOutput:
-        check_images(images, self.cfg.vision)
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
         if idx.numel() != images.shape[0]:
             raise ValueError(

@@ -12,7 +12,6 @@ Loading uses ``weights_only=True``: no pickled code runs.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from albef.io import atomic_write
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"step-(\d{9})\.pt")
@@ -87,18 +88,13 @@ def save_checkpoint(
         "extra": extra or {},
     }
     final = checkpoint_path(directory, step)
-    tmp = final.with_name(f".{final.name}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(
-            missing_ok=True
-        )  # a failed write (disk full, kill) leaves the previous checkpoints as they were
-        raise
+
+    # A failed write (disk full, kill) leaves the previous checkpoints as they were; prune only afterwards.
+    atomic_write(final, write)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return final
