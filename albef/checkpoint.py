@@ -358,3 +358,40 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
+
+
+def load_for_task(
+    source: str | Path, task: str, base: ModelConfig | None = None
+) -> tuple[ContrastiveModel, LoadReport | None]:
+    """A ``task`` model initialised from ``source``: an albef model directory of any task (a pretraining
+    export starts a retrieval finetuning, the official scripts' key remapping), or an official checkpoint
+    file (sizes inferred from its weights, the rest from ``base``, default the ``base`` preset).
+
+    Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh).
+    """
+    from safetensors.torch import load_file
+
+    source = Path(source)
+    if source.is_dir():
+        saved_task, cfg = read_config(source)
+        if saved_task == task:
+            return load_pretrained(source, task), None
+        model = build_model(task, cfg)
+        weights = source / WEIGHTS_FILE
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} not found")
+        state, report = convert_official_state_dict(load_file(str(weights)), model)
+    elif source.is_file():
+        state = read_official_state_dict(source)
+        cfg = infer_config(state, base or base_config())
+        model = build_model(task, cfg)
+        state, report = convert_official_state_dict(state, model)
+    else:
+        raise CheckpointError(f"initial weights not found: {source} (an albef model folder or a .pth file)")
+    missing = [k for k in report.missing if k not in _QUEUE_KEYS]
+    if missing:
+        raise CheckpointError(
+            f"{source} cannot initialise a {task!r} model: {len(missing)} weights missing ({missing[:6]})"
+        )
+    model.load_state_dict(state, strict=False)
+    return model, report

@@ -100,6 +100,36 @@ def _s3_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_params(args: argparse.Namespace) -> dict:
+    from albef.config import read_params
+
+    return read_params(args.params)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from albef.train.stages import pretrain_stage
+
+    metrics = pretrain_stage(_load_params(args), progress=not args.quiet)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from albef.train.stages import finetune_stage
+
+    metrics = finetune_stage(_load_params(args), args.task, progress=not args.quiet)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from albef.train.stages import evaluate_stage
+
+    metrics = evaluate_stage(_load_params(args), args.model, args.out, args.metrics, progress=not args.quiet)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="albef", description="ALBEF vision-language pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -162,6 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(func=_preprocess)
 
+    pre_train = sub.add_parser(
+        "pretrain", help="pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM"
+    )
+    pre_train.add_argument("--params", default="params.yaml")
+    pre_train.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre_train.set_defaults(func=_pretrain)
+
+    fine = sub.add_parser("finetune", help="finetune a pretrained model (params: finetune_<task>)")
+    fine.add_argument("task", choices=["retrieval"])
+    fine.add_argument("--params", default="params.yaml")
+    fine.add_argument("--quiet", action="store_true", help="no progress bar")
+    fine.set_defaults(func=_finetune)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a model (params: evaluate)")
+    evaluate.add_argument("task", choices=["retrieval"])
+    evaluate.add_argument("--model", required=True, help="an albef model folder (pretrained or finetuned)")
+    evaluate.add_argument("--out", required=True, help="folder for rankings.json, examples.png, metrics.json")
+    evaluate.add_argument("--metrics", help="also write the metrics JSON here (for DVC)")
+    evaluate.add_argument("--params", default="params.yaml")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_evaluate)
+
     info = sub.add_parser("info", help="print a model configuration and its parameter counts")
     info.add_argument("--task", choices=["pretrain", "retrieval"], default="pretrain")
     info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
@@ -185,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         from albef.data.s3 import S3Error
 
         expected = (*expected, PreprocessError, S3Error)
+    if args.command in ("pretrain", "finetune", "evaluate"):
+        from albef.train.engine import CheckpointWriteError, TrainingDiverged
+
+        expected = (*expected, TrainingDiverged, CheckpointWriteError)
     try:
         return args.func(args)
     except expected as exc:

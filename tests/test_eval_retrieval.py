@@ -48,3 +48,42 @@ def test_recall_metrics_follow_the_official_definition():
     assert m["txt_r1"] == 50.0 and m["txt_r5"] == 100.0
     assert m["img_r1"] == 75.0 and m["img_r5"] == 100.0
     assert m["r_mean"] == pytest.approx(((50 + 100 + 100) / 3 + (75 + 100 + 100) / 3) / 2)
+
+
+def test_whole_evaluation_on_a_dataset_equals_the_official_per_query_rankings(tiny_data):
+    from conftest import TINY_MODEL
+
+    from albef.config import ModelConfig
+    from albef.data.datasets import RetrievalEvalDataset, image_source
+    from albef.data.transforms import eval_transform
+    from albef.eval.retrieval import evaluate_retrieval, rankings
+    from albef.tokenizer import ALBEFTokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict(TINY_MODEL)
+    model = ALBEFRetrieval(cfg).eval()
+    data = tiny_data / "data" / "processed"
+    dataset = RetrievalEvalDataset(
+        data / "retrieval_test.json", image_source(data), eval_transform(cfg.vision.image_size)
+    )
+    tokenizer = ALBEFTokenizer.from_pretrained(data / "tokenizer")
+    result = evaluate_retrieval(
+        model, dataset, tokenizer, k_test=5, max_tokens=16, image_batch=4, pair_batch=7
+    )
+
+    tokens = tokenizer(dataset.texts, max_length=16)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    img_embeds, img_feats = image_features(model, images)
+    txt_embeds, txt_feats = text_features(model, tokens.input_ids, tokens.attention_mask)
+    _, slow_i2t, slow_t2i = score_matrices_per_query(
+        model, img_embeds, img_feats, txt_embeds, txt_feats, tokens.attention_mask, 5
+    )
+    torch.testing.assert_close(result.score_i2t, slow_i2t, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.score_t2i, slow_t2i, atol=1e-5, rtol=0)
+    expected = recall_metrics(slow_i2t.numpy(), slow_t2i.numpy(), dataset.img2txt, dataset.txt2img)
+    assert result.metrics == expected
+    ranked = rankings(result, dataset, top=3)
+    assert len(ranked["image_to_text"]) == len(dataset) and len(ranked["text_to_image"]) == len(dataset.texts)
+    for t, query in enumerate(ranked["text_to_image"]):
+        assert query["ground_truth"] == dataset.txt2img[t]
+        assert query["top"][0][1] == pytest.approx(float(slow_t2i[t].max()), abs=1e-4)

@@ -111,7 +111,9 @@ def itm_scores(
 
     The score is the official one: the ITM head's "match" logit (no softmax, no ITC term added). Pairs are
     grouped by image, and each image's cross-attention keys and values are projected once for all the texts
-    paired with it (``image_chunk`` images at a time, to bound memory) instead of once per pair.
+    paired with it (``image_chunk`` images at a time, to bound memory) instead of once per pair. Within a
+    group, pairs are ordered by text length and each batch is cut to its longest text: padding (masked out
+    in every attention) is not computed, which changes no score beyond float rounding.
     """
     if pairs.dim() != 2 or pairs.shape[1] != 2:
         raise ValueError(
@@ -119,6 +121,7 @@ def itm_scores(
         )
     device = image_embeds.device
     pairs = pairs.to(device)
+    lengths = text_mask.sum(dim=1).to(device)
     order = torch.argsort(pairs[:, 0], stable=True)
     images, texts = pairs[order, 0], pairs[order, 1].to(text_embeds.device)
     scores_sorted = torch.empty(pairs.shape[0], device=device, dtype=torch.float32)
@@ -129,11 +132,16 @@ def itm_scores(
         lo = int(torch.searchsorted(images, chunk[0], right=False))
         hi = int(torch.searchsorted(images, chunk[-1], right=True))
         local = torch.searchsorted(chunk, images[lo:hi])
-        for b in range(lo, hi, batch_size):
-            e = min(b + batch_size, hi)
-            txt = texts[b:e]
-            fused = model.fuse(text_embeds[txt], text_mask[txt], projected.select(local[b - lo : e - lo]))
-            scores_sorted[b:e] = model.itm_head(fused[:, 0, :])[:, 1].float()
+        # shortest texts first across the chunk's images: batches of similar length waste little on padding
+        by_length = torch.argsort(lengths[texts[lo:hi]], stable=True)
+        for b in range(0, hi - lo, batch_size):
+            rows = by_length[b : b + batch_size]
+            txt = texts[lo + rows]
+            width = int(lengths[txt].max())
+            fused = model.fuse(
+                text_embeds[txt, :width], text_mask[txt, :width], projected.select(local[rows])
+            )
+            scores_sorted[lo + rows] = model.itm_head(fused[:, 0, :])[:, 1].float()
     scores = torch.empty_like(scores_sorted)
     scores[order] = scores_sorted
     return scores

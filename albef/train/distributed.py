@@ -85,3 +85,37 @@ def init_distributed(
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+    """This rank's contiguous share of ``range(n)`` (shares differ in size by at most one)."""
+    world_size = _group_size() if world_size is None else world_size
+    rank = (dist.get_rank() if world_size > 1 else 0) if rank is None else rank
+    per, extra = divmod(n, world_size)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (1 if rank < extra else 0))
+
+
+@torch.no_grad()
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0, in rank order, when ranks hold different row counts.
+
+    Identity without a process group. Rows are padded to the longest share for the collective and trimmed
+    afterwards.
+    """
+    world_size = _group_size()
+    if world_size == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)

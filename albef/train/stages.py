@@ -1,0 +1,509 @@
+"""The training and evaluation stages as plain functions of a ``params.yaml``.
+
+``pretrain``            ITC + ITM + MLM with momentum distillation (``params.pretrain``)
+``finetune retrieval``  ITC + ITM with same-image positives from a pretrained model (``params.finetune_retrieval``)
+``evaluate retrieval``  the official retrieval protocol on a test split (``params.evaluate``)
+
+The CLI, ``dvc.yaml`` and Prefect call these. Each works the same in one process and under ``torchrun`` or
+SLURM (every rank computes, rank 0 writes). Training sections are flat: the :class:`TrainConfig` keys
+(``epochs``, ``lr``, ...) next to the stage's own keys (:class:`TrainStageConfig`), so
+``dvc exp run -S pretrain.epochs=2`` reaches the training loop directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from albef.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    build_model,
+    load_for_task,
+    read_config,
+    save_pretrained,
+)
+from albef.config import ConfigError, ModelConfig
+from albef.data.stages import section
+from albef.io import atomic_write_text
+from albef.train.distributed import WorldInfo, cleanup_distributed, init_distributed
+from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainStageConfig:
+    """What a training stage reads and writes, next to its :class:`TrainConfig`."""
+
+    data_dir: str = "data/processed"  # preprocessed data (shards or an image folder, annotations, tokenizer)
+    train_file: str = "pretrain.json"
+    val_file: str | None = None  # a retrieval split for validation after epochs (null: none)
+    init: str | None = None  # initial weights: an albef model folder (any task) or an official .pth
+    init_bert: str | None = None  # when init is null: a BERT folder/hub name for the text encoder
+    init_deit: str | None = None  # ... and a DeiT checkpoint/timm name for the image encoder
+    tokenizer: str | None = None  # default: <data_dir>/tokenizer
+    out: str = "models/pretrain"  # exported weights (safetensors + config + tokenizer)
+    run_dir: str = "runs/pretrain"  # checkpoints and logs; kept between runs so interrupted runs resume
+    metrics: str | None = None  # a JSON for DVC
+    plots: str | None = None  # a folder for loss/validation curves (CSV for DVC plots, PNG)
+    max_tokens: int = 30
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True  # the official flips; captions with "left"/"right" then lie half the time
+    augment: bool = True  # RandomAugment(2, 7)
+    k_test: int = 16  # ITM re-ranking depth in validation
+    eval_batch_size: int = 64
+
+
+@dataclass
+class EvaluateConfig:
+    """``params.evaluate``: the retrieval test protocol."""
+
+    data_dir: str = "data/processed"
+    test_file: str = "retrieval_test.json"
+    tokenizer: str | None = None  # default: the tokenizer saved with the model, else <data_dir>/tokenizer
+    k_test: int = 16  # the official uses 256 on COCO/Flickr30K; candidates per query re-ranked by ITM
+    max_tokens: int = 30
+    image_batch: int = 64
+    pair_batch: int = 256
+    num_workers: int = 2
+    precision: str = "auto"
+    examples: int = 4  # example queries drawn in examples.png
+    top: int = 10  # results kept per query in rankings.json
+
+
+_TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+_STAGE_KEYS = {f.name for f in fields(TrainStageConfig)}
+
+
+def split_train_section(values: dict[str, Any], name: str) -> tuple[TrainStageConfig, TrainConfig]:
+    """One flat ``params.yaml`` section -> (stage settings, training settings); unknown keys are named."""
+    unknown = sorted(set(values) - _TRAIN_KEYS - _STAGE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown key(s) {unknown}; expected some of {sorted(_TRAIN_KEYS | _STAGE_KEYS)}"
+        )
+    stage_values = {k: v for k, v in values.items() if k in _STAGE_KEYS}
+    if "crop_scale" in stage_values:
+        scale = stage_values["crop_scale"]
+        if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ConfigError(
+                f"{name}.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {scale}"
+            )
+        stage_values["crop_scale"] = (float(scale[0]), float(scale[1]))
+    try:
+        train = TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_KEYS})
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+    return TrainStageConfig(**stage_values), train
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class Collate:
+    """Stack images and tokenize captions (padding to the longest, ``max_tokens`` at most) per batch."""
+
+    def __init__(self, tokenizer, max_tokens: int, with_idx: bool):
+        self.tokenizer, self.max_tokens, self.with_idx = tokenizer, max_tokens, with_idx
+
+    def __call__(self, samples: list[tuple]) -> dict[str, torch.Tensor]:
+        images = torch.stack([s[0] for s in samples])
+        tokens = self.tokenizer([s[1] for s in samples], max_length=self.max_tokens)
+        batch = {"images": images, "input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+        if self.with_idx:
+            batch["idx"] = torch.tensor([s[2] for s in samples], dtype=torch.long)
+        return batch
+
+
+def pretrain_forward(model, batch, alpha, choices):
+    return model(batch["images"], batch["input_ids"], batch["attention_mask"], alpha=alpha, choices=choices)
+
+
+def retrieval_forward(model, batch, alpha, choices):
+    return model(
+        batch["images"],
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["idx"],
+        alpha=alpha,
+        choices=choices,
+    )
+
+
+_TASKS = {
+    # task: (dataset class name, transform, forward, uses image ids)
+    "pretrain": ("PretrainDataset", "pretrain", pretrain_forward, False),
+    "retrieval": ("RetrievalTrainDataset", "train", retrieval_forward, True),
+}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _tokenizer(path: str | Path, cfg: ModelConfig):
+    from albef.tokenizer import ALBEFTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer not found: {path} (run the preprocess stage, or set tokenizer:)")
+    tok = ALBEFTokenizer.from_pretrained(path, single_sentence_sep=cfg.quirks.single_sentence_sep)
+    tok.check_compatible(cfg.text)
+    return tok
+
+
+def _initial_model(stage: TrainStageConfig, task: str, params: dict[str, Any]):
+    """The model a training stage starts from, and a digest of where its weights came from."""
+    base = ModelConfig.from_dict(params["model"], prefix="model") if "model" in params else None
+    if stage.init:
+        model, report = load_for_task(stage.init, task, base)
+        if report is not None:
+            log.info("initialised %s model from %s: %s", task, stage.init, report.summary())
+        source = Path(stage.init)
+        weights = source / WEIGHTS_FILE if source.is_dir() else source
+        return model, {"init": str(source), "digest": file_digest(weights)}
+    if base is None:
+        raise ConfigError("params.yaml has no 'model' section and the stage has no init: weights")
+    model = build_model(task, base)
+    if stage.init_bert or stage.init_deit:
+        from albef.pretrained import init_from_pretrained
+
+        init_from_pretrained(model, stage.init_bert, stage.init_deit)
+    return model, {"init_bert": stage.init_bert, "init_deit": stage.init_deit}
+
+
+def _data_digest(stage: TrainStageConfig, tokenizer_dir: Path) -> dict[str, str]:
+    data = Path(stage.data_dir)
+    out = {"train_file": file_digest(data / stage.train_file)}
+    manifest = data / "manifest.json"
+    if manifest.is_file():
+        out["manifest"] = file_digest(manifest)
+    for name in ("tokenizer.json", "vocab.txt"):
+        if (tokenizer_dir / name).is_file():
+            out[name] = file_digest(tokenizer_dir / name)
+    return out
+
+
+def _write_json(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def export_model(model, out: str | Path, tokenizer, best_dir: Path | None, summary: dict) -> Path:
+    """Write the downstream model (safetensors + config + tokenizer + training summary) into ``out``.
+
+    It is assembled in a sibling folder and swapped in at the end, so ``out`` is either the previous
+    complete export or the new complete one, never a mixture.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if best_dir is not None and (best_dir / WEIGHTS_FILE).is_file():
+        partial.mkdir(parents=True)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.copy2(best_dir / name, partial / name)
+    else:
+        save_pretrained(model, partial)
+    tokenizer.save(partial / "tokenizer")
+    _write_json(partial / "training.json", summary)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def write_curves(run_dir: Path, plots_dir: str | Path | None, title: str) -> None:
+    """Copy the loss and validation logs to the DVC plots folder and draw them as a PNG."""
+    if not plots_dir:
+        return
+    plots = Path(plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    for name in ("history", "validation"):
+        src = run_dir / f"{name}.csv"
+        if src.is_file():
+            target = plots / ("train.csv" if name == "history" else "validation.csv")
+            shutil.copyfile(src, target)
+            curves[name] = target
+    if "history" in curves:
+        _plot_curves(curves, plots / "curves.png", title)
+
+
+def _plot_curves(curves: dict[str, Path], path: Path, title: str) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(curves["history"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return
+    steps = [float(r["step"]) for r in rows]
+    losses = [k for k in rows[0] if k.startswith("loss")]
+    panels = 2 + ("validation" in curves)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
+    for k in losses:
+        axes[0].plot(steps, [float(r[k]) for r in rows], label=k)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training losses")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(steps, [float(r["lr"]) for r in rows], label="lr")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("learning rate")
+    if "alpha" in rows[0]:
+        twin = axes[1].twinx()
+        twin.plot(steps, [float(r["alpha"]) for r in rows], color="tab:orange", label="alpha")
+        twin.set_ylabel("alpha")
+    if "validation" in curves:
+        with open(curves["validation"], newline="") as fh:
+            vrows = list(csv.DictReader(fh))
+        for k in ("txt_r1", "img_r1", "r_mean"):
+            if vrows and k in vrows[0]:
+                axes[2].plot([float(r["step"]) for r in vrows], [float(r[k]) for r in vrows], "o-", label=k)
+        axes[2].set_xlabel("step")
+        axes[2].set_title("validation retrieval (%)")
+        axes[2].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def train_stage(
+    params: dict[str, Any], name: str, task: str, progress: bool = True, on_log=None
+) -> dict[str, Any]:
+    """Train ``task`` with the settings of section ``name``; returns the metrics written for DVC."""
+    from albef.data import datasets as ds
+    from albef.data.transforms import build_transform, eval_transform
+
+    stage, train = split_train_section(section(params, name), name)
+    dataset_cls, transform_name, forward, with_idx = _TASKS[task]
+    world, device = init_distributed()
+    try:
+        torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
+        model, init_info = _initial_model(stage, task, params)
+        model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
+        tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
+        tokenizer = _tokenizer(tokenizer_dir, model.cfg)
+        images = ds.image_source(stage.data_dir)
+        size = model.cfg.vision.image_size
+        transform = build_transform(
+            transform_name, size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
+        )
+        train_file = Path(stage.data_dir) / stage.train_file
+        dataset = getattr(ds, dataset_cls)(train_file, images, transform)
+        if len(dataset) < train.batch_size * world.world_size:
+            raise ConfigError(
+                f"{name}: {train_file} has {len(dataset)} samples, fewer than one global batch "
+                f"({train.batch_size} x {world.world_size} processes)"
+            )
+        validate = None
+        if stage.val_file:
+            val_set = ds.RetrievalEvalDataset(
+                Path(stage.data_dir) / stage.val_file, images, eval_transform(size)
+            )
+            validate = _retrieval_validator(val_set, tokenizer, stage, device, train.precision)
+        run_fp = fingerprint(
+            task,
+            train.fingerprint_fields(),
+            {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
+            model.cfg.to_dict(),
+            init_info,
+            _data_digest(stage, tokenizer_dir),
+            world.world_size,
+        )
+        trainer = Trainer(
+            model,
+            dataset,
+            Collate(tokenizer, stage.max_tokens, with_idx),
+            forward,
+            train,
+            stage.run_dir,
+            world,
+            device,
+            run_fp,
+            validate=validate,
+            on_log=on_log,
+            progress=progress,
+            name=name,
+        )
+        result = trainer.fit()
+        metrics = _train_metrics(result, trainer)
+        if world.is_main:
+            best_dir = Path(stage.run_dir) / "best" if train.select_metric and result.best else None
+            summary = {
+                "stage": name,
+                "task": task,
+                "fingerprint": run_fp,
+                "settings": {"train": asdict(train), "stage": asdict(stage)},
+                "metrics": metrics,
+                "selected": result.best,
+            }
+            export_model(model, stage.out, tokenizer, best_dir, summary)
+            if stage.metrics:
+                _write_json(stage.metrics, metrics)
+            write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
+            log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+def _train_metrics(result: FitResult, trainer: Trainer) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "steps": result.step,
+        "epochs": result.epochs_completed,
+        "train_seconds": round(result.seconds, 2),
+        "samples_per_s": round(result.samples_per_second, 2),
+    }
+    metrics.update(
+        {k: round(v, 5) for k, v in result.last_log.items() if k.startswith("loss") or k == "temp"}
+    )
+    if result.validations:
+        metrics["val"] = {k: round(v, 3) for k, v in result.validations[-1].items()}
+    if result.best is not None and trainer.cfg.select_metric:
+        metrics["selected"] = {k: round(float(v), 3) for k, v in result.best.items()}
+    return metrics
+
+
+def _retrieval_validator(val_set, tokenizer, stage: TrainStageConfig, device, precision: str):
+    from albef.eval.retrieval import evaluate_retrieval
+
+    amp = resolve_precision(precision, device)
+
+    def validate(model) -> dict[str, float]:
+        result = evaluate_retrieval(
+            model,
+            val_set,
+            tokenizer,
+            k_test=stage.k_test,
+            max_tokens=stage.max_tokens,
+            device=device,
+            image_batch=stage.eval_batch_size,
+            amp_dtype=amp,
+        )
+        out = dict(result.metrics)
+        out.update(
+            {f"itc_{k}": v for k, v in result.itc_metrics.items() if k in ("txt_r1", "img_r1", "r_mean")}
+        )
+        return out
+
+    return validate
+
+
+def pretrain_stage(params: dict[str, Any], progress: bool = True, on_log=None) -> dict[str, Any]:
+    return train_stage(params, "pretrain", "pretrain", progress, on_log)
+
+
+def finetune_stage(params: dict[str, Any], task: str, progress: bool = True, on_log=None) -> dict[str, Any]:
+    if task not in ("retrieval",):
+        raise ConfigError(f"unknown finetuning task {task!r}; available: retrieval")
+    return train_stage(params, f"finetune_{task}", task, progress, on_log)
+
+
+def evaluate_stage(
+    params: dict[str, Any],
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the model in ``model_dir`` on ``params.evaluate.test_file``: metrics (ITM re-ranked, with
+    ITC-only for comparison), per-query rankings and a PNG of example queries in ``out_dir``."""
+    from albef.checkpoint import load_pretrained
+    from albef.data import datasets as ds
+    from albef.data.stages import build_dataclass
+    from albef.data.transforms import eval_transform
+    from albef.eval.retrieval import evaluate_retrieval, plot_examples, rankings
+
+    cfg = build_dataclass(EvaluateConfig, section(params, "evaluate"), "evaluate")
+    world, device = init_distributed()
+    try:
+        task, _ = read_config(model_dir)
+        model = load_pretrained(model_dir).to(device)
+        tok_dir = cfg.tokenizer or (
+            Path(model_dir) / "tokenizer"
+            if (Path(model_dir) / "tokenizer").exists()
+            else Path(cfg.data_dir) / "tokenizer"
+        )
+        tokenizer = _tokenizer(tok_dir, model.cfg)
+        images = ds.image_source(cfg.data_dir)
+        dataset = ds.RetrievalEvalDataset(
+            Path(cfg.data_dir) / cfg.test_file, images, eval_transform(model.cfg.vision.image_size)
+        )
+        result = evaluate_retrieval(
+            model,
+            dataset,
+            tokenizer,
+            k_test=cfg.k_test,
+            max_tokens=cfg.max_tokens,
+            device=device,
+            image_batch=cfg.image_batch,
+            pair_batch=cfg.pair_batch,
+            num_workers=cfg.num_workers,
+            amp_dtype=resolve_precision(cfg.precision, device),
+            progress=progress,
+        )
+        metrics: dict[str, Any] = {k: round(v, 3) for k, v in result.metrics.items()}
+        metrics["itc"] = {k: round(v, 3) for k, v in result.itc_metrics.items()}
+        metrics["chance_r1"] = {
+            "txt": round(100 * 5 / max(len(dataset.texts), 1), 3),
+            "img": round(100 / max(len(dataset), 1), 3),
+        }
+        metrics["images"], metrics["texts"] = len(dataset), len(dataset.texts)
+        metrics["pairs_scored"] = result.pairs_scored
+        metrics["eval_seconds"] = round(result.seconds["total"], 2)
+        metrics["model_task"] = task
+        if world.is_main:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            ranked = rankings(result, dataset, top=cfg.top)
+            _write_json(out / "rankings.json", ranked)
+            if cfg.examples:
+                plot_examples(ranked, dataset, out / "examples.png", queries=cfg.examples)
+            _write_json(out / "metrics.json", metrics)
+            if metrics_path:
+                _write_json(metrics_path, metrics)
+            log.info(
+                "evaluate %s: TR@1 %.2f IR@1 %.2f r_mean %.2f (ITC only: TR@1 %.2f IR@1 %.2f) in %.1f s",
+                model_dir,
+                metrics["txt_r1"],
+                metrics["img_r1"],
+                metrics["r_mean"],
+                metrics["itc"]["txt_r1"],
+                metrics["itc"]["img_r1"],
+                metrics["eval_seconds"],
+            )
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+__all__ = [
+    "Collate",
+    "EvaluateConfig",
+    "TrainStageConfig",
+    "WorldInfo",
+    "evaluate_stage",
+    "export_model",
+    "finetune_stage",
+    "pretrain_stage",
+    "split_train_section",
+    "train_stage",
+]

@@ -1,0 +1,180 @@
+"""The training loop on a tiny model and data: logging, checkpoints, exact resume, faults."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_train_params
+from safetensors.torch import load_file
+
+from albef.config import ConfigError
+from albef.train.checkpointing import list_checkpoints
+from albef.train.engine import CheckpointWriteError, TrainingDiverged
+from albef.train.stages import finetune_stage, pretrain_stage, split_train_section
+
+
+def _copy_data(tiny_data: Path, root: Path) -> Path:
+    shutil.copytree(tiny_data / "data", root / "data")
+    return root
+
+
+def test_pretrain_then_finetune_logs_checkpoints_and_exports(tiny_data, tmp_path):
+    root = _copy_data(tiny_data, tmp_path)
+    params = tiny_train_params(root)
+    metrics = pretrain_stage(params, progress=False)
+    steps_per_epoch = 48 // 4  # 24 images x 2 captions, batch 4
+    assert metrics["steps"] == 2 * steps_per_epoch and metrics["epochs"] == 2
+    for term in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+        assert term in metrics
+    assert "r_mean" in metrics["val"]
+    history = (root / "plots" / "pretrain" / "train.csv").read_text().splitlines()
+    assert len(history) == 1 + 2 * steps_per_epoch  # one row per step (log_every 1)
+    assert (root / "plots" / "pretrain" / "curves.png").stat().st_size > 1000
+    assert [p.name for p in list_checkpoints(root / "runs" / "pretrain" / "checkpoints")] == [
+        "step-000000012.pt",
+        "step-000000024.pt",
+    ]
+    exported = root / "models" / "pretrain"
+    assert {"model.safetensors", "config.json", "training.json"} <= {p.name for p in exported.iterdir()}
+    assert (exported / "tokenizer").is_dir()
+
+    ft = finetune_stage(params, "retrieval", progress=False)
+    assert ft["steps"] == 2 * (40 // 4)
+    best = max(float(r) for r in _column(root, "finetune_retrieval", "r_mean"))
+    assert ft["selected"]["r_mean"] == pytest.approx(best, abs=1e-3)
+    summary = json.loads((root / "models" / "retrieval" / "training.json").read_text())
+    assert summary["task"] == "retrieval" and summary["selected"]["step"] in (10, 20)
+
+
+def _column(root: Path, stage: str, name: str) -> list[str]:
+    lines = (root / "plots" / stage / "validation.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    return [line.split(",")[header.index(name)] for line in lines[1:]]
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_resume_mid_epoch_reaches_the_same_weights(tiny_data, tmp_path):
+    straight = _copy_data(tiny_data, tmp_path / "a")
+    pretrain_stage(tiny_train_params(straight, **{"pretrain.val_file": None}), progress=False)
+
+    resumed = _copy_data(tiny_data, tmp_path / "b")
+    params = tiny_train_params(
+        resumed, **{"pretrain.val_file": None, "pretrain.max_steps": 7, "pretrain.checkpoint_every": 3}
+    )
+    assert pretrain_stage(params, progress=False)["steps"] == 7
+    params["pretrain"]["max_steps"] = 0
+    metrics = pretrain_stage(params, progress=False)
+    assert metrics["steps"] == 24
+    a, b = _weights(straight / "models" / "pretrain"), _weights(resumed / "models" / "pretrain")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    history = (resumed / "runs" / "pretrain" / "history.csv").read_text().splitlines()
+    assert [int(float(line.split(",")[0])) for line in history[1:]] == list(range(1, 25))
+
+
+def test_changed_settings_do_not_resume_another_runs_checkpoints(tiny_data, tmp_path):
+    root = _copy_data(tiny_data, tmp_path)
+    params = tiny_train_params(root, **{"pretrain.val_file": None, "pretrain.epochs": 1})
+    pretrain_stage(params, progress=False)
+    params["pretrain"]["lr"] = 5e-4
+    metrics = pretrain_stage(params, progress=False)
+    assert metrics["steps"] == 12
+    assert list_checkpoints(root / "runs" / "pretrain" / "checkpoints.previous")
+
+
+def test_non_finite_loss_stops_with_the_step_and_terms_and_keeps_the_last_checkpoint(
+    tiny_data, tmp_path, monkeypatch
+):
+    import albef.train.stages as stages
+
+    real = stages.pretrain_forward
+    calls = {"n": 0}
+
+    def poisoned(model, batch, alpha, choices):
+        out = real(model, batch, alpha, choices)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setitem(stages._TASKS, "pretrain", ("PretrainDataset", "pretrain", poisoned, False))
+    root = _copy_data(tiny_data, tmp_path)
+    params = tiny_train_params(root, **{"pretrain.val_file": None, "pretrain.checkpoint_every": 2})
+    with pytest.raises(TrainingDiverged, match=r"step 5 .*loss_itc=.*step-000000004\.pt"):
+        pretrain_stage(params, progress=False)
+    names = [p.name for p in list_checkpoints(root / "runs" / "pretrain" / "checkpoints")]
+    assert names[-1] == "step-000000004.pt"
+    assert not (root / "models" / "pretrain").exists()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import albef.train.checkpointing as checkpointing
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, fh, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk)
+    root = _copy_data(tiny_data, tmp_path)
+    params = tiny_train_params(root, **{"pretrain.val_file": None, "pretrain.checkpoint_every": 2})
+    with pytest.raises(CheckpointWriteError, match=r"step 4 .*No space left.*step-000000002\.pt"):
+        pretrain_stage(params, progress=False)
+    ckpt_dir = root / "runs" / "pretrain" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step-000000002.pt"]
+    assert not [p for p in ckpt_dir.iterdir() if p.suffix == ".tmp"]
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    assert pretrain_stage(params, progress=False)["steps"] == 24  # resumes from step 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"pretrain.epoch": 2}, r"pretrain: unknown key\(s\) \['epoch'\]"),
+        ({"pretrain.batch_size": 64, "model.queue_size": 128}, r"fewer than one global batch"),
+        ({"pretrain.batch_size": 5}, r"queue_size .*16.* divisible .*5"),
+        ({"pretrain.precision": "bf16"}, r"needs a GPU"),
+        ({"pretrain.crop_scale": [0.9, 0.1]}, r"crop_scale"),
+        ({"pretrain.lr": -1.0}, r"lr must be positive"),
+    ],
+)
+def test_bad_settings_fail_before_training_with_the_key_named(tiny_data, tmp_path, override, message):
+    root = _copy_data(tiny_data, tmp_path)
+    with pytest.raises((ConfigError, ValueError), match=message):
+        pretrain_stage(tiny_train_params(root, **override), progress=False)
+
+
+def test_missing_or_mismatched_initial_weights(tiny_data, tmp_path):
+    from albef.checkpoint import CheckpointError, build_model, save_pretrained
+    from albef.config import tiny_config
+
+    root = _copy_data(tiny_data, tmp_path)
+    params = tiny_train_params(root, **{"finetune_retrieval.init": str(tmp_path / "nope")})
+    with pytest.raises(CheckpointError, match="initial weights not found"):
+        finetune_stage(params, "retrieval", progress=False)
+    other = tiny_config()  # vocabulary of 100: does not fit the tokenizer's 1000 ids
+    save_pretrained(build_model("pretrain", other), tmp_path / "other")
+    params = tiny_train_params(root, **{"finetune_retrieval.init": str(tmp_path / "other")})
+    with pytest.raises(ValueError, match="tokenizer and model config disagree"):
+        finetune_stage(params, "retrieval", progress=False)
+
+
+def test_split_train_section_names_unknown_keys():
+    with pytest.raises(ConfigError, match=r"x: unknown key\(s\) \['bogus'\]"):
+        split_train_section({"bogus": 1}, "x")
+    stage, train = split_train_section({"epochs": 3, "out": "m", "crop_scale": [0.3, 1]}, "x")
+    assert train.epochs == 3 and stage.out == "m" and stage.crop_scale == (0.3, 1.0)
