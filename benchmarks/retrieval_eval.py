@@ -1,76 +1,202 @@
-"""Retrieval evaluation speed: albef's batched, de-duplicated ITM re-ranking against the official per-query
-algorithm, on the same model and features (random weights; scoring cost does not depend on them).
+"""Retrieval evaluation: albef's :func:`albef.eval.retrieval.evaluate_retrieval` against the official
+algorithm, on the same model and the same images and captions; wall time, ITM pairs/s, rankings compared.
 
-    python benchmarks/retrieval_eval.py --preset small --images 200 --k-test 16
+Official algorithm (``Retrieval.py`` ``evaluation``), reproduced by :func:`score_matrices_per_query`: texts
+tokenized with ``padding="max_length"`` (35 tokens in the official configs, ``--max-tokens`` here), image and
+text features in batches, then for every image its top-k texts and for every text its top-k images, each
+query's k pairs fused in one forward with the image tokens repeated k times.
 
-Prints wall time and ITM pairs/s of each, the speed-up, and whether the rankings agree.
+albef: the same features (texts padded to the longest caption only), then the union of both candidate lists
+scored once per pair, grouped by image so each image's cross-attention keys/values are projected once, in
+batches of similar-length texts cut to their longest caption.
+
+Both sides start from decoded, resized image tensors held in memory (JPEG decoding is excluded from both).
+
+    python benchmarks/retrieval_eval.py                                   # small preset, synthetic test split
+    python benchmarks/retrieval_eval.py --preset base --images 100 --k-test 128 --image-size 384
+    python benchmarks/retrieval_eval.py --random-text                     # no data needed: random captions
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
-from albef.config import PRESETS
-from albef.eval.retrieval import candidate_pairs, score_matrices, score_matrices_per_query
+from albef.config import PRESETS, ModelConfig, read_params
+from albef.eval.retrieval import (
+    candidate_pairs,
+    evaluate_retrieval,
+    recall_metrics,
+    score_matrices_per_query,
+)
 from albef.models import ALBEFRetrieval
 from albef.models.retrieval import image_features, text_features
+from albef.tokenizer import TokenBatch
+
+
+class InMemoryEval(Dataset):
+    """What ``evaluate_retrieval`` reads from a retrieval split, with images already as tensors."""
+
+    def __init__(self, images: torch.Tensor, texts: list[str], captions_per_image: list[int]):
+        self.image_tensors, self.texts = images, texts
+        self.img2txt, self.txt2img, t = {}, {}, 0
+        for i, n in enumerate(captions_per_image):
+            self.img2txt[i] = list(range(t, t + n))
+            for j in range(t, t + n):
+                self.txt2img[j] = i
+            t += n
+
+    def __len__(self) -> int:
+        return self.image_tensors.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.image_tensors[index], index
+
+
+class PretokenizedTexts:
+    """A stand-in tokenizer for random captions: returns fixed token ids, padded to the longest."""
+
+    def __init__(self, ids: list[list[int]], pad: int):
+        self.ids, self.pad = ids, pad
+        self.index = {str(i): i for i in range(len(ids))}
+
+    def __call__(self, texts, max_length: int, padding: str = "longest") -> TokenBatch:
+        rows = [self.ids[self.index[t]][:max_length] for t in texts]
+        width = max_length if padding == "max_length" else max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for n, r in enumerate(rows):
+            input_ids[n, : len(r)] = torch.tensor(r)
+            mask[n, : len(r)] = 1
+        return TokenBatch(input_ids, mask)
+
+
+def build_inputs(args, cfg: ModelConfig):
+    gen = torch.Generator().manual_seed(0)
+    data = Path(args.data)
+    if not args.random_text and (data / args.split).is_file():
+        from albef.data.datasets import RetrievalEvalDataset, image_source
+        from albef.data.transforms import eval_transform
+        from albef.tokenizer import ALBEFTokenizer
+
+        split = RetrievalEvalDataset(
+            data / args.split, image_source(data), eval_transform(cfg.vision.image_size)
+        )
+        n = min(args.images, len(split))
+        images = torch.stack([split[i][0] for i in range(n)])
+        counts = [len(split.img2txt[i]) for i in range(n)]
+        texts = [split.texts[t] for i in range(n) for t in split.img2txt[i]]
+        tokenizer = ALBEFTokenizer.from_pretrained(data / "tokenizer")
+        tokenizer.check_compatible(cfg.text)
+        source = f"{data / args.split} ({n} images, {len(texts)} captions)"
+    else:
+        n = args.images
+        images = torch.randn(n, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen)
+        counts = [args.captions] * n
+        # caption lengths like COCO's: 8-20 word pieces mostly, up to max_tokens
+        lengths = torch.clamp(
+            torch.normal(13.0, 4.0, (n * args.captions,), generator=gen), 6, args.max_tokens
+        )
+        ids = []
+        for length in lengths.long().tolist():
+            row = torch.randint(5, cfg.text.vocab_size, (length,), generator=gen).tolist()
+            ids.append([cfg.text.cls_token_id, *row[1:]])
+        texts = [str(i) for i in range(len(ids))]
+        tokenizer = PretokenizedTexts(ids, cfg.text.pad_token_id)
+        source = f"random captions ({n} images, {len(texts)} captions, 6-{args.max_tokens} tokens)"
+    return InMemoryEval(images, texts, counts), tokenizer, source
+
+
+def official(model, dataset: InMemoryEval, tokenizer, args):
+    """The official evaluation: features in batches, then the per-query ITM loop on max_length padding."""
+    start = time.perf_counter()
+    tokens = tokenizer(dataset.texts, max_length=args.max_tokens, padding="max_length")
+    img_embeds, img_feats = image_features(model, dataset.image_tensors, batch_size=64)
+    txt_embeds, txt_feats = text_features(model, tokens.input_ids, tokens.attention_mask, batch_size=256)
+    features = time.perf_counter() - start
+    _, i2t, t2i = score_matrices_per_query(
+        model, img_embeds, img_feats, txt_embeds, txt_feats, tokens.attention_mask, args.k_test
+    )
+    return i2t, t2i, features, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--captions", type=int, default=5, help="captions per image")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: params.yaml model")
+    parser.add_argument(
+        "--params", default="params.yaml", help="model section used when --preset is not given"
+    )
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--data", default="data/processed")
+    parser.add_argument("--split", default="retrieval_test.json")
+    parser.add_argument("--random-text", action="store_true", help="random captions instead of a split")
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--captions", type=int, default=5, help="captions per image (random text)")
     parser.add_argument("--k-test", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=256, help="pairs per fusion batch (albef)")
+    parser.add_argument("--max-tokens", type=int, default=35, help="official max_length (35 in its configs)")
+    parser.add_argument("--pair-batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = PRESETS[args.preset]()
+    if args.preset:
+        cfg = PRESETS[args.preset]()
+    else:
+        cfg = ModelConfig.from_dict(read_params(args.params)["model"])
+    if args.image_size:
+        cfg.vision.image_size = args.image_size
     model = ALBEFRetrieval(cfg).eval()
-    n_txt = args.images * args.captions
-    images = torch.randn(args.images, 3, cfg.vision.image_size, cfg.vision.image_size)
-    ids = torch.randint(5, cfg.text.vocab_size, (n_txt, 20))
-    ids[:, 0] = cfg.text.cls_token_id
-    mask = torch.ones_like(ids)
-    img_embeds, img_feats = image_features(model, images)
-    txt_embeds, txt_feats = text_features(model, ids, mask)
-    inputs = (model, img_embeds, img_feats, txt_embeds, txt_feats, mask, args.k_test)
+    dataset, tokenizer, source = build_inputs(args, cfg)
 
-    start = time.perf_counter()
-    _, fast_i2t, fast_t2i = score_matrices(*inputs, batch_size=args.batch_size)
-    t_fast = time.perf_counter() - start
-    start = time.perf_counter()
-    _, slow_i2t, slow_t2i = score_matrices_per_query(*inputs)
-    t_slow = time.perf_counter() - start
+    slow_i2t, slow_t2i, slow_features, t_slow = official(model, dataset, tokenizer, args)
+    result = evaluate_retrieval(
+        model, dataset, tokenizer, k_test=args.k_test, max_tokens=args.max_tokens, pair_batch=args.pair_batch
+    )
+    t_fast = result.seconds["total"]
 
-    pairs_official = (args.images + n_txt) * args.k_test
-    pairs_ours = len(candidate_pairs(img_feats @ txt_feats.t(), args.k_test)[2])
     k = args.k_test
     same = all(
         torch.equal(
             a.argsort(dim=1, descending=True, stable=True)[:, :k],
             b.argsort(dim=1, descending=True, stable=True)[:, :k],
         )
-        for a, b in ((fast_i2t, slow_i2t), (fast_t2i, slow_t2i))
+        for a, b in ((result.score_i2t, slow_i2t), (result.score_t2i, slow_t2i))
     )
-    max_diff = max((fast_i2t - slow_i2t).abs().max().item(), (fast_t2i - slow_t2i).abs().max().item())
-    print(
-        f"preset {args.preset}, {args.images} images x {args.captions} captions, k_test {k}, {args.threads} threads"
+    max_diff = max(
+        (result.score_i2t - slow_i2t).abs().max().item(), (result.score_t2i - slow_t2i).abs().max().item()
     )
-    print(f"{'algorithm':<36} {'ITM pairs':>10} {'seconds':>8} {'pairs/s':>8}")
-    print(
-        f"{'official per-query loop':<36} {pairs_official:>10} {t_slow:8.2f} {pairs_official / t_slow:8.0f}"
+    same_metrics = result.metrics == recall_metrics(
+        slow_i2t.numpy(), slow_t2i.numpy(), dataset.img2txt, dataset.txt2img
     )
-    print(f"{'albef batched, each pair once':<36} {pairs_ours:>10} {t_fast:8.2f} {pairs_ours / t_fast:8.0f}")
+    n_img, n_txt = len(dataset), len(dataset.texts)
+    pairs_official = (n_img + n_txt) * k
+    pairs_ours = len(candidate_pairs(result.sims, k)[2])
+    itm_slow, itm_fast = t_slow - slow_features, result.seconds["itm"]
+    v = cfg.vision
     print(
-        f"speed-up {t_slow / t_fast:.2f}x; identical top-{k} rankings: {same}; max |score diff| {max_diff:.2e}"
+        f"model: vision {v.image_size}px/{v.patch_size} width {v.width} depth {v.depth}, text hidden "
+        f"{cfg.text.hidden} {cfg.text.text_layers}+{cfg.text.fusion_layers} layers (random weights)"
+    )
+    print(f"data: {source}; k_test {k}; {args.threads} threads; {torch.__version__}")
+    print(f"{'':<34} {'ITM pairs':>10} {'features s':>10} {'ITM s':>8} {'total s':>8} {'pairs/s':>8}")
+    print(
+        f"{'official per-query loop':<34} {pairs_official:>10} {slow_features:10.2f} {itm_slow:8.2f} "
+        f"{t_slow:8.2f} {pairs_official / itm_slow:8.0f}"
+    )
+    print(
+        f"{'albef evaluate_retrieval':<34} {pairs_ours:>10} {result.seconds['features']:10.2f} {itm_fast:8.2f} "
+        f"{t_fast:8.2f} {pairs_ours / itm_fast:8.0f}"
+    )
+    print(
+        f"speed-up: whole evaluation {t_slow / t_fast:.2f}x, ITM re-ranking {itm_slow / itm_fast:.2f}x; "
+        f"identical top-{k} rankings: {same}; identical recall metrics: {same_metrics}; "
+        f"max |score diff| {max_diff:.2e}"
     )
 
 

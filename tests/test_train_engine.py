@@ -178,3 +178,16 @@ def test_split_train_section_names_unknown_keys():
         split_train_section({"bogus": 1}, "x")
     stage, train = split_train_section({"epochs": 3, "out": "m", "crop_scale": [0.3, 1]}, "x")
     assert train.epochs == 3 and stage.out == "m" and stage.crop_scale == (0.3, 1.0)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_data, tmp_path):
+    results = []
+    for flag in (False, True):
+        root = _copy_data(tiny_data, tmp_path / str(flag))
+        params = tiny_train_params(
+            root, **{"pretrain.val_file": None, "pretrain.max_steps": 3, "pretrain.grad_checkpointing": flag}
+        )
+        pretrain_stage(params, progress=False)
+        results.append(_weights(root / "models" / "pretrain"))
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=0, atol=1e-6, msg=key)

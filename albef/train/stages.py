@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,6 +37,8 @@ from albef.train.distributed import WorldInfo, cleanup_distributed, init_distrib
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint, resolve_precision
 
 log = logging.getLogger(__name__)
+# DataLoader workers tokenize in forked processes; the Rust tokenizer's own threads must not be inherited.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @dataclass
