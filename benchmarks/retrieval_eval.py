@@ -145,10 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.preset:
-        cfg = PRESETS[args.preset]()
-    else:
-        cfg = ModelConfig.from_dict(read_params(args.params)["model"])
+    preset = PRESETS[args.preset]() if args.preset else None
+    cfg = preset or ModelConfig.from_dict(read_params(args.params)["model"])
     if args.image_size:
         cfg.vision.image_size = args.image_size
     model = ALBEFRetrieval(cfg).eval()

@@ -143,3 +143,51 @@ def test_push_and_pull_with_an_s3_remote_on_loopback(project: Path):
         _roundtrip(project, "s3store", env)
     finally:
         server.stop()
+
+
+def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
+    """synth -> preprocess -> pretrain -> finetune_retrieval -> evaluate (zero-shot and finetuned) with tiny
+    settings, then `dvc exp run -S pretrain.epochs=2`, as a user runs them."""
+    from conftest import TINY_MODEL
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["model"] = TINY_MODEL
+    tiny = {
+        "batch_size": 4,
+        "epochs": 1,
+        "num_workers": 0,
+        "checkpoint_every": 0,
+        "k_test": 4,
+        "log_every": 1,
+    }
+    params["pretrain"].update(tiny)
+    params["finetune_retrieval"].update(tiny)
+    params["evaluate"].update(k_test=4, num_workers=0, examples=2)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    _dvc("repro", cwd=project)
+    for path in (
+        "models/pretrain/model.safetensors",
+        "models/retrieval/model.safetensors",
+        "models/retrieval/tokenizer/tokenizer.json",
+        "reports/zeroshot/rankings.json",
+        "reports/retrieval/examples.png",
+        "plots/pretrain/train.csv",
+        "plots/finetune_retrieval/curves.png",
+    ):
+        assert (project / path).is_file(), path
+    retrieval = json.loads((project / "metrics" / "retrieval.json").read_text())
+    assert {"txt_r1", "img_r1", "r_mean", "itc"} <= set(retrieval) and retrieval["images"] == 4
+    assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 32 // 4
+    shown = json.loads(_dvc("metrics", "show", "--json", cwd=project))
+    assert "metrics/retrieval.json" in json.dumps(shown)
+    _dvc("plots", "show", "-o", str(project / "plots_html"), cwd=project)
+    assert (project / "plots_html" / "index.html").is_file()
+    assert "up to date" in _dvc("repro", cwd=project).lower()
+
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "tiny pipeline"], project)
+    _dvc("exp", "run", "-S", "pretrain.epochs=2", cwd=project)
+    assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 2 * 32 // 4
+    experiments = _dvc("exp", "show", "--json", cwd=project)
+    assert "pretrain.epochs" in experiments or '"epochs": 2' in experiments
