@@ -2,7 +2,7 @@
 algorithm, on the same model and the same images and captions; wall time, ITM pairs/s, rankings compared.
 
 Official algorithm (``Retrieval.py`` ``evaluation``), reproduced by :func:`score_matrices_per_query`: texts
-tokenized with ``padding="max_length"`` (35 tokens in the official configs, ``--max-tokens`` here), image and
+tokenized with ``padding="max_length"`` (30 tokens in the official ``Retrieval.py``, ``--max-tokens`` here), image and
 text features in batches, then for every image its top-k texts and for every text its top-k images, each
 query's k pairs fused in one forward with the image tokens repeated k times.
 
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--captions", type=int, default=5, help="captions per image (random text)")
     parser.add_argument("--k-test", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=35, help="official max_length (35 in its configs)")
+    parser.add_argument("--max-tokens", type=int, default=30, help="official max_length (30 in Retrieval.py)")
     parser.add_argument("--pair-batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -159,13 +159,15 @@ def main() -> None:
     t_fast = result.seconds["total"]
 
     k = args.k_test
-    same = all(
-        torch.equal(
-            a.argsort(dim=1, descending=True, stable=True)[:, :k],
-            b.argsort(dim=1, descending=True, stable=True)[:, :k],
-        )
-        for a, b in ((result.score_i2t, slow_i2t), (result.score_t2i, slow_t2i))
-    )
+
+    # Rankings agree when, walking albef's order, the official scores never increase by more than float
+    # noise: pairs whose scores tie to ~1e-7 may swap places, nothing else may.
+    def consistent(ours: torch.Tensor, theirs: torch.Tensor, tol: float = 1e-5) -> bool:
+        order = ours.argsort(dim=1, descending=True, stable=True)[:, :k]
+        along = theirs.gather(1, order)
+        return bool((along[:, 1:] <= along[:, :-1] + tol).all())
+
+    same = consistent(result.score_i2t, slow_i2t) and consistent(result.score_t2i, slow_t2i)
     max_diff = max(
         (result.score_i2t - slow_i2t).abs().max().item(), (result.score_t2i - slow_t2i).abs().max().item()
     )
@@ -193,7 +195,7 @@ def main() -> None:
     )
     print(
         f"speed-up: whole evaluation {t_slow / t_fast:.2f}x, ITM re-ranking {itm_slow / itm_fast:.2f}x; "
-        f"identical top-{k} rankings: {same}; identical recall metrics: {same_metrics}; "
+        f"identical top-{k} rankings (up to float ties): {same}; identical recall metrics: {same_metrics}; "
         f"max |score diff| {max_diff:.2e}"
     )
 

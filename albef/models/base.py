@@ -171,14 +171,23 @@ class ContrastiveModel(nn.Module):
         return embeds, F.normalize(self.text_proj(embeds[:, 0, :]), dim=-1)
 
     def fuse(
-        self, text_embeds: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+        self,
+        text_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        first_only: bool = False,
+        self_attended: bool = False,
     ) -> torch.Tensor:
-        """Fusion layers on text hidden states cross-attending to image tokens."""
+        """Fusion layers on text hidden states cross-attending to image tokens (``first_only``: the [CLS]
+        state only, (B, 1, hidden); ``self_attended``: ``text_embeds`` come from
+        ``text_backbone.fusion_self_attention``)."""
         return self.text_backbone(
             attention_mask=attention_mask,
             image_embeds=image_embeds,
             mode=Mode.FUSION,
             text_embeds=text_embeds,
+            first_only=first_only,
+            self_attended=self_attended,
         )
 
     def itm_logits(

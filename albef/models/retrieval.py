@@ -111,9 +111,11 @@ def itm_scores(
 
     The score is the official one: the ITM head's "match" logit (no softmax, no ITC term added). Pairs are
     grouped by image, and each image's cross-attention keys and values are projected once for all the texts
-    paired with it (``image_chunk`` images at a time, to bound memory) instead of once per pair. Within a
-    group, pairs are ordered by text length and each batch is cut to its longest text: padding (masked out
-    in every attention) is not computed, which changes no score beyond float rounding.
+    paired with it (``image_chunk`` images at a time, to bound memory) instead of once per pair.
+    Each image's texts are attended as one long query against that image's keys and values (cross-attention
+    treats query tokens independently), and each batch is cut to its longest text: padding (masked out in
+    every attention) is not computed; the first layer's self-attention, which does not depend on the image,
+    is computed once per text; the last layer computes the [CLS] position only, the one the ITM head reads. None of this changes a score beyond float rounding.
     """
     if pairs.dim() != 2 or pairs.shape[1] != 2:
         raise ValueError(
@@ -122,8 +124,17 @@ def itm_scores(
     device = image_embeds.device
     pairs = pairs.to(device)
     lengths = text_mask.sum(dim=1).to(device)
-    order = torch.argsort(pairs[:, 0], stable=True)
+    # image-major, shortest texts first within an image: batches of similar length waste little on padding
+    order = torch.argsort(lengths[pairs[:, 1]], stable=True)
+    order = order[torch.argsort(pairs[order, 0], stable=True)]
     images, texts = pairs[order, 0], pairs[order, 1].to(text_embeds.device)
+    # the first fusion layer's self-attention depends on the text alone: once per text, not once per pair
+    attended = torch.cat(
+        [
+            model.text_backbone.fusion_self_attention(text_embeds[s : s + 1024], text_mask[s : s + 1024])
+            for s in range(0, text_embeds.shape[0], 1024)
+        ]
+    )
     scores_sorted = torch.empty(pairs.shape[0], device=device, dtype=torch.float32)
     unique = torch.unique_consecutive(images)
     for c in range(0, len(unique), image_chunk):
@@ -132,16 +143,18 @@ def itm_scores(
         lo = int(torch.searchsorted(images, chunk[0], right=False))
         hi = int(torch.searchsorted(images, chunk[-1], right=True))
         local = torch.searchsorted(chunk, images[lo:hi])
-        # shortest texts first across the chunk's images: batches of similar length waste little on padding
-        by_length = torch.argsort(lengths[texts[lo:hi]], stable=True)
-        for b in range(0, hi - lo, batch_size):
-            rows = by_length[b : b + batch_size]
-            txt = texts[lo + rows]
+        for b in range(lo, hi, batch_size):
+            e = min(b + batch_size, hi)
+            txt = texts[b:e]
             width = int(lengths[txt].max())
             fused = model.fuse(
-                text_embeds[txt, :width], text_mask[txt, :width], projected.select(local[rows])
+                attended[txt, :width],
+                text_mask[txt, :width],
+                projected.grouped(local[b - lo : e - lo]),
+                first_only=True,
+                self_attended=True,
             )
-            scores_sorted[lo + rows] = model.itm_head(fused[:, 0, :])[:, 1].float()
+            scores_sorted[b:e] = model.itm_head(fused[:, 0, :])[:, 1].float()
     scores = torch.empty_like(scores_sorted)
     scores[order] = scores_sorted
     return scores

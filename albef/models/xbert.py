@@ -98,11 +98,16 @@ class AttentionBlock(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | GroupedKV | None = None,
         additive_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``kv``: the tokens to attend to (None: ``hidden`` itself), or their precomputed (keys, values)."""
+        """``kv``: the tokens to attend to (None: ``hidden`` itself), or their precomputed (keys, values),
+        or a :class:`GroupedKV` when consecutive rows of ``hidden`` share an image."""
         q = self._split(self.self.query(hidden))
+        if isinstance(kv, GroupedKV):
+            if self.save_attention or additive_mask is not None:
+                raise ValueError("grouped keys/values serve unmasked inference only")
+            return self.output(kv.attend(q), hidden)
         k, v = kv if isinstance(kv, tuple) else self.project_kv(hidden if kv is None else kv)
         dropout = self.dropout_p if self.training else 0.0
         if self.save_attention:
@@ -141,14 +146,50 @@ class FusionLayer(nn.Module):
         hidden: torch.Tensor,
         text_mask: torch.Tensor | None,
         image: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+        first_only: bool = False,
+        self_attended: bool = False,
     ) -> torch.Tensor:
-        hidden = self.attention(hidden, additive_mask=text_mask)
+        """``first_only``: compute the output at position 0 only (all positions still serve as keys and
+        values of the self-attention), for heads that read nothing but the [CLS] state.
+        ``self_attended``: ``hidden`` already went through this layer's self-attention (which does not
+        depend on the image, so retrieval scoring computes it once per text, not once per pair)."""
+        if self_attended:
+            hidden = hidden[:, :1] if first_only else hidden
+        elif first_only:
+            hidden = self.attention(hidden[:, :1], kv=hidden, additive_mask=text_mask)
+        else:
+            hidden = self.attention(hidden, additive_mask=text_mask)
         if self.has_cross_attention:
             if image is None:
                 raise ValueError("a fusion layer needs image embeddings (image_embeds=...)")
             # Every image token is attended, so the cross-attention needs no mask.
             hidden = self.crossattention(hidden, kv=image)
         return self.output(self.intermediate(hidden), hidden)
+
+
+@dataclass
+class GroupedKV:
+    """Keys and values of ``G`` images for query rows grouped by image: rows ``0..counts[0]`` attend to
+    image 0, the next ``counts[1]`` rows to image 1, and so on.
+
+    Cross-attention treats every query token on its own, so the texts of one image are attended as one long
+    query sequence against that image's keys and values: no copy of the keys and values per text.
+    """
+
+    keys: torch.Tensor  # (G, heads, T, d)
+    values: torch.Tensor
+    counts: list[int]
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` (B, heads, L, d) -> context (B, L, heads * d)."""
+        b, heads, length, d = q.shape
+        parts, start = [], 0
+        for g, n in enumerate(self.counts):
+            rows = q[start : start + n].transpose(0, 1).reshape(1, heads, n * length, d)
+            out = F.scaled_dot_product_attention(rows, self.keys[g : g + 1], self.values[g : g + 1])
+            parts.append(out.reshape(heads, n, length, d).permute(1, 2, 0, 3))
+            start += n
+        return torch.cat(parts).reshape(b, length, heads * d)
 
 
 @dataclass
@@ -159,11 +200,20 @@ class ProjectedImage:
     which dominate the fusion cost when images have many more tokens than texts (577 vs 30 at 384 px).
     """
 
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per fusion layer: (keys, values), (N, heads, T, d)
+    layers: list[
+        tuple[torch.Tensor, torch.Tensor] | GroupedKV
+    ]  # per fusion layer: (keys, values), (N, heads, T, d)
 
     def select(self, index: torch.Tensor) -> ProjectedImage:
         """The rows ``index`` (one per text to fuse)."""
         return ProjectedImage([(k[index], v[index]) for k, v in self.layers])
+
+    def grouped(self, index: torch.Tensor) -> ProjectedImage:
+        """Like :meth:`select` for a non-decreasing ``index`` (texts sorted by image), without copying each
+        image's keys and values once per text (see :class:`GroupedKV`)."""
+        images, counts = torch.unique_consecutive(index, return_counts=True)
+        counts_list = counts.tolist()
+        return ProjectedImage([GroupedKV(k[images], v[images], counts_list) for k, v in self.layers])  # type: ignore[misc]
 
 
 class FusionEncoder(nn.Module):
@@ -183,7 +233,11 @@ class FusionEncoder(nn.Module):
         image: torch.Tensor | list[torch.Tensor] | ProjectedImage | None,
         start: int,
         end: int,
+        first_only: bool = False,
+        self_attended: bool = False,
     ) -> torch.Tensor:
+        """``first_only``: the last layer computes position 0 only (output (B, 1, hidden)).
+        ``self_attended``: ``hidden`` already went through layer ``start``'s self-attention."""
         for i in range(start, end):
             layer_image = image
             if isinstance(image, ProjectedImage):
@@ -191,10 +245,14 @@ class FusionEncoder(nn.Module):
             elif isinstance(image, (list, tuple)):  # several images (NLVR2): alternate between them
                 layer_image = image[(i - self.fusion_start) % len(image)]
             layer = self.layer[i]
+            last_first = first_only and i == end - 1
+            done = self_attended and i == start
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, text_mask, layer_image, use_reentrant=False)
+                hidden = checkpoint(
+                    layer, hidden, text_mask, layer_image, last_first, done, use_reentrant=False
+                )
             else:
-                hidden = layer(hidden, text_mask, layer_image)
+                hidden = layer(hidden, text_mask, layer_image, last_first, done)
         return hidden
 
 
@@ -221,8 +279,12 @@ class TextEncoder(nn.Module):
         image_embeds: torch.Tensor | list[torch.Tensor] | ProjectedImage | None = None,
         mode: Mode | str = Mode.MULTIMODAL,
         text_embeds: torch.Tensor | None = None,
+        first_only: bool = False,
+        self_attended: bool = False,
     ) -> torch.Tensor:
-        """Return the last hidden states (B, L, hidden).
+        """Return the last hidden states (B, L, hidden); with ``first_only`` only the [CLS] state (B, 1,
+        hidden), skipping the last layer's work at every other position (ITM scoring reads nothing else).
+        ``self_attended`` (fusion mode): ``text_embeds`` come from :meth:`fusion_self_attention`.
 
         ``mode='text'`` runs the embeddings and text layers on ``input_ids``; ``mode='fusion'`` runs the
         fusion layers on ``text_embeds`` (output of a text pass) with ``image_embeds``; ``mode='multimodal'``
@@ -245,7 +307,16 @@ class TextEncoder(nn.Module):
         end = self.encoder.fusion_start if mode is Mode.TEXT else n_layers
         if mode is not Mode.TEXT and image_embeds is None:
             raise ValueError(f"mode='{mode.value}' needs image_embeds for the fusion layers")
-        return self.encoder(hidden, mask, image_embeds, start, end)
+        if self_attended and mode is not Mode.FUSION:
+            raise ValueError("self_attended applies to mode='fusion' only")
+        return self.encoder(hidden, mask, image_embeds, start, end, first_only, self_attended)
+
+    @torch.no_grad()
+    def fusion_self_attention(self, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The first fusion layer's self-attention of text states: image-independent, so computed once per
+        text when one text is fused with many images; continue with ``forward(..., self_attended=True)``."""
+        mask = text_additive_mask(attention_mask, text_embeds.dtype, self.cfg.quirks.text_mask_value)
+        return self.encoder.layer[self.encoder.fusion_start].attention(text_embeds, additive_mask=mask)
 
     @torch.no_grad()
     def project_image(self, image_embeds: torch.Tensor) -> ProjectedImage:
