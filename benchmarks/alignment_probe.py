@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--text-lr", type=float, default=None, help="learning rate of the text side (default: --lr)"
+    )
     parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     parser.add_argument("--tau", type=float, default=0.07)
     parser.add_argument("--dropout", type=float, default=0.1, help="BERT dropout")
@@ -123,7 +126,13 @@ def main() -> None:
         if args.text == "bert"
         else BowText(args.width, dim, vocab)
     )
-    optimizer = torch.optim.AdamW([*image.parameters(), *text.parameters()], lr=args.lr)
+    text_lr = args.text_lr if args.text_lr is not None else args.lr
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": image.parameters(), "lr": args.lr, "base": args.lr},
+            {"params": text.parameters(), "lr": text_lr, "base": text_lr},
+        ]
+    )
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     print(
@@ -131,7 +140,7 @@ def main() -> None:
     )
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+            group["lr"] = group["base"] * min(1.0, (step + 1) / max(args.warmup, 1))
         index = torch.randint(0, len(dataset), (args.batch_size,), generator=gen).tolist()
         images = torch.stack([pixels[dataset.records[i]["image"]] for i in index])
         tokens = tokenizer([dataset.records[i]["caption"] for i in index], max_length=30)
