@@ -33,7 +33,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,7 +58,7 @@ from albef.train.checkpointing import (
 )
 from albef.train.distributed import WorldInfo
 from albef.train.optim import build_optimizer
-from albef.train.sampler import EpochSampler, SeededSamples
+from albef.train.sampler import EpochSampler, SeededSamples, preserved_rng
 
 log = logging.getLogger(__name__)
 
@@ -174,19 +174,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-@contextlib.contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Run a block (validation, an export) without disturbing any generator the training run depends on."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
 def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=op)
@@ -194,33 +181,37 @@ def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 class HistoryLog:
-    """A CSV of rows keyed by ``step`` that survives resumes: rows past the resumed step are dropped."""
+    """A CSV of rows keyed by ``step`` that survives resumes: rows past the resumed step are dropped.
+
+    The file is read once; afterwards the rows live in memory and each append rewrites the file atomically.
+    """
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
-        self.columns: list[str] | None = None
+        self._rows: list[dict[str, Any]] | None = None
+
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = []
+            if self.path.is_file():
+                with open(self.path, newline="") as fh:
+                    self._rows = list(csv.DictReader(fh))
+        return self._rows
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.is_file():
             return
-        with open(self.path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(float(r["step"])) <= step]
-        self._write(rows)
-
-    def rows(self) -> list[dict[str, str]]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, newline="") as fh:
-            return list(csv.DictReader(fh))
+        self._rows = [r for r in self.rows() if int(float(r["step"])) <= step]
+        self._write()
 
     def append(self, row: dict[str, float]) -> None:
         if not self.enabled:
             return
-        rows = self.rows()
-        rows.append({k: _fmt(v) for k, v in row.items()})
-        self._write(rows)
+        self.rows().append({k: _fmt(v) for k, v in row.items()})
+        self._write()
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
+    def _write(self) -> None:
+        rows = self.rows()
         columns: list[str] = []
         for r in rows:
             columns += [k for k in r if k not in columns]
@@ -467,7 +458,7 @@ class Trainer:
         if self.validate is None:
             return None
         self.model.eval()
-        with preserved_rng(), torch.no_grad():
+        with preserved_rng(cuda=True), torch.no_grad():
             metrics = self.validate(self.model)
         self.model.train()
         row = {"step": self.step, "epoch": self.epoch, **metrics}

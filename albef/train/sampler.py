@@ -13,6 +13,7 @@ Two things make a resumed run see exactly the data an uninterrupted one would ha
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Iterator
@@ -88,6 +89,20 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
 
+@contextlib.contextmanager
+def preserved_rng(cuda: bool = False) -> Iterator[None]:
+    """Run a block without disturbing Python's, NumPy's or PyTorch's global generators (and CUDA's when
+    ``cuda``; left out in per-sample loading, where forking every device's state would cost time)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if cuda and torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample of one epoch, well mixed (SeedSequence), independent of everything else."""
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
@@ -106,14 +121,9 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         seed = sample_seed(self.seed, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        # fork_rng restores torch's CPU generator afterwards; the loader may run in the training process.
-        with torch.random.fork_rng(devices=[]):
+        # the loader may run in the training process: its generators must come out as they went in
+        with preserved_rng():
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % (2**32))
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+            return self.dataset[index]
