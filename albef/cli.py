@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from albef.orchestration.launch import relaunch_if_requested
+
+    relaunch_if_requested(argv)  # ALBEF_NPROC_PER_NODE > 1 (set by the Prefect flows): re-run under torchrun
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

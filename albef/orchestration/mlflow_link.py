@@ -1,0 +1,144 @@
+"""The pipeline's MLflow parent run, and where each stage's own run is.
+
+The stages open their MLflow runs themselves (``albef.tracking``, the ``mlflow`` section of params.yaml);
+when ``ALBEF_MLFLOW_PARENT_RUN_ID`` is set they nest under that run. A flow run therefore opens one parent
+run, hands its id to every stage command, and closes it at the end; a retried task or a retried flow run
+reuses it (the parent is found again by the flow run's id), so a retry continues the same pipeline run
+instead of starting another. Afterwards the flow looks up the run each stage created (tags
+``mlflow.parentRunId`` and ``albef.stage``) to link it from Prefect. Nothing is invented: with no
+``mlflow`` section, tracking switched off, MLflow missing or the server down, there is no parent and no
+link, and the flow says so in its log. Tracking never fails a pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+PARENT_ENV = "ALBEF_MLFLOW_PARENT_RUN_ID"
+FLOW_RUN_TAG = "albef.prefect.flow_run_id"
+STAGE_TAG = "albef.stage"
+KIND_TAG = "albef.kind"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str
+    experiment: str
+    ui_url: str | None = None  # where people open the MLflow UI (an http tracking URI is its own UI)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        base = self.ui_url or (self.uri if self.uri.startswith(("http://", "https://")) else None)
+        if not base:
+            return None
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def artifact_url(self, run_id: str, path: str) -> str | None:
+        base = self.ui_url or (self.uri if self.uri.startswith(("http://", "https://")) else None)
+        if not base:
+            return None
+        return f"{base.rstrip('/')}/get-artifact?path={path}&run_uuid={run_id}"
+
+
+def tracking(params: dict[str, Any], project: str | Path, ui_url: str | None = None) -> Tracking | None:
+    """The stages' tracking settings (None when they do not track)."""
+    section = params.get("mlflow")
+    if not isinstance(section, dict) or not section.get("enabled", True):
+        return None
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or section.get("tracking_uri") or "sqlite:///mlflow.db"
+    # a relative sqlite/file store is relative to the stages' working directory, the project
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme) and not uri[len(scheme) :].startswith("/"):
+            uri = f"{scheme}{(Path(project) / uri[len(scheme) :]).resolve()}"
+    if uri.startswith("file://") and not uri.startswith("file:///"):
+        uri = uri.replace("file://", "file:///", 1)
+    return Tracking(uri, str(section.get("experiment") or "albef"), ui_url)
+
+
+def _client(cfg: Tracking):
+    # MLflow's defaults (7 retries, 120 s timeouts) would hold a flow for minutes on a dead server
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.uri)
+
+
+def open_parent_run(cfg: Tracking | None, flow_run_id: str, name: str, logger=None) -> str | None:
+    """The pipeline's parent run for this flow run: found again on a retry, else created."""
+    log = logger or _log
+    if cfg is None:
+        log.info("mlflow: the stages do not track (no mlflow section, or enabled: false): no parent run")
+        return None
+    try:
+        client = _client(cfg)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.experiment)
+        found = client.search_runs(
+            [exp_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            log.info("mlflow: continuing parent run %s of flow run %s", run_id, flow_run_id)
+            return run_id
+        run = client.create_run(
+            exp_id,
+            run_name=name,
+            tags={KIND_TAG: "pipeline", "albef.orchestrator": "prefect", FLOW_RUN_TAG: flow_run_id},
+        )
+        log.info("mlflow: parent run %s at %s", run.info.run_id, cfg.uri)
+        return run.info.run_id
+    except Exception as exc:  # tracking never stops the pipeline
+        log.warning("mlflow: no parent run (%s: %s); stages track on their own", type(exc).__name__, exc)
+        return None
+
+
+def close_parent_run(cfg: Tracking | None, run_id: str | None, status: str, logger=None) -> None:
+    log = logger or _log
+    if cfg is None or not run_id:
+        return
+    try:
+        _client(cfg).set_terminated(run_id, status)
+    except Exception as exc:
+        log.warning("mlflow: could not mark parent run %s %s: %s", run_id, status, exc)
+
+
+@dataclass(frozen=True)
+class StageRunRef:
+    run_id: str
+    experiment_id: str
+    url: str | None
+
+
+def find_stage_run(
+    cfg: Tracking | None, parent_id: str | None, stage: str, logger=None
+) -> StageRunRef | None:
+    """The newest run stage ``stage`` opened under ``parent_id`` (None: there is none to link)."""
+    log = logger or _log
+    if cfg is None or not parent_id:
+        return None
+    try:
+        client = _client(cfg)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            return None
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+    except Exception as exc:
+        log.warning("mlflow: could not look up the run of stage %s: %s", stage, exc)
+        return None
+    if not found:
+        return None
+    info = found[0].info
+    return StageRunRef(info.run_id, info.experiment_id, cfg.run_url(info.experiment_id, info.run_id))

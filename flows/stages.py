@@ -1,0 +1,145 @@
+"""One Prefect flow per pipeline stage. Each runs its DVC stage(s) through ``dvc repro`` (see
+``flows/tasks.py``); the stage logic lives in ``albef`` and ``dvc.yaml``, never here.
+
+=============  ==================================================
+flow           DVC stages
+=============  ==================================================
+``data``       ``synth``
+``preprocess`` ``preprocess``
+``pretrain``   ``pretrain``
+``finetune``   ``finetune_*`` (``finetune_retrieval``)
+``evaluate``   ``evaluate_*`` (``evaluate_zeroshot``, ``evaluate_retrieval``)
+``register``   ``register`` (when dvc.yaml declares it)
+=============  ==================================================
+
+Parameters, the same for every flow:
+
+* ``project_dir``: the albef checkout (the deployment's working directory by default).
+* ``overrides``: params.yaml keys to set first, ``{"pretrain.epochs": 5}``; unknown keys fail at the start.
+* ``stages``: a subset of this flow's DVC stages (default: all of them).
+* ``gpus``: processes per node, one per GPU (0: one process, CPU or the one visible GPU); a worker with
+  fewer GPUs fails at the start. ``nodes`` and ``rdzv_endpoint`` (``host:port``) for several nodes.
+* ``deadline_minutes``: wall-clock limit of each DVC stage; the stage's processes are stopped when it passes.
+* ``retries``, ``retry_delay_seconds``: crashed, killed or overdue stages are retried and resume.
+* ``mlflow_parent_run_id``: the MLflow run to nest the stages' runs under (``full_pipeline`` sets it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS, run_flow_stages
+
+
+@flow(name="data", log_prints=True)
+def data(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """The embedded synthetic benchmark (DVC stage synth)."""
+    return run_flow_stages("data", **locals())
+
+
+@flow(name="preprocess", log_prints=True)
+def preprocess(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Validation, shards and tokenizer (DVC stage preprocess)."""
+    return run_flow_stages("preprocess", **locals())
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """ALBEF pretraining: ITC + ITM + MLM with momentum distillation (DVC stage pretrain)."""
+    return run_flow_stages("pretrain", **locals())
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Finetuning of the pretrained model (DVC stages finetune_*)."""
+    return run_flow_stages("finetune", **locals())
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Zero-shot and finetuned retrieval evaluation (DVC stages evaluate_*)."""
+    return run_flow_stages("evaluate", **locals())
+
+
+@flow(name="register", log_prints=True)
+def register(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[str] | None = None,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """The evaluated model into the MLflow registry, with the promotion gate (DVC stage register)."""
+    return run_flow_stages("register", **locals())
+
+
+STAGE_FLOWS = {
+    "data": data,
+    "preprocess": preprocess,
+    "pretrain": pretrain,
+    "finetune": finetune,
+    "evaluate": evaluate,
+    "register": register,
+}
