@@ -235,6 +235,7 @@ def apply_overrides(project: str | Path, overrides: Mapping[str, Any] | None) ->
     rt = YAML()  # round trip: comments, key order and flow style survive
     rt.preserve_quotes = True
     rt.width = 4096
+    rt.representer.add_representer(float, _represent_float)
     doc = rt.load(path.read_text())
     for parts, _, value in result.changes:
         node = doc
@@ -246,8 +247,27 @@ def apply_overrides(project: str | Path, overrides: Mapping[str, Any] | None) ->
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as fh:
         rt.dump(doc, fh)
+    # The stages read params.yaml with PyYAML (YAML 1.1): what they will read must be what was validated.
+    written = read_params(tmp)
+    for parts, _, value in result.changes:
+        node: Any = written
+        for part in parts:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node != value:
+            tmp.unlink()
+            raise PlanError(f"override {'.'.join(parts)}: {value!r} would be read back as {node!r}")
     os.replace(tmp, path)
     return result
+
+
+def _represent_float(representer, value: float):
+    # PyYAML (YAML 1.1) reads 5e-05 as a string: write 5.0e-05, as PyYAML itself does
+    text = repr(value).lower()
+    if text in ("nan", "inf", "-inf"):
+        text = {"nan": ".nan", "inf": ".inf", "-inf": "-.inf"}[text]
+    elif "." not in text and "e" in text:
+        text = text.replace("e", ".0e", 1)
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
 
 
 # ---------------------------------------------------------------------------------------------- resources

@@ -46,7 +46,9 @@ def _prctl(option: int, value: int) -> bool:
 
 
 def _say(message: str) -> None:
-    print(f"albef-supervise: {message}", file=sys.stderr, flush=True)
+    # the reader may be gone (the flow process was killed): a broken pipe must not stop the clean-up
+    with contextlib.suppress(OSError, ValueError):
+        print(f"albef-supervise: {message}", file=sys.stderr, flush=True)
 
 
 def _descendants() -> list[psutil.Process]:
@@ -129,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     child = subprocess.Popen(command, process_group=0)
+    try:
+        return _supervise(child, args, stop, started)
+    except BaseException:
+        stop_all(child, args.grace)
+        raise
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+            sys.stdout.flush()
+
+
+def _supervise(child: subprocess.Popen, args: argparse.Namespace, stop: list[int], started: float) -> int:
     reason = None
     while True:
         try:

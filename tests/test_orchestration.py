@@ -1,0 +1,350 @@
+"""The pieces the Prefect flows stand on, without a Prefect server: stage selection, params.yaml overrides,
+GPU checks, the torchrun relaunch, the supervised process group (deadline, cancellation, a killed parent),
+failure messages, the artifacts' Markdown, and prefect.yaml / serve declaring every flow."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from albef.orchestration import launch, report
+from albef.orchestration.pipeline import (
+    FLOW_STAGES,
+    PlanError,
+    apply_overrides,
+    check_resources,
+    launch_env,
+    merge_overrides,
+    prepare,
+    select_stages,
+)
+from albef.orchestration.process import StageRun, failure, run_supervised
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+def test_stages_follow_dvc_yaml_order_whatever_the_order_asked(project: Path):
+    declared = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert select_stages(project) == [s for s in declared if s != "register"] + (
+        ["register"] if "register" in declared else []
+    )
+    assert select_stages(project, ["evaluate", "data"]) == [
+        "synth",
+        "evaluate_zeroshot",
+        "evaluate_retrieval",
+    ]
+    assert select_stages(project, ["evaluate_zeroshot", "pretrain"]) == ["pretrain", "evaluate_zeroshot"]
+
+
+def test_unknown_stage_names_fail_naming_them(project: Path):
+    with pytest.raises(PlanError, match="unknown stage 'pretrian'.*flows data, preprocess"):
+        select_stages(project, ["pretrain", "pretrian"])
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"].pop("register", None)
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(PlanError, match="stage 'register': dvc.yaml declares none"):
+        select_stages(project, ["register"])
+    assert "register" not in select_stages(project)  # by default: the stages there are
+
+
+# ---------------------------------------------------------------------------------------- overrides
+
+
+def test_overrides_for_unknown_keys_fail_naming_the_key_and_leave_params_alone(project: Path):
+    before = (project / "params.yaml").read_bytes()
+    cases = {
+        "pretrain.epochz": "override 'pretrain.epochz'.*unknown key.*epochz",
+        "nosuch.key": "params.yaml has no section 'nosuch'",
+        "tokenizer.vocab": "params.yaml has no key tokenizer.vocab",
+        "model.vision.widht": "model.vision.widht",
+        "pretrain.epochs.x": "pretrain.epochs is a value",
+    }
+    for key, pattern in cases.items():
+        with pytest.raises(PlanError, match=pattern):
+            apply_overrides(project, {key: 1})
+    with pytest.raises(PlanError, match="pretrain.batch_size"):
+        apply_overrides(project, {"pretrain": {"batch_size": 0}})  # the stage's own loader refuses it
+    with pytest.raises(PlanError, match="unknown stage"):  # a bad stage name stops before any write
+        prepare(project, ["nope"], {"pretrain.epochs": 7})
+    assert (project / "params.yaml").read_bytes() == before
+
+
+def test_overrides_are_written_into_params_yaml_keeping_its_comments(project: Path):
+    result = apply_overrides(
+        project,
+        {
+            "pretrain.epochs": 1,
+            "finetune_retrieval": {"lr": 5.0e-5},
+            "pretrain.max_steps": 3,  # not in params.yaml, but a key of the training config
+            "preprocess": {"files": {"retrieval_test.json": "retrieval_eval"}},  # a dotted name, unchanged
+        },
+    )
+    assert result.changed == {
+        "pretrain.epochs": (3, 1),
+        "finetune_retrieval.lr": (1.0e-4, 5.0e-5),
+        "pretrain.max_steps": (None, 3),
+    }
+    text = (project / "params.yaml").read_text()
+    assert "# albef pipeline parameters" in text and "# zero-shot retrieval after each epoch" in text
+    params = yaml.safe_load(text)
+    assert params["pretrain"]["epochs"] == 1 and params["pretrain"]["max_steps"] == 3
+    assert params["finetune_retrieval"]["lr"] == 5.0e-5
+    assert params["model"] == yaml.safe_load((REPO / "params.yaml").read_text())["model"]
+    again = apply_overrides(project, {"pretrain.epochs": 1})
+    assert again.changed == {}
+
+
+def test_merge_without_overrides_is_a_copy():
+    params = {"pretrain": {"epochs": 3}}
+    result = merge_overrides(params, None)
+    assert result.params == params and result.params is not params and result.changed == {}
+
+
+# ---------------------------------------------------------------------------------------- resources
+
+
+def test_a_gpu_request_on_a_machine_without_enough_gpus_fails_at_once():
+    import torch
+
+    have = torch.cuda.device_count()
+    with pytest.raises(
+        PlanError, match=rf"requested {have + 1} GPU\(s\) per node, but this worker sees {have}"
+    ):
+        check_resources(have + 1)
+    with pytest.raises(PlanError, match="rdzv_endpoint"):
+        check_resources(1, nodes=2)
+    check_resources(0)
+
+
+def test_several_processes_relaunch_the_training_commands_under_torchrun():
+    assert launch_env(0) == {} and launch_env(1) == {}
+    env = launch_env(4)
+    assert env[launch.ENV_NPROC] == "4"
+    argv = launch.torchrun_argv(["pretrain", "--params", "params.yaml", "--quiet"], env)
+    assert argv[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone"]
+    assert argv[-6:] == ["-m", "albef", "pretrain", "--params", "params.yaml", "--quiet"]
+    multi = launch.torchrun_argv(["-v", "finetune", "retrieval"], launch_env(8, 2, "node0:29500"))
+    assert "--standalone" not in multi and multi[multi.index("--nnodes") + 1] == "2"
+    assert multi[multi.index("--rdzv_endpoint") + 1] == "node0:29500"
+    assert launch.torchrun_argv(["preprocess"], env) is None  # data stages stay one process
+    assert launch.torchrun_argv(["pretrain"], {**env, "RANK": "0", "WORLD_SIZE": "4"}) is None
+    assert launch.torchrun_argv(["pretrain"], {}) is None
+
+
+def test_the_cli_execs_torchrun_when_asked(monkeypatch):
+    from albef import cli
+
+    seen = {}
+
+    def fake_execv(path, args):
+        seen["args"] = args
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    monkeypatch.setenv(launch.ENV_NPROC, "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--params", "params.yaml"])
+    assert "torch.distributed.run" in seen["args"] and seen["args"][-3:] == [
+        "pretrain",
+        "--params",
+        "params.yaml",
+    ]
+
+
+# --------------------------------------------------------------------------------- process groups
+
+# A stage stand-in: a child in the group, a grandchild that leaves it (as torchrun's workers do), all pids
+# written to a file, then sleep.
+_TREE = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"]),
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)]
+    with open(sys.argv[1], "w") as fh:
+        fh.write(" ".join(str(p) for p in [os.getpid()] + [k.pid for k in kids]))
+    print("tree up", flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def _tree_command(tmp_path: Path) -> tuple[list[str], Path]:
+    script = tmp_path / "tree.py"
+    script.write_text(_TREE)
+    return [sys.executable, str(script), str(tmp_path / "pids")], tmp_path / "pids"
+
+
+def _pids(path: Path, timeout: float = 30) -> list[int]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.is_file() and path.read_text().strip():
+            return [int(p) for p in path.read_text().split()]
+        time.sleep(0.05)
+    raise AssertionError("the process tree did not start")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _assert_all_gone(pids: list[int], timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    survivors = [p for p in pids if _alive(p)]
+    for pid in survivors:  # never leave them behind, even when the test fails
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    assert not survivors, "processes of the stage outlived it"
+
+
+def test_the_deadline_stops_every_process_of_the_stage(tmp_path: Path):
+    command, pid_file = _tree_command(tmp_path)
+    lines: list[str] = []
+    started = time.monotonic()
+    run = run_supervised(command, cwd=tmp_path, deadline_s=2, grace_s=2, on_line=lines.append)
+    assert run.status == 124 and time.monotonic() - started < 30
+    assert "tree up" in lines and any("deadline of 2 s passed" in line for line in lines)
+    _assert_all_gone(_pids(pid_file))
+    error = failure("pretrain", run, 2)
+    assert error.retryable and "passed its deadline of 2 s" in str(error)
+
+
+def test_cancelling_the_caller_stops_every_process_of_the_stage(tmp_path: Path):
+    """Prefect cancels a flow run by SIGTERM, which its engine raises in the main thread: here an alarm
+    raises in the middle of the wait."""
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(signum, frame):
+        raise Cancelled
+
+    command, pid_file = _tree_command(tmp_path)
+    previous = signal.signal(signal.SIGALRM, cancel)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 4.0)
+        with pytest.raises(Cancelled):
+            run_supervised(command, cwd=tmp_path, grace_s=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    _assert_all_gone(_pids(pid_file))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux only")
+def test_a_killed_flow_process_takes_the_stage_down_with_it(tmp_path: Path):
+    command, pid_file = _tree_command(tmp_path)
+    flow_process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from albef.orchestration.process import run_supervised; "
+            f"run_supervised({command!r}, cwd={str(tmp_path)!r}, grace_s=2)",
+        ],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
+    pids = _pids(pid_file)
+    flow_process.send_signal(signal.SIGKILL)  # no handler runs: only the supervisor can clean up
+    flow_process.wait(timeout=10)
+    _assert_all_gone(pids)
+
+
+def test_a_failed_stage_reports_its_own_error_and_is_final():
+    run = StageRun(
+        255,
+        1.0,
+        [
+            "INFO pretrain: step 4",
+            "albef pretrain: error: pretrain: data/processed/pretrain.json has 32 samples, fewer than one global batch",
+            "ERROR: failed to reproduce 'pretrain': failed to run: albef pretrain --params params.yaml, exited with 2",
+        ],
+    )
+    error = failure("pretrain", run, None)
+    assert "fewer than one global batch" in str(error) and "exit status 255" in str(error)
+    assert not error.retryable
+    killed = failure("pretrain", StageRun(255, 1.0, ["ERROR: failed to run: ... exited with -9"]), None)
+    assert killed.retryable and "exited with -9" in str(killed)
+
+
+def test_resume_step_is_read_from_the_engine_log():
+    run = StageRun(
+        0,
+        1.0,
+        [
+            "INFO pretrain: resumed from runs/pretrain/checkpoints/step-000000006.pt (step 6, epoch 0, batch 6)"
+        ],
+    )
+    assert run.resumed_from_step == 6
+    assert StageRun(0, 1.0, ["INFO starting"]).resumed_from_step is None
+
+
+# ---------------------------------------------------------------------------------------- artifacts
+
+
+def test_stage_files_come_from_dvc_yaml_and_metrics_render_as_a_table(tmp_path: Path):
+    files = report.stage_files(REPO, "evaluate_retrieval")
+    assert files.metrics == ["metrics/retrieval.json"] and files.images == ["reports/retrieval/examples.png"]
+    assert report.stage_files(REPO, "pretrain").images == ["plots/pretrain/curves.png"]
+    assert report.stage_files(REPO, "synth").images == []
+    (tmp_path / "m.json").write_text(json.dumps({"r_mean": 12.5, "itc": {"txt_r1": 3.0}, "steps": 8}))
+    markdown = report.metrics_markdown(
+        "evaluate_retrieval", report.read_metrics(tmp_path, ["m.json", "gone.json"])
+    )
+    assert "| itc.txt_r1 | 3 |" in markdown and "| r_mean | 12.5 |" in markdown
+    assert report.artifact_key("evaluate_retrieval", "examples") == "evaluate-retrieval-examples"
+    png = tmp_path / "x.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 10)
+    assert "data:image/png;base64," in report.image_markdown(tmp_path, "x.png", "x")
+    assert report.image_markdown(tmp_path, "missing.png", "x") is None
+
+
+# --------------------------------------------------------------------------------------- deployments
+
+
+def test_prefect_yaml_deploys_every_flow_to_the_gpu_pool_with_schedules_off():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = spec["deployments"]
+    entrypoints = {d["entrypoint"] for d in deployments}
+    expected = {f"flows/stages.py:{name}" for name in FLOW_STAGES} | {"flows/pipeline.py:full_pipeline"}
+    assert entrypoints == expected
+    for d in deployments:
+        assert d["work_pool"]["name"] == "albef-gpu", d["entrypoint"]
+        assert d["schedules"] and all(s["active"] is False for s in d["schedules"]), d["entrypoint"]
+        assert d["parameters"]["gpus"] == 0 and d["parameters"]["retries"] >= 1
+
+
+def test_serve_offers_the_deployments_of_prefect_yaml():
+    from flows.serve import build_deployments
+    from flows.stages import STAGE_FLOWS
+
+    built = build_deployments()
+    assert sorted(d.flow_name for d in built) == sorted([*STAGE_FLOWS, "full_pipeline"])
+    for d in built:
+        assert d.name == "albef" and d.schedules and not any(s.active for s in d.schedules)
