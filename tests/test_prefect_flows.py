@@ -1,0 +1,500 @@
+"""The Prefect flows with the real thing: ``prefect server start`` on loopback with its own database and
+home folder, the ``albef-gpu`` process work pool, ``prefect deploy --all`` from prefect.yaml, a
+``prefect worker``, and flow runs triggered through the API on a fresh clone with tiny settings.
+
+* ``full_pipeline`` completes with one Completed task run per DVC stage, the stages' artifacts, overrides
+  written into params.yaml and recorded by dvc.lock, and DVC up to date afterwards;
+* the training process killed mid-run is retried by Prefect and resumes from its checkpoint (step > 0);
+* a stage that fails marks its task Failed with the stage's own error in the Prefect logs, without retries;
+* unknown stages, unknown params keys and missing GPUs fail at flow start, naming the culprit;
+* a cancelled flow run stops the stage's processes.
+
+Everything runs offline: telemetry is off (server and client), the UI is not served, and no step installs
+anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from uuid import UUID
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY_SYNTH = {
+    "pretrain_images": 16,
+    "retrieval_train_images": 8,
+    "retrieval_val_images": 4,
+    "retrieval_test_images": 4,
+    "vqa_train_images": 4,
+    "vqa_test_images": 4,
+    "ve_images": 8,
+    "nlvr_pairs": 8,
+    "grounding_images": 14,
+    "image_size": 64,
+}
+TINY_TRAIN = {
+    "batch_size": 4,
+    "epochs": 2,
+    "num_workers": 0,
+    "checkpoint_every": 0,
+    "k_test": 4,
+    "log_every": 1,
+}
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_group(proc: subprocess.Popen, signals=(signal.SIGTERM,), wait: float = 15) -> None:
+    """Stop a service started in its own session: the given signals in turn, then SIGKILL."""
+    for sig in signals:
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory):
+    """A Prefect server on loopback with its own sqlite database and PREFECT_HOME; yields the environment
+    clients use (PREFECT_API_URL set)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # the server's telemetry (a DNS lookup, then an error)
+        DO_NOT_TRACK="1",  # the client's telemetry
+        PREFECT_UI_ENABLED="false",  # not needed by the API; saves a second of start-up
+        PREFECT_SERVER_API_HOST="127.0.0.1",
+        PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks a triggered run up at once (default 15 s)
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@localhost",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@localhost",
+    )
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"prefect server exited:\n{(home / 'server.log').read_text()[-3000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"prefect server not healthy in 180 s:\n{(home / 'server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        env["PREFECT_API_URL"] = url
+        yield env
+    finally:
+        _stop_group(server)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def settings(prefect):
+    """This process's Prefect client pointed at the test server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings(
+        {PREFECT_API_URL: prefect["PREFECT_API_URL"], PREFECT_HOME: prefect["PREFECT_HOME"]}
+    ):
+        yield
+
+
+def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect) -> Path:
+    """A fresh clone of this repository (with the working tree's pipeline files) on tiny settings."""
+    from conftest import TINY_MODEL
+
+    root = tmp_path_factory.mktemp("clone") / "albef"
+    _run(["git", "clone", "-q", str(REPO), str(root)], REPO, prefect)
+    for name in ("dvc.yaml", "params.yaml", "prefect.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("albef", "flows"):
+        shutil.copytree(
+            REPO / folder, root / folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["synth"].update(TINY_SYNTH)
+    params["preprocess"].update(max_side=64, shard_size=16)
+    params["model"] = TINY_MODEL
+    params["pretrain"].update(TINY_TRAIN)
+    params["finetune_retrieval"].update(TINY_TRAIN, epochs=1)
+    params["evaluate"].update(k_test=4, num_workers=0, examples=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def deployments(project, prefect):
+    """The albef-gpu process pool and every deployment of prefect.yaml, created as the README says."""
+    prefect_cli = str(BIN / "prefect")
+    _run([prefect_cli, "work-pool", "create", "albef-gpu", "--type", "process"], project, prefect)
+    out = _run([prefect_cli, "--no-prompt", "deploy", "--all"], project, prefect, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def worker(deployments, project, prefect, tmp_path_factory):
+    """``prefect worker start --pool albef-gpu``, started elsewhere than the project (the deployments' pull
+    step moves each flow run into the checkout)."""
+    where = tmp_path_factory.mktemp("worker")
+    log = open(where / "worker.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "albef-gpu", "--name", "test-worker"],
+        cwd=where,
+        env=prefect,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield where / "worker.log"
+    finally:
+        # the process worker ignores one SIGTERM: SIGINT twice (the second escalates), then SIGKILL
+        _stop_group(proc, signals=(signal.SIGINT, signal.SIGINT), wait=10)
+        log.close()
+        # flow runs live in sessions of their own: none may outlive the test (they work in the project)
+        for leftover in psutil.process_iter(["cwd"]):
+            if str(leftover.info.get("cwd") or "").startswith(str(project)):
+                with contextlib.suppress(psutil.Error):
+                    leftover.kill()
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _trigger(name: str, parameters: dict) -> UUID:
+    with _client() as client:
+        deployment = client.read_deployment_by_name(name)
+        return client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id
+
+
+def _wait(flow_run_id: UUID, worker_log: Path, timeout: float = 540, on_poll=None):
+    end = time.monotonic() + timeout
+    with _client() as client:
+        while time.monotonic() < end:
+            run = client.read_flow_run(flow_run_id)
+            if run.state and run.state.type.value in FINAL:
+                return run
+            if on_poll is not None:
+                on_poll()
+            time.sleep(0.5)
+    pytest.fail(
+        f"flow run {flow_run_id} not finished in {timeout} s; worker log:\n{worker_log.read_text()[-4000:]}"
+    )
+
+
+def _flow_runs_under(root: UUID) -> list:
+    """The flow run and its subflow runs."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with _client() as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root]))
+        )
+        return [client.read_flow_run(root), *children]
+
+
+def _task_runs(flow_run_ids: list[UUID]) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
+
+
+def _artifacts(flow_run_ids: list[UUID]) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client() as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids))
+        )
+    return {a.key: a for a in found if a.key}
+
+
+def _logs(task_run_id: UUID) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    lines, offset = [], 0
+    with _client() as client:
+        while True:
+            page = client.read_logs(
+                log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])),
+                limit=200,
+                offset=offset,
+            )
+            lines += [log.message for log in page]
+            if len(page) < 200:
+                return lines
+            offset += 200
+
+
+def _dvc(project: Path, env: dict, *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], project, env)
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+def test_prefect_deploy_creates_a_deployment_for_every_flow_in_the_gpu_pool(deployments, settings):
+    from flows.stages import STAGE_FLOWS
+
+    with _client() as client:
+        found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        pool = client.read_work_pool("albef-gpu")
+    assert pool.type == "process"
+    assert set(found) == {f"{name}/albef" for name in [*STAGE_FLOWS, "full_pipeline"]}
+    for name, deployment in found.items():
+        assert deployment.work_pool_name == "albef-gpu", name
+        assert deployment.schedules and not any(s.active for s in deployment.schedules), name
+        assert deployment.parameters["gpus"] == 0, name
+        assert deployment.pull_steps and "set_working_directory" in json.dumps(deployment.pull_steps), name
+
+
+def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
+    project, prefect, worker, settings
+):
+    flow_run_id = _trigger(
+        "full_pipeline/albef",
+        {"overrides": {"pretrain.epochs": 1}, "retries": 1, "retry_delay_seconds": 1},
+    )
+    run = _wait(flow_run_id, worker)
+    runs = _flow_runs_under(flow_run_id)
+    assert run.state.type.value == "COMPLETED", f"{run.state.message}\n{worker.read_text()[-4000:]}"
+    with _client() as client:
+        subflows = sorted(client.read_flow(r.flow_id).name for r in runs[1:])
+    assert subflows == sorted(["data", "preprocess", "pretrain", "finetune", "evaluate"])
+    assert all(r.state.type.value == "COMPLETED" for r in runs)
+
+    tasks = _task_runs([r.id for r in runs])
+    assert tasks and all(t.state.type.value == "COMPLETED" for t in tasks), [
+        (t.name, t.state.name) for t in tasks
+    ]
+    stages = [
+        "synth",
+        "preprocess",
+        "pretrain",
+        "finetune_retrieval",
+        "evaluate_zeroshot",
+        "evaluate_retrieval",
+    ]
+    assert sorted(t.name for t in tasks if t.name.startswith("dvc repro ")) == sorted(
+        f"dvc repro {s}" for s in stages
+    )
+
+    artifacts = _artifacts([r.id for r in runs])
+    for key in [f"{s.replace('_', '-')}-metrics" for s in stages] + [
+        "evaluate-retrieval-examples",
+        "evaluate-zeroshot-examples",
+        "pretrain-curves",
+        "full-pipeline-summary",
+    ]:
+        assert key in artifacts, f"{key} not in {sorted(artifacts)}"
+    assert "| r_mean |" in artifacts["evaluate-retrieval-metrics"].data
+    assert "| steps | 8 |" in artifacts["pretrain-metrics"].data  # 32 pairs / batch 4, one epoch
+    assert "data:image/png;base64," in artifacts["evaluate-retrieval-examples"].data
+    assert "finetune_retrieval" in artifacts["full-pipeline-summary"].data
+
+    # The override went where DVC reads it, DVC recorded it, and DVC agrees that everything is up to date.
+    assert yaml.safe_load((project / "params.yaml").read_text())["pretrain"]["epochs"] == 1
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["epochs"] == 1
+    assert "up to date" in _dvc(project, prefect, "status").lower()
+
+
+def _training_processes(project: Path, stage_cmd: str = "pretrain") -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmd = proc.info.get("cmdline") or []
+        if (
+            len(cmd) >= 3
+            and any(Path(c).name == "albef" for c in cmd[:2])
+            and stage_cmd in cmd
+            and proc.info.get("cwd") == str(project)
+        ):
+            found.append(proc)
+    return found
+
+
+def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(
+    project, prefect, worker, settings
+):
+    from albef.train.checkpointing import list_checkpoints
+
+    shutil.rmtree(project / "runs" / "pretrain", ignore_errors=True)
+    ckpts = project / "runs" / "pretrain" / "checkpoints"
+    killed: list[int] = []
+
+    def kill_once_mid_run() -> None:
+        if killed:
+            return
+        done = list_checkpoints(ckpts) if ckpts.is_dir() else []
+        if done and int(done[-1].stem.split("-")[1]) >= 3:
+            for proc in _training_processes(project):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+
+    flow_run_id = _trigger(
+        "pretrain/albef",
+        {
+            "overrides": {"pretrain.epochs": 3, "pretrain.checkpoint_every": 1, "pretrain.val_file": None},
+            "retries": 2,
+            "retry_delay_seconds": 1,
+        },
+    )
+    end = time.monotonic() + 300
+    with _client() as client:
+        while not killed and time.monotonic() < end:
+            kill_once_mid_run()
+            if client.read_flow_run(flow_run_id).state.is_final():
+                break
+            time.sleep(0.02)
+    assert killed, "the training finished before it could be killed"
+    run = _wait(flow_run_id, worker)
+    assert run.state.type.value == "COMPLETED", run.state.message
+
+    (task,) = [t for t in _task_runs([flow_run_id]) if t.name == "dvc repro pretrain"]
+    assert task.state.type.value == "COMPLETED" and task.run_count == 2
+    logs = _logs(task.id)
+    assert any("exited with -9" in line or "-9" in line for line in logs if "failed" in line.lower()), logs[
+        -20:
+    ]
+    resumed = [line for line in logs if "resumed from" in line]
+    assert resumed, logs[-30:]
+    first_step = int(resumed[-1].split("(step ")[1].split(",")[0])
+    assert first_step > 0  # the retry's first step continues the killed run's checkpoint
+    assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 24
+    history = (project / "runs" / "pretrain" / "history.csv").read_text().splitlines()
+    steps = [int(float(row.split(",")[0])) for row in history[1:]]
+    assert steps == list(range(1, 25))  # resumed, not restarted: one row per step, no gap, no repeat
+    artifact = _artifacts([flow_run_id])["pretrain-metrics"].data
+    assert f"**resumed_from_step**: {first_step}" in artifact and "**attempt**: 2" in artifact
+
+
+def test_a_failing_stage_fails_its_task_with_the_stage_error_in_the_logs(project, prefect, worker, settings):
+    # valid as a setting, impossible for the data: the stage itself refuses it
+    flow_run_id = _trigger(
+        "pretrain/albef", {"overrides": {"pretrain.batch_size": 64}, "retries": 2, "retry_delay_seconds": 1}
+    )
+    run = _wait(flow_run_id, worker)
+    assert run.state.type.value == "FAILED"
+    (task,) = [t for t in _task_runs([flow_run_id]) if t.name == "dvc repro pretrain"]
+    assert task.state.type.value == "FAILED" and task.run_count == 1  # reported by the stage: not retried
+    logs = _logs(task.id)
+    errors = [line for line in logs if "albef pretrain: error:" in line]
+    assert errors and any("stage pretrain failed" in line for line in logs), logs[-20:]
+    assert "albef pretrain: error:" in (task.state.message or "") or errors
+
+
+def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):
+    import torch
+
+    from albef.orchestration.pipeline import PlanError
+    from flows.pipeline import full_pipeline
+
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(PlanError, match="unknown stage 'pretrian'"):
+        full_pipeline(project_dir=str(project), stages=["data", "pretrian"])
+    with pytest.raises(PlanError, match="override 'pretrain.epochz'.*unknown key"):
+        full_pipeline(project_dir=str(project), overrides={"pretrain.epochz": 1})
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(PlanError, match=r"requested 1 GPU\(s\) per node, but this worker sees 0"):
+            full_pipeline(project_dir=str(project), gpus=1)
+    assert (project / "params.yaml").read_bytes() == before
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with _client() as client:
+        failed = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))
+            )
+        )
+        failed = [r for r in failed if not r.deployment_id]
+    assert len(failed) >= 2 and not _task_runs([r.id for r in failed])  # refused before any task ran
+
+
+def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worker, settings):
+    from prefect.states import Cancelling
+
+    shutil.rmtree(project / "runs" / "pretrain", ignore_errors=True)
+    flow_run_id = _trigger(
+        "pretrain/albef",
+        {
+            "overrides": {"pretrain.epochs": 200, "pretrain.batch_size": 4, "pretrain.val_file": None},
+            "retries": 0,
+        },
+    )
+    end = time.monotonic() + 300
+    while not _training_processes(project) and time.monotonic() < end:
+        time.sleep(0.1)
+    training = _training_processes(project)
+    assert training, "training never started"
+    with _client() as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+    run = _wait(flow_run_id, worker, timeout=120)
+    assert run.state.type.value == "CANCELLED", run.state
+    _, alive = psutil.wait_procs(training, timeout=30)
+    for proc in alive:
+        proc.kill()
+    assert not alive, "the training process outlived its cancelled flow run"
