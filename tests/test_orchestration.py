@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -348,3 +349,75 @@ def test_serve_offers_the_deployments_of_prefect_yaml():
     assert sorted(d.flow_name for d in built) == sorted([*STAGE_FLOWS, "full_pipeline"])
     for d in built:
         assert d.name == "albef" and d.schedules and not any(s.active for s in d.schedules)
+
+
+# -------------------------------------------------------------------------------------------- mlflow
+
+
+@pytest.mark.slow
+def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found(tmp_path: Path, monkeypatch):
+    """Against a real sqlite store: the flow's parent run, a stage run nested under it the way the stages
+    nest theirs (albef.tracking when present, else the same tags by hand), the link lookup."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from albef.orchestration import mlflow_link as ml
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = {
+        "mlflow": {
+            "enabled": True,
+            "tracking_uri": "sqlite:///mlflow.db",
+            "experiment": "albef-flows",
+            "spool_dir": str(tmp_path / "spool"),
+        }
+    }
+    assert ml.tracking({}, tmp_path) is None
+    assert ml.tracking({"mlflow": {"enabled": False}}, tmp_path) is None
+    assert ml.open_parent_run(None, "x", "y") is None and ml.find_stage_run(None, "p", "pretrain") is None
+    cfg = ml.tracking(params, tmp_path)
+    assert cfg.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    parent = ml.open_parent_run(cfg, "flow-run-1", "prefect-test")
+    assert parent and ml.open_parent_run(cfg, "flow-run-1", "prefect-test") == parent  # a retry continues it
+    assert ml.open_parent_run(cfg, "flow-run-2", "prefect-other") != parent
+
+    try:
+        from albef.tracking.run import stage_run  # the stages' own tracking (issue 5), when present
+    except ImportError:
+        stage_run = None
+    if stage_run is not None:
+        monkeypatch.setenv(ml.PARENT_ENV, parent)
+        with stage_run(params, "pretrain") as run:
+            run.log_metrics({"loss": 1.0}, step=1)
+        stage_id = run.run_id
+    else:
+        client = MlflowClient(cfg.uri)
+        exp = client.get_experiment_by_name("albef-flows")
+        stage_id = client.create_run(
+            exp.experiment_id, tags={ml.PARENT_TAG: parent, ml.STAGE_TAG: "pretrain"}
+        ).info.run_id
+    ref = ml.find_stage_run(cfg, parent, "pretrain")
+    assert ref is not None and ref.run_id == stage_id and ref.url is None  # a sqlite store has no web address
+    assert ml.find_stage_run(cfg, parent, "finetune_retrieval") is None
+    with_ui = ml.Tracking(cfg.uri, cfg.experiment, ui_url="http://mlflow.example:5000/")
+    assert with_ui.run_url("1", stage_id) == f"http://mlflow.example:5000/#/experiments/1/runs/{stage_id}"
+    ml.close_parent_run(cfg, parent, "FINISHED")
+    assert MlflowClient(cfg.uri).get_run(parent).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracking_server_costs_no_pipeline(tmp_path: Path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from albef.orchestration import mlflow_link as ml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    cfg = ml.tracking({"mlflow": {"enabled": True}}, tmp_path)
+    started = time.monotonic()
+    assert ml.open_parent_run(cfg, "flow-run-1", "prefect-test") is None
+    assert ml.find_stage_run(cfg, "parent", "pretrain") is None
+    assert time.monotonic() - started < 60
