@@ -294,16 +294,14 @@ def test_a_failed_stage_reports_its_own_error_and_is_final():
     assert killed.retryable and "exited with -9" in str(killed)
 
 
-def test_resume_step_is_read_from_the_engine_log():
-    run = StageRun(
-        0,
-        1.0,
-        [
-            "INFO pretrain: resumed from runs/pretrain/checkpoints/step-000000006.pt (step 6, epoch 0, batch 6)"
-        ],
+def test_resume_step_is_read_from_the_engine_log_as_it_streams(tmp_path: Path):
+    line = (
+        "INFO pretrain: resumed from runs/pretrain/checkpoints/step-000000006.pt (step 6, epoch 0, batch 6)"
     )
-    assert run.resumed_from_step == 6
-    assert StageRun(0, 1.0, ["INFO starting"]).resumed_from_step is None
+    script = f"print({line!r}); [print('INFO step', i) for i in range(50)]"
+    run = run_supervised([sys.executable, "-c", script], cwd=tmp_path, keep_lines=10)
+    assert run.status == 0 and line not in run.tail and run.resumed_from_step == 6
+    assert run_supervised([sys.executable, "-c", "print('fresh')"], cwd=tmp_path).resumed_from_step is None
 
 
 # ---------------------------------------------------------------------------------------- artifacts

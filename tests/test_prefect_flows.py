@@ -314,6 +314,8 @@ def test_prefect_deploy_creates_a_deployment_for_every_flow_in_the_gpu_pool(depl
 def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     project, prefect, worker, settings
 ):
+    from albef.orchestration.pipeline import flow_of, select_stages
+
     flow_run_id = _trigger(
         "full_pipeline/albef",
         {"overrides": {"pretrain.epochs": 1}, "retries": 1, "retry_delay_seconds": 1},
@@ -321,16 +323,9 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     run = _wait(flow_run_id, worker)
     runs = _flow_runs_under(flow_run_id)
     assert run.state.type.value == "COMPLETED", f"{run.state.message}\n{worker.read_text()[-4000:]}"
-    with _client() as client:
-        subflows = sorted(client.read_flow(r.flow_id).name for r in runs[1:])
-    assert subflows == sorted(["data", "preprocess", "pretrain", "finetune", "evaluate"])
-    assert all(r.state.type.value == "COMPLETED" for r in runs)
-
-    tasks = _task_runs([r.id for r in runs])
-    assert tasks and all(t.state.type.value == "COMPLETED" for t in tasks), [
-        (t.name, t.state.name) for t in tasks
-    ]
-    stages = [
+    # every stage dvc.yaml declares (register too, once the MLflow stage is in dvc.yaml)
+    stages = select_stages(project)
+    assert stages[:6] == [
         "synth",
         "preprocess",
         "pretrain",
@@ -338,9 +333,16 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
         "evaluate_zeroshot",
         "evaluate_retrieval",
     ]
-    assert sorted(t.name for t in tasks if t.name.startswith("dvc repro ")) == sorted(
-        f"dvc repro {s}" for s in stages
-    )
+    with _client() as client:
+        subflows = sorted(client.read_flow(r.flow_id).name for r in runs[1:])
+    assert subflows == sorted({flow_of(s) for s in stages})
+    assert all(r.state.type.value == "COMPLETED" for r in runs)
+
+    tasks = _task_runs([r.id for r in runs])
+    states = [(t.name, t.state.name) for t in tasks]
+    assert tasks and all(t.state.type.value == "COMPLETED" for t in tasks), states
+    repros = sorted(t.name for t in tasks if t.name.startswith("dvc repro "))
+    assert repros == sorted(f"dvc repro {s}" for s in stages)
 
     artifacts = _artifacts([r.id for r in runs])
     for key in [f"{s.replace('_', '-')}-metrics" for s in stages] + [
@@ -354,6 +356,10 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     assert "| steps | 8 |" in artifacts["pretrain-metrics"].data  # 32 pairs / batch 4, one epoch
     assert "data:image/png;base64," in artifacts["evaluate-retrieval-examples"].data
     assert "finetune_retrieval" in artifacts["full-pipeline-summary"].data
+    mlflow = yaml.safe_load((project / "params.yaml").read_text()).get("mlflow")
+    if isinstance(mlflow, dict) and mlflow.get("enabled", True):  # the stages track: their runs are linked
+        for stage in ("pretrain", "finetune_retrieval"):
+            assert f"{stage.replace('_', '-')}-mlflow-run" in artifacts, sorted(artifacts)
 
     # The override went where DVC reads it, DVC recorded it, and DVC agrees that everything is up to date.
     assert yaml.safe_load((project / "params.yaml").read_text())["pretrain"]["epochs"] == 1

@@ -44,13 +44,13 @@ class StageFailed(RuntimeError):
 class StageRun:
     status: int
     seconds: float
-    tail: list[str] = field(default_factory=list)
+    tail: list[str] = field(default_factory=list)  # the last lines of its output
+    resumed_steps: list[int] = field(default_factory=list)  # "resumed from ... (step N" lines, in order
 
     @property
     def resumed_from_step(self) -> int | None:
         """The step the training engine resumed from in this run (None: it started fresh or did not train)."""
-        steps = [int(m.group(1)) for line in self.tail for m in [_RESUMED.search(line)] if m]
-        return steps[-1] if steps else None
+        return self.resumed_steps[-1] if self.resumed_steps else None
 
 
 def run_supervised(
@@ -80,6 +80,7 @@ def run_supervised(
         *command,
     ]
     tail: collections.deque[str] = collections.deque(maxlen=keep_lines)
+    resumed_steps: list[int] = []
     started = time.monotonic()
     proc = subprocess.Popen(
         supervisor,
@@ -102,6 +103,9 @@ def run_supervised(
             if not line:
                 continue
             tail.append(line)
+            resumed = _RESUMED.search(line)  # seen as it streams: a long run's tail no longer holds it
+            if resumed:
+                resumed_steps.append(int(resumed.group(1)))
             if on_line is not None:
                 with contextlib.suppress(Exception):  # logging must never stop the stage
                     on_line(line)
@@ -119,7 +123,7 @@ def run_supervised(
         _stop(proc, grace_s)
         raise
     reader.join(timeout=10)
-    return StageRun(status, time.monotonic() - started, list(tail))
+    return StageRun(status, time.monotonic() - started, list(tail), resumed_steps)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
