@@ -237,8 +237,8 @@ def mlflow_env(**extra: str) -> dict[str, str]:
 
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)  # a server or a served model gets only what the test gives it
     env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **extra)
-    env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 

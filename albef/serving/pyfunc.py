@@ -47,8 +47,9 @@ def _bad_input(message: str):
     # MLflow's scoring server answers an MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with this
     # message; any other exception would be a 500 that hides it.
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(message, error_code="INVALID_PARAMETER_VALUE")
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def decode_image(value: Any, row: int):

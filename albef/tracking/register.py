@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,7 @@ def register_stage(params: dict[str, Any], out: str | Path | None = None) -> dic
             raise RegistryError(
                 f"the registry at {uri} is unreachable; rerun `albef register` when it answers"
             )
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        with mlflow.start_run(run_id=run.run_id):
+        with _fluent_uri(uri), mlflow.start_run(run_id=run.run_id):
             max_tokens = int((params.get("evaluate") or {}).get("max_tokens", 30))
             info = log_retrieval_model(cfg.model_dir, name="model", max_tokens=max_tokens)
         tags = {
@@ -56,7 +56,9 @@ def register_stage(params: dict[str, Any], out: str | Path | None = None) -> dic
             "source_run_id": run.run_id,
             "model_dir": str(cfg.model_dir),
         }
-        version, decision = registry.register(info.model_uri, metrics, tags, run_id=run.run_id)
+        version, decision = registry.register(
+            info.model_uri, metrics, tags, run_id=run.run_id, model_id=info.model_id
+        )
         summary = {
             "registered": True,
             "model_name": cfg.model_name,
@@ -80,6 +82,23 @@ def register_stage(params: dict[str, Any], out: str | Path | None = None) -> dic
         run.log_dict(summary, "register.json")
     _write(out, summary)
     return summary
+
+
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """``mlflow.pyfunc.log_model`` only speaks to the global (fluent) tracking URI: point it at ``uri`` for the
+    upload and restore what was there, so a caller in the same process (a Prefect flow) keeps its own."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = old_tracking, old_registry
 
 
 def _write(out: str | Path | None, summary: dict[str, Any]) -> None:

@@ -191,7 +191,12 @@ class Registry:
         return decision
 
     def register(
-        self, model_uri: str, metrics: dict[str, Any], tags: dict[str, str], run_id: str | None = None
+        self,
+        model_uri: str,
+        metrics: dict[str, Any],
+        tags: dict[str, str],
+        run_id: str | None = None,
+        model_id: str | None = None,
     ):
         """A new version from ``model_uri`` with the challenger alias, its metrics and ``tags``; then the gate.
         Returns (model version, decision)."""
@@ -206,7 +211,11 @@ class Registry:
             **{METRIC_TAG + k: f"{v:.6g}" for k, v in numeric_items(flatten(metrics)).items()},
             **tags,
         }
-        mv = self.client.create_model_version(self.name, model_uri, run_id=run_id, tags=version_tags)
+        if model_id is None and model_uri.startswith("models:/m-"):
+            model_id = model_uri.removeprefix("models:/")  # a REST store needs the logged model's id
+        mv = self.client.create_model_version(
+            self.name, model_uri, run_id=run_id, tags=version_tags, model_id=model_id
+        )
         version = str(mv.version)
         self.client.set_registered_model_alias(self.name, self.cfg.challenger_alias, version)
         decision = self.apply(version, self.evaluate_gate(value))
