@@ -210,3 +210,15 @@ def test_tracking_config_defaults_and_typos(monkeypatch):
 def test_registry_names_with_forbidden_characters_are_refused(name):
     with pytest.raises(ConfigError, match="not a valid registered model name"):
         validate_model_name(name, "register.model_name")
+
+
+def test_a_call_the_store_refuses_is_set_aside_and_the_rest_delivered(mlflow_sqlite, tmp_path):
+    params = {"mlflow": {"experiment": "refused", "spool_dir": str(tmp_path / "spool")}, "lr": 0.1}
+    run = start_stage_run(params, "pretrain")
+    run.log_params({"lr": 0.2})  # params are immutable in MLflow: a different value is refused
+    run.on_log(1, {"step": 1, "loss": 3.0})
+    assert run.finish() is True
+    rejected = [json.loads(line) for line in run.journal.rejected_path.read_text().splitlines()]
+    assert len(rejected) == 1 and rejected[0]["op"]["params"] == {"lr": "0.2"}
+    stored = _client().get_run(run.run_id)
+    assert stored.data.params["lr"] == "0.1" and stored.data.metrics["loss"] == 3.0
