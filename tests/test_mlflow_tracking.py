@@ -222,3 +222,17 @@ def test_a_call_the_store_refuses_is_set_aside_and_the_rest_delivered(mlflow_sql
     assert len(rejected) == 1 and rejected[0]["op"]["params"] == {"lr": "0.2"}
     stored = _client().get_run(run.run_id)
     assert stored.data.params["lr"] == "0.1" and stored.data.metrics["loss"] == 3.0
+
+
+def test_an_orchestrator_given_parent_is_used_and_left_alone(mlflow_sqlite, tmp_path, monkeypatch):
+    client = _client()
+    exp = client.create_experiment("orchestrated")
+    parent = client.create_run(exp, run_name="prefect-flow").info.run_id
+    monkeypatch.setenv("ALBEF_MLFLOW_PARENT_RUN_ID", parent)
+    params = {"mlflow": {"experiment": "orchestrated", "spool_dir": str(tmp_path / "spool")}}
+    from albef.tracking.run import stage_run
+
+    with stage_run(params, "pretrain") as run:
+        run.on_log(1, {"step": 1, "loss": 1.0})
+    assert client.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(parent).info.status == "RUNNING"  # the orchestrator ends it
