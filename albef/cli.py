@@ -107,27 +107,80 @@ def _load_params(args: argparse.Namespace) -> dict:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from albef.train.stages import pretrain_stage
+    from albef.tracking.stages import tracked_train
 
-    metrics = pretrain_stage(_load_params(args), progress=not args.quiet)
+    metrics = tracked_train(_load_params(args), "pretrain", "pretrain", progress=not args.quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from albef.train.stages import finetune_stage
+    from albef.tracking.stages import tracked_train
 
-    metrics = finetune_stage(_load_params(args), args.task, progress=not args.quiet)
+    metrics = tracked_train(_load_params(args), f"finetune_{args.task}", args.task, progress=not args.quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from albef.train.stages import evaluate_stage
+    from albef.tracking.stages import tracked_evaluate
 
-    metrics = evaluate_stage(_load_params(args), args.model, args.out, args.metrics, progress=not args.quiet)
+    metrics = tracked_evaluate(
+        _load_params(args), args.model, args.out, args.metrics, progress=not args.quiet
+    )
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from albef.tracking.register import register_stage
+
+    print(json.dumps(register_stage(_load_params(args), args.out), indent=2, sort_keys=True))
+    return 0
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from albef.tracking.config import register_config, tracking_config
+    from albef.tracking.registry import Registry
+
+    params = _load_params(args)
+    cfg = register_config(params)
+    if args.name:
+        cfg.model_name = args.name
+    registry = Registry(cfg, tracking_config(params).resolved_uri())
+    if args.registry_command == "list":
+        rows = registry.list()
+        if not rows:
+            print(f"{cfg.model_name}: no versions")
+        for row in rows:
+            aliases = ",".join(row["aliases"]) or "-"
+            print(
+                f"v{row['version']:<4} {aliases:<22} {cfg.gate.metric}={row[cfg.gate.metric]}  "
+                f"{row['decision'] or '-'}: {row['reason'] or ''}"
+            )
+    elif args.registry_command == "promote":
+        decision = registry.promote(args.version, force=args.force)
+        print(f"{'promoted' if decision.promote else 'not promoted'}: {decision.reason}")
+        return 0 if decision.promote else 1
+    else:
+        target = registry.rollback(args.to)
+        print(f"{cfg.model_name}: {cfg.champion_alias} is now v{target}")
+    return 0
+
+
+def _mlflow_sync(args: argparse.Namespace) -> int:
+    from albef.tracking.config import tracking_config, validate_tracking_uri
+    from albef.tracking.journal import sync_spool
+
+    cfg = tracking_config(_load_params(args))
+    uri = (
+        validate_tracking_uri(args.tracking_uri, "--tracking-uri")
+        if args.tracking_uri
+        else cfg.resolved_uri()
+    )
+    report = sync_spool(args.spool_dir or cfg.spool_dir, uri)
+    print(report.summary())
+    return 1 if report.pending else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
 
+    reg = sub.add_parser(
+        "register",
+        help="register the evaluated model in MLflow and run the promotion gate (params: register)",
+    )
+    reg.add_argument("--params", default="params.yaml")
+    reg.add_argument("--out", help="also write the outcome as JSON here (for DVC)")
+    reg.set_defaults(func=_register)
+
+    registry = sub.add_parser("registry", help="the MLflow model registry: list, promote, rollback")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True)
+    for name, helptext in (
+        ("list", "versions with their aliases, gate metric and promotion decision"),
+        ("promote", "run the gate for a version against the champion (--force: skip the gate)"),
+        ("rollback", "give the champion alias back to the previous champion (or --to N)"),
+    ):
+        cmd = registry_sub.add_parser(name, help=helptext)
+        cmd.add_argument("--params", default="params.yaml")
+        cmd.add_argument("--name", help="registered model name (default: register.model_name)")
+        if name == "promote":
+            cmd.add_argument("--version", required=True)
+            cmd.add_argument("--force", action="store_true", help="promote without the gate")
+        if name == "rollback":
+            cmd.add_argument("--to", help="version to make champion (default: the previous champion)")
+        cmd.set_defaults(func=_registry)
+
+    mlf = sub.add_parser("mlflow", help="MLflow tracking utilities")
+    mlf_sub = mlf.add_subparsers(dest="mlflow_command", required=True)
+    sync = mlf_sub.add_parser("sync", help="deliver tracking calls kept while the server was unreachable")
+    sync.add_argument("--params", default="params.yaml")
+    sync.add_argument("--spool-dir", help="default: mlflow.spool_dir")
+    sync.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else mlflow.tracking_uri")
+    sync.set_defaults(func=_mlflow_sync)
+
     info = sub.add_parser("info", help="print a model configuration and its parameter counts")
     info.add_argument("--task", choices=["pretrain", "retrieval"], default="pretrain")
     info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
@@ -244,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         from albef.train.engine import CheckpointWriteError, TrainingDiverged
 
         expected = (*expected, TrainingDiverged, CheckpointWriteError)
+    if args.command in ("register", "registry", "mlflow"):
+        from albef.tracking.registry import RegistryError
+
+        expected = (*expected, RegistryError)
     try:
         return args.func(args)
     except expected as exc:

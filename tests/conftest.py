@@ -141,3 +141,168 @@ def tiny_data(tmp_path_factory):
     synth_stage(params, progress=False)
     preprocess_stage(params, progress=False)
     return root
+
+
+# ----------------------------------------------------------------------------- MLflow on loopback
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory):
+    """A sqlite file with MLflow's schema migrated once (seconds); tests copy it (milliseconds)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{path}", str(path.parent / "artifacts")).engine.dispose()
+    return path
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, mlflow_template_db, monkeypatch) -> str:
+    """A fresh sqlite tracking store for one test; the test runs in ``tmp_path`` (./mlruns, spool there)."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(mlflow_template_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for name in ("ALBEF_MLFLOW_PARENT_RUN_ID", "ALBEF_MLFLOW_PIPELINE"):
+        monkeypatch.delenv(name, raising=False)
+    return uri
+
+
+class ServiceProcess:
+    """A server started in its own process group on loopback, stopped with the whole group."""
+
+    def __init__(
+        self, cmd: list[str], url: str, log_path, env: dict[str, str] | None = None, ready: str = "/health"
+    ):
+        import subprocess
+
+        self.url, self.log_path = url, log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        self._wait(ready)
+
+    def _wait(self, path: str, timeout: float = 90.0) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"server at {self.url} not ready in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        from pathlib import Path
+
+        return Path(self.log_path).read_text()[-chars:]
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def mlflow_env(**extra: str) -> dict[str, str]:
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)  # a server or a served model gets only what the test gives it
+    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **extra)
+    return env
+
+
+def start_mlflow_server(
+    root, mlflow_template_db, artifacts: str, env: dict[str, str] | None = None
+) -> ServiceProcess:
+    """``mlflow server`` with a copy of the migrated sqlite store, one worker (start-up ~10 s instead of ~20 s)."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(root)
+    shutil.copy(mlflow_template_db, root / "mlflow.db")
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts,
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    return ServiceProcess(cmd, f"http://127.0.0.1:{port}", root / "server.log", env or mlflow_env())
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, mlflow_template_db):
+    """A real tracking server (sqlite backend, proxied local artifacts) shared by the session; tests keep
+    apart by their own experiment and model names."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    server = start_mlflow_server(root, mlflow_template_db, str(root / "artifacts"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tracked(mlflow_server, monkeypatch, tmp_path):
+    """Point MLflow at the session server for one test; returns a unique experiment name for it."""
+    import uuid
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    for name in ("ALBEF_MLFLOW_PARENT_RUN_ID", "ALBEF_MLFLOW_PIPELINE"):
+        monkeypatch.delenv(name, raising=False)
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_retrieval_model(tiny_data, tmp_path_factory):
+    """An exported tiny retrieval model (random weights, the tiny data's tokenizer), as `export_model` writes."""
+    from albef.checkpoint import build_model
+    from albef.config import ModelConfig
+    from albef.tokenizer import ALBEFTokenizer
+    from albef.train.stages import export_model
+
+    torch.manual_seed(0)
+    model = build_model("retrieval", ModelConfig.from_dict(TINY_MODEL, prefix="model"))
+    tokenizer = ALBEFTokenizer.from_pretrained(tiny_data / "data" / "processed" / "tokenizer")
+    out = tmp_path_factory.mktemp("tiny_model") / "retrieval"
+    return export_model(model, out, tokenizer, None, {"stage": "test"})

@@ -185,9 +185,50 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
     assert (project / "plots_html" / "index.html").is_file()
     assert "up to date" in _dvc("repro", cwd=project).lower()
 
+    first = _mlflow_state(project)
+    assert len(first["parents"]) == 1
+    assert sorted(first["stages"].values()) == sorted(
+        ["pretrain", "finetune_retrieval", "evaluate_zeroshot", "evaluate_retrieval", "register"]
+    )
+    assert first["aliases"] == {"champion": "1", "challenger": "1"}
+
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "tiny pipeline"], project)
     _dvc("exp", "run", "-S", "pretrain.epochs=2", cwd=project)
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 2 * 32 // 4
     experiments = _dvc("exp", "show", "--json", cwd=project)
     assert "pretrain.epochs" in experiments or '"epochs": 2' in experiments
+
+    # other params: a second parent run; version 2 is challenger, champion only if the gate let it through
+    second = _mlflow_state(project)
+    assert len(second["parents"]) == 2 and second["aliases"]["challenger"] == "2"
+    r_mean = second["r_mean"]
+    assert second["aliases"]["champion"] == ("2" if r_mean["2"] >= r_mean["1"] else "1")
+    assert second["decisions"]["2"] == ("promoted" if r_mean["2"] >= r_mean["1"] else "rejected")
+
+
+def _mlflow_state(project: Path) -> dict:
+    """Parent runs, stage runs (run id -> stage) and registry aliases in the project's embedded sqlite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("albef")
+    runs = client.search_runs([exp.experiment_id])
+    parents = {r.info.run_id for r in runs if r.data.tags.get("albef.kind") == "pipeline"}
+    latest = max(parents, key=lambda p: next(r.info.start_time for r in runs if r.info.run_id == p))
+    stages = {
+        r.info.run_id: r.data.tags["albef.stage"]
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == latest
+    }
+    versions = client.search_model_versions("name = 'albef-retrieval'")
+    aliases = {
+        a: str(v.version) for v in versions for a in client.get_model_version(v.name, v.version).aliases
+    }
+    return {
+        "parents": parents,
+        "stages": stages,
+        "aliases": aliases,
+        "r_mean": {str(v.version): float(v.tags["metric.r_mean"]) for v in versions},
+        "decisions": {str(v.version): v.tags.get("promotion_decision") for v in versions},
+    }

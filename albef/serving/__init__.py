@@ -1,0 +1,1 @@
+"""Serving albef models: the MLflow pyfunc wrapper for retrieval."""

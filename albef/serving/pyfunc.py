@@ -1,0 +1,224 @@
+"""A retrieval model as an MLflow pyfunc: images and texts in, similarities, match scores and rankings out.
+
+Input: a table with the columns ``image`` and ``text``. Each row adds its image (a file path, or the
+image file's bytes base64-encoded) and/or its text (a caption); an empty or null cell adds nothing, so a
+request may carry more images than texts or the other way round. Output: ``itc`` (images x texts cosine
+similarities of the ITC features, unscaled), ``itm`` (images x texts ITM match logits, the score the
+official protocol ranks by), and rankings by ITM: ``image_to_text`` (per image, text indices best first)
+and ``text_to_image`` (per text, image indices best first). Indices count the non-empty cells of each column.
+
+Every image-text pair is scored by the fusion encoder, so requests are meant to be small (tens of images
+and texts); the evaluation stage's top-k protocol is the tool for whole test sets.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+COLUMNS = ("image", "text")
+MODEL_ARTIFACT = "albef_model"
+_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "pillow",
+    "numpy",
+    "pandas",
+    "pyyaml",
+    "mlflow",
+)
+
+
+class InvalidModelInput(ValueError):
+    """A request the model cannot answer; the message says which row and column."""
+
+
+def _bad_input(message: str):
+    # MLflow's scoring server answers an MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with this
+    # message; any other exception would be a 500 that hides it.
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def decode_image(value: Any, row: int):
+    """A PIL image (RGB) from a path, raw bytes or base64 text; InvalidModelInput names the row."""
+    from PIL import Image, UnidentifiedImageError
+
+    data: bytes
+    if isinstance(value, (bytes, bytearray)):
+        data = bytes(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        # A short string naming an existing file is a path; anything else must be base64 of an image file.
+        if len(text) < 4096 and "\n" not in text and Path(text).is_file():
+            data = Path(text).read_bytes()
+        else:
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidModelInput(
+                    f"row {row}, column 'image': neither an existing image file nor base64 data ({exc}); "
+                    f"got {text[:40]!r}{'...' if len(text) > 40 else ''}"
+                ) from exc
+    else:
+        raise InvalidModelInput(
+            f"row {row}, column 'image': expected a path or base64 text, got {type(value).__name__}"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidModelInput(f"row {row}, column 'image': not a decodable image ({exc})") from exc
+
+
+def _present(value: Any) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, float) and value != value:  # NaN: pandas' missing value
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
+def split_input(frame) -> tuple[list[Any], list[str]]:
+    """(images, texts) from the request table; missing columns and empty requests are InvalidModelInput."""
+    import pandas as pd
+
+    if isinstance(frame, dict):
+        frame = pd.DataFrame(frame)
+    if not isinstance(frame, pd.DataFrame):
+        raise InvalidModelInput(f"expected a table with columns {list(COLUMNS)}, got {type(frame).__name__}")
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise InvalidModelInput(
+            f"missing column(s) {missing}; the input needs columns {list(COLUMNS)} (got {list(frame.columns)})"
+        )
+    images = [decode_image(v, i) for i, v in enumerate(frame["image"].tolist()) if _present(v)]
+    texts = []
+    for i, v in enumerate(frame["text"].tolist()):
+        if _present(v):
+            if not isinstance(v, str):
+                raise InvalidModelInput(f"row {i}, column 'text': expected text, got {type(v).__name__}")
+            texts.append(v)
+    if not images or not texts:
+        raise InvalidModelInput(
+            f"need at least one image and one text to compare; got {len(images)} image(s), {len(texts)} text(s)"
+        )
+    return images, texts
+
+
+class RetrievalModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper; the weights, config and tokenizer come from the ``albef_model`` artifact."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from albef.checkpoint import load_pretrained
+        from albef.data.transforms import eval_transform
+        from albef.tokenizer import ALBEFTokenizer
+
+        model_dir = Path(context.artifacts[MODEL_ARTIFACT])
+        config = dict(context.model_config or {})
+        self.max_tokens = int(config.get("max_tokens", 30))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_pretrained(model_dir, task="retrieval").to(self.device).eval()
+        self.tokenizer = ALBEFTokenizer.from_pretrained(
+            model_dir / "tokenizer", single_sentence_sep=self.model.cfg.quirks.single_sentence_sep
+        )
+        self.transform = eval_transform(self.model.cfg.vision.image_size)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> dict[str, list]:
+        try:
+            images, texts = split_input(model_input)
+        except InvalidModelInput as exc:
+            raise _bad_input(str(exc)) from exc
+        return self.score(images, texts)
+
+    def score(self, images: list, texts: list[str]) -> dict[str, list]:
+        import torch
+
+        from albef.models.retrieval import image_features, itm_scores, text_features
+
+        with torch.no_grad():
+            pixels = torch.stack([self.transform(img) for img in images]).to(self.device)
+            tokens = self.tokenizer(texts, max_length=self.max_tokens)
+            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+            img_embeds, img_feats = image_features(self.model, pixels)
+            txt_embeds, txt_feats = text_features(self.model, ids, mask)
+            itc = img_feats @ txt_feats.t()
+            grid = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts)))
+            itm = itm_scores(self.model, img_embeds, txt_embeds, mask, grid).view(len(images), len(texts))
+        itm = itm.float().cpu()
+        return {
+            "itc": itc.float().cpu().tolist(),
+            "itm": itm.tolist(),
+            "image_to_text": torch.argsort(itm, dim=1, descending=True, stable=True).tolist(),
+            "text_to_image": torch.argsort(itm.t(), dim=1, descending=True, stable=True).tolist(),
+        }
+
+
+def example_input():
+    """Two rows: a small PNG (base64) with a caption, and a second caption without an image."""
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
+    encoded = base64.b64encode(buf.getvalue()).decode()
+    return pd.DataFrame({"image": [encoded, ""], "text": ["a red square", "a blue circle"]})
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "text")])
+    return ModelSignature(inputs=inputs)
+
+
+def pip_requirements() -> list[str]:
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def log_retrieval_model(model_dir: str | Path, name: str = "model", max_tokens: int = 30, **kwargs: Any):
+    """Log the exported retrieval model in ``model_dir`` (model.safetensors, config.json, tokenizer/) as a
+    pyfunc with its signature and an input example; albef's source goes along, so the model loads with
+    only the libraries of :func:`pip_requirements` installed. Returns MLflow's ``ModelInfo``."""
+    import albef
+    from albef.checkpoint import read_config
+
+    model_dir = Path(model_dir)
+    task, _ = read_config(model_dir)
+    if task != "retrieval":
+        raise ValueError(f"{model_dir} holds a {task!r} model; the retrieval pyfunc needs a retrieval model")
+    if not (model_dir / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{model_dir / 'tokenizer'} not found: export the model with its tokenizer")
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=RetrievalModel(),
+        artifacts={MODEL_ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(albef.__file__).parent)],
+        signature=_signature(),
+        input_example=example_input(),
+        model_config={"max_tokens": max_tokens},
+        pip_requirements=pip_requirements(),
+        **kwargs,
+    )

@@ -1,0 +1,154 @@
+"""Typed settings of the ``mlflow`` and ``register`` sections of ``params.yaml``, validated on load."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from albef.config import ConfigError
+
+# The schemes MLflow's tracking client understands. Anything else (a typo such as ``htp://``) would only
+# fail at the first request, deep inside training, so it is refused before anything starts.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Registered-model names end up in ``models:/<name>@<alias>`` URIs, REST paths and file names; this
+# strict set keeps all of them unambiguous (MLflow itself only refuses '/' and ':').
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,254}")
+
+
+@dataclass
+class TrackingConfig:
+    """``params.mlflow``: where runs go and how a flaky server is handled."""
+
+    enabled: bool = True
+    tracking_uri: str = DEFAULT_TRACKING_URI  # MLFLOW_TRACKING_URI, when set, takes precedence
+    experiment: str = "albef"
+    artifact_location: str | None = None  # for a new experiment; null: the server's default
+    spool_dir: str = "runs/mlflow-spool"  # undelivered tracking calls, replayed by `albef mlflow sync`
+    request_timeout: int = 10  # seconds per HTTP request: a dead server must not stall training
+    request_retries: int = 1  # MLflow's own retries per request (its default, 7, waits minutes)
+    retry_every: float = 30.0  # seconds between delivery attempts while the server is unreachable
+    log_artifacts: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise ConfigError("mlflow.experiment: expected a non-empty name")
+        if self.request_timeout < 1 or self.request_retries < 0 or self.retry_every < 0:
+            raise ConfigError(
+                "mlflow: request_timeout must be >= 1, request_retries and retry_every >= 0, got "
+                f"{self.request_timeout}, {self.request_retries}, {self.retry_every}"
+            )
+
+    def resolved_uri(self) -> str:
+        """The tracking URI in force: ``MLFLOW_TRACKING_URI`` when set, else ``tracking_uri``; validated."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
+        return validate_tracking_uri(uri, source)
+
+
+@dataclass
+class GateConfig:
+    """When a challenger may take the ``champion`` alias."""
+
+    metric: str = "r_mean"  # a key of the evaluation metrics JSON (nested keys joined by '.': itc.r_mean)
+    direction: str = "maximize"  # or minimize
+    min_improvement: float = 0.0  # over the champion, in the metric's units; 0: not worse
+    min_value: float | None = None  # the challenger must reach this (maximize) or stay below it (minimize)
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("maximize", "minimize"):
+            raise ConfigError(
+                f"register.gate.direction: expected maximize or minimize, got {self.direction!r}"
+            )
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError("register.gate.metric: expected a metric name")
+        if self.min_improvement < 0:
+            raise ConfigError(f"register.gate.min_improvement: must be >= 0, got {self.min_improvement}")
+
+
+@dataclass
+class RegisterConfig:
+    """``params.register``: which model and metrics become a registry version, and the promotion gate."""
+
+    model_name: str = "albef-retrieval"
+    model_dir: str = "models/retrieval"
+    metrics: str = "metrics/retrieval.json"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gate, dict):
+            self.gate = _build(GateConfig, self.gate, "register.gate")
+        validate_model_name(self.model_name, "register.model_name")
+        for key in ("champion_alias", "challenger_alias"):
+            validate_alias(getattr(self, key), f"register.{key}")
+        if self.champion_alias == self.challenger_alias:
+            raise ConfigError("register: champion_alias and challenger_alias must differ")
+
+
+def validate_tracking_uri(uri: str, source: str = "tracking URI") -> str:
+    if not isinstance(uri, str) or not uri.strip():
+        raise ConfigError(f"{source}: empty tracking URI")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0].lower()  # postgresql+psycopg2:// is a SQLAlchemy URI
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"{source}: {uri!r} is not a tracking URI MLflow can use (scheme {parsed.scheme or 'missing'!r}); "
+            f"expected one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}, e.g. {DEFAULT_TRACKING_URI} "
+            "or http://127.0.0.1:5000"
+        )
+    if scheme in ("http", "https") and not parsed.hostname:
+        raise ConfigError(f"{source}: {uri!r} has no host (expected e.g. http://127.0.0.1:5000)")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ConfigError(f"{source}: {uri!r}: a sqlite URI needs three slashes, e.g. sqlite:///mlflow.db")
+    return uri
+
+
+def validate_model_name(name: str, source: str = "model name") -> str:
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        bad = sorted({c for c in str(name) if not (c.isascii() and (c.isalnum() or c in "_.-"))})
+        detail = f"forbidden character(s) {bad}" if bad else "it must start with a letter or digit"
+        raise ConfigError(
+            f"{source}: {name!r} is not a valid registered model name ({detail}); use letters, digits, "
+            "'_', '.' and '-', at most 255 characters"
+        )
+    return name
+
+
+def validate_alias(alias: str, source: str = "alias") -> str:
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias) or alias.lower() == "latest":
+        raise ConfigError(
+            f"{source}: {alias!r} is not a valid alias (letters, digits, '_' and '-', not starting with a "
+            "digit; 'latest' is reserved)"
+        )
+    return alias
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    from albef.data.stages import build_dataclass
+
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {type(values).__name__}")
+    try:
+        return build_dataclass(cls, values, prefix)
+    except TypeError as exc:
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+def tracking_config(params: dict[str, Any]) -> TrackingConfig:
+    """The ``mlflow`` section. Without one, tracking is off: a params file written for a unit test or a
+    one-off run then never creates a database in the working directory. The project's params.yaml has it."""
+    if "mlflow" not in params:
+        return TrackingConfig(enabled=False)
+    return _build(TrackingConfig, params["mlflow"], "mlflow")
+
+
+def register_config(params: dict[str, Any]) -> RegisterConfig:
+    return _build(RegisterConfig, params.get("register"), "register")

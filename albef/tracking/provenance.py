@@ -1,0 +1,132 @@
+"""Where a run came from: the git commit, the DVC data version, library versions, a flat view of params."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LIBRARIES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "mlflow",
+    "dvc",
+)
+
+
+def _git(*args: str, cwd: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip()
+
+
+def git_state(cwd: str | Path | None = None) -> dict[str, str]:
+    """``{"commit": sha, "dirty": "true"|"false", "branch": name}`` of the project in ``cwd`` (default: the
+    working directory, else the checkout albef itself is imported from); empty outside any git checkout."""
+    if cwd is None:
+        import albef
+
+        candidates: list[str | Path] = [".", Path(albef.__file__).resolve().parent]
+    else:
+        candidates = [cwd]
+    commit = None
+    for candidate in candidates:
+        commit = _git("rev-parse", "HEAD", cwd=candidate)
+        if commit:
+            cwd = candidate
+            break
+    if not commit or cwd is None:
+        return {}
+    # Only tracked source counts as dirty: DVC rewrites dvc.lock and metrics/ during the pipeline itself.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.yaml", "*.toml", cwd=cwd)
+    state = {
+        "commit": commit,
+        "dirty": "true" if status else "false",
+        "root": _git("rev-parse", "--show-toplevel", cwd=cwd) or str(cwd),
+    }
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD", cwd=cwd)
+    if branch:
+        state["branch"] = branch
+    return state
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _lock_outs(lock: dict[str, Any]) -> dict[str, str]:
+    """Every output path recorded in ``dvc.lock`` -> its hash (``md5`` or ``.dir`` md5)."""
+    outs: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for entry in stage.get("outs") or []:
+            digest = entry.get("md5") or entry.get("hash") or entry.get("etag")
+            if entry.get("path") and digest:
+                outs[os.path.normpath(entry["path"])] = str(digest)
+    return outs
+
+
+def data_version(inputs: list[str | Path], lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """The DVC version of each input folder or file: its hash in ``dvc.lock``, as the stage that produced
+    it recorded it (DVC writes a stage's lock entry before the next stage starts, so this is the version
+    the running stage reads). Inputs DVC does not know get ``untracked``; ``version`` combines them all."""
+    lock_path = Path(lock_file)
+    outs: dict[str, str] = {}
+    if lock_path.is_file():
+        try:
+            outs = _lock_outs(yaml.safe_load(lock_path.read_text()) or {})
+        except yaml.YAMLError:
+            outs = {}
+    root = lock_path.resolve().parent
+    found: dict[str, str] = {}
+    for item in inputs:
+        path = Path(item)
+        try:
+            rel = (
+                os.path.normpath(path.resolve().relative_to(root))
+                if path.is_absolute()
+                else os.path.normpath(path)
+            )
+        except ValueError:
+            rel = os.path.normpath(path)
+        found[rel] = outs.get(rel, "untracked")
+    combined = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:16]
+    return {"version": combined, **{f"input.{k}": v for k, v in found.items()}}
+
+
+def flatten(values: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}``: nested mappings become dotted keys."""
+    out: dict[str, Any] = {}
+    if isinstance(values, dict):
+        for key, value in values.items():
+            name = f"{prefix}{sep}{key}" if prefix else str(key)
+            out.update(flatten(value, name, sep))
+    elif prefix:
+        out[prefix] = values
+    return out
+
+
+def numeric_items(values: dict[str, Any]) -> dict[str, float]:
+    """The entries of a flat mapping that are numbers (bools excluded): what MLflow accepts as metrics."""
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

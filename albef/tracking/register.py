@@ -1,0 +1,109 @@
+"""The ``register`` stage: log the evaluated retrieval model as a pyfunc, register it, run the gate."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from albef.tracking.config import register_config, tracking_config
+from albef.tracking.provenance import git_state
+from albef.tracking.registry import Registry, RegistryError, gate_metric, read_metrics
+from albef.tracking.run import stage_run
+from albef.tracking.stages import _provenance_tags
+
+log = logging.getLogger(__name__)
+
+
+def register_stage(params: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
+    """Register ``register.model_dir`` with the metrics of ``register.metrics`` as a new version of
+    ``register.model_name``; it becomes ``challenger``, and ``champion`` when the gate passes. Writes a
+    summary to ``out`` (for DVC) and returns it."""
+    import mlflow
+
+    from albef.serving.pyfunc import log_retrieval_model
+
+    cfg = register_config(params)
+    tracking = tracking_config(params)
+    if not tracking.enabled:
+        summary: dict[str, Any] = {"registered": False, "reason": "mlflow.enabled is false"}
+        _write(out, summary)
+        return summary
+    metrics = read_metrics(cfg.metrics)
+    value = gate_metric(metrics, cfg.gate, str(cfg.metrics))  # a missing gate metric fails before any upload
+    uri = tracking.resolved_uri()
+    registry = Registry(cfg, uri)
+    registry.evaluate_gate(value)  # so does an unusable champion
+
+    provenance = _provenance_tags([cfg.model_dir, cfg.metrics])
+    git = git_state()
+    section = params.get("register") or {}
+    with stage_run(params, "register", tags=provenance, log_params={"register": section}) as run:
+        if run is None or run.run_id is None:
+            raise RegistryError(
+                f"the registry at {uri} is unreachable; rerun `albef register` when it answers"
+            )
+        with _fluent_uri(uri), mlflow.start_run(run_id=run.run_id):
+            max_tokens = int((params.get("evaluate") or {}).get("max_tokens", 30))
+            info = log_retrieval_model(cfg.model_dir, name="model", max_tokens=max_tokens)
+        tags = {
+            "data_version": provenance["albef.data_version"],
+            "git_commit": git.get("commit", "unknown"),
+            "git_dirty": git.get("dirty", "unknown"),
+            "source_run_id": run.run_id,
+            "model_dir": str(cfg.model_dir),
+        }
+        version, decision = registry.register(
+            info.model_uri, metrics, tags, run_id=run.run_id, model_id=info.model_id
+        )
+        summary = {
+            "registered": True,
+            "model_name": cfg.model_name,
+            "version": int(version.version),
+            "aliases": sorted(version.aliases),
+            "promoted": decision.promote,
+            "reason": decision.reason,
+            "gate_metric": cfg.gate.metric,
+            "gate_value": value,
+            "champion_before": decision.champion_version,
+            "model_uri": info.model_uri,
+        }
+        run.log_metrics({f"eval.{k}": v for k, v in metrics.items()})
+        run.set_tags(
+            {
+                "promotion_decision": "promoted" if decision.promote else "rejected",
+                "promotion_reason": decision.reason,
+                "registered_version": version.version,
+            }
+        )
+        run.log_dict(summary, "register.json")
+    _write(out, summary)
+    return summary
+
+
+@contextmanager
+def _fluent_uri(uri: str) -> Iterator[None]:
+    """``mlflow.pyfunc.log_model`` only speaks to the global (fluent) tracking URI: point it at ``uri`` for the
+    upload and restore what was there, so a caller in the same process (a Prefect flow) keeps its own."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = old_tracking, old_registry
+
+
+def _write(out: str | Path | None, summary: dict[str, Any]) -> None:
+    if out:
+        from albef.io import atomic_write_text
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,100 @@
+"""The training and evaluation stages with MLflow tracking around them.
+
+The stage functions in :mod:`albef.train.stages` know nothing of MLflow; these wrappers open the stage's
+run, hand the Trainer's ``on_log`` hook to it, and log the results. The CLI (and so ``dvc.yaml``) and
+the Prefect flows call these; with ``mlflow.enabled: false`` (or no ``mlflow`` section) they are the plain
+stages.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from albef.data.stages import section
+from albef.tracking.provenance import data_version
+from albef.tracking.run import StageRun, stage_run
+
+
+def _lock_file() -> Path:
+    return Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock"
+
+
+def _provenance_tags(inputs: list[str | None]) -> dict[str, str]:
+    versions = data_version([i for i in inputs if i], _lock_file())
+    return {
+        "albef.data_version": versions.pop("version"),
+        **{f"albef.dvc.{k}": v for k, v in versions.items()},
+    }
+
+
+def _log_outputs(run: StageRun, metrics: dict[str, Any], files: dict[str, str | None]) -> None:
+    # The last window's losses, temperature and throughput already sit in the step histories.
+    summary = {k: v for k, v in metrics.items() if not k.startswith(("loss", "temp", "samples_per_s"))}
+    run.log_metrics(summary, step=int(metrics.get("steps", 0) or 0))
+    run.log_dict(metrics, "metrics.json")
+    for artifact_path, path in files.items():
+        if path:
+            run.log_artifact(path, artifact_path)
+
+
+def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool = True) -> dict[str, Any]:
+    """``pretrain`` / ``finetune_<task>`` with its MLflow run."""
+    from albef.train.stages import finetune_stage, pretrain_stage
+
+    values = section(params, name)
+    tags = _provenance_tags([values.get("data_dir", "data/processed"), values.get("init")])
+    with stage_run(params, name, tags=tags) as run:
+        if run is not None:
+            run.log_dict(params, "params.json", "config")
+        on_log = run.on_log if run is not None else None
+        if name == "pretrain":
+            metrics = pretrain_stage(params, progress=progress, on_log=on_log)
+        else:
+            metrics = finetune_stage(params, task, progress=progress, on_log=on_log)
+        if run is not None:
+            _log_outputs(
+                run,
+                metrics,
+                {"plots": values.get("plots"), "model": _training_summary(values.get("out"))},
+            )
+    return metrics
+
+
+def _training_summary(out: str | None) -> str | None:
+    # The exported weights go to MLflow once, as the registered pyfunc model (the register stage); a
+    # stage run keeps the small summary of what it exported.
+    if not out:
+        return None
+    path = Path(out) / "training.json"
+    return str(path) if path.is_file() else None
+
+
+def tracked_evaluate(
+    params: dict[str, Any],
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``evaluate retrieval`` with its MLflow run: metrics, rankings and the example-query images."""
+    from albef.train.stages import evaluate_stage
+
+    # Under DVC the stage name tells zero-shot from finetuned evaluation; elsewhere the output folder does.
+    name = os.environ.get("DVC_STAGE") or f"evaluate_{Path(out_dir).name}"
+    evaluate = section(params, "evaluate")
+    tags = {
+        **_provenance_tags([evaluate.get("data_dir", "data/processed"), str(model_dir)]),
+        "albef.model_dir": str(model_dir),
+    }
+    with stage_run(
+        params, name, tags=tags, log_params={"evaluate": evaluate, "model_dir": str(model_dir)}
+    ) as run:
+        metrics = evaluate_stage(params, model_dir, out_dir, metrics_path, progress=progress)
+        if run is not None:
+            run.log_metrics(metrics)
+            run.log_dict(metrics, "metrics.json")
+            for file in ("examples.png", "rankings.json"):
+                run.log_artifact(Path(out_dir) / file, "report")
+    return metrics

@@ -1,0 +1,238 @@
+"""MLflow tracking of the stages against a real ``mlflow server`` on loopback: nested runs, step metrics,
+provenance and artifacts; an unreachable or failing server that training survives; config errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import free_port, tiny_train_params
+
+from albef.config import ConfigError
+from albef.tracking.config import TrackingConfig, tracking_config, validate_model_name
+from albef.tracking.journal import journals
+from albef.tracking.run import start_stage_run
+from albef.tracking.stages import tracked_evaluate, tracked_train
+
+
+def _params(root: Path, experiment: str, **mlflow) -> dict:
+    params = tiny_train_params(root, **{"pretrain.epochs": 1, "finetune_retrieval.epochs": 1})
+    params["mlflow"] = {"experiment": experiment, "spool_dir": str(root / "spool"), **mlflow}
+    return params
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _runs(experiment: str):
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_pipeline_stages_are_nested_runs_with_metrics_provenance_and_artifacts(tiny_data, tracked, tmp_path):
+    params = _params(tiny_data, tracked)
+    pre = tracked_train(params, "pretrain", "pretrain", progress=False)
+    tracked_train(params, "finetune_retrieval", "retrieval", progress=False)
+    tracked_evaluate(params, params["finetune_retrieval"]["out"], tmp_path / "report", progress=False)
+
+    runs = _runs(tracked)
+    parents = [r for r in runs if r.data.tags.get("albef.kind") == "pipeline"]
+    stages = {r.data.tags.get("albef.stage"): r for r in runs if r.data.tags.get("albef.kind") == "stage"}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert set(stages) == {"pretrain", "finetune_retrieval", "evaluate_report"}
+    for run in stages.values():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        assert "albef.lib.torch" in run.data.tags and "albef.lib.mlflow" in run.data.tags
+        assert run.data.tags["albef.data_version"]
+        assert run.data.tags.get("albef.git.commit")  # the tests run inside the project's git checkout
+
+    client = _client()
+    pretrain = stages["pretrain"]
+    # flattened config as params, every loss term, lr, alpha, temperature and throughput per step
+    assert (
+        pretrain.data.params["pretrain.batch_size"] == "4" and pretrain.data.params["model.preset"] == "tiny"
+    )
+    for key in ("loss", "loss_itc", "loss_itm", "loss_mlm", "lr", "alpha", "temp", "samples_per_s"):
+        history = client.get_metric_history(pretrain.info.run_id, key)
+        assert len(history) == pre["steps"], key  # log_every=1: one point per optimisation step
+        assert [m.step for m in history] == list(range(1, pre["steps"] + 1))
+    assert client.get_metric_history(pretrain.info.run_id, "val_r_mean")
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"config", "metrics.json", "plots", "model"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(pretrain.info.run_id, "plots")}
+    assert {"train.csv", "curves.png"} <= plots
+
+    evaluate = stages["evaluate_report"]
+    assert {"txt_r1", "img_r1", "r_mean", "itc.r_mean"} <= set(evaluate.data.metrics)
+    report = {Path(a.path).name for a in client.list_artifacts(evaluate.info.run_id, "report")}
+    assert report == {"examples.png", "rankings.json"}
+    assert not list(journals(tiny_data / "spool")), "delivered journals are removed"
+
+
+def test_only_rank_zero_logs(tiny_data, tracked, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert start_stage_run(_params(tiny_data, tracked), "pretrain") is None
+
+
+def test_training_goes_on_without_a_server_and_sync_delivers_every_metric(
+    tiny_data, tracked, monkeypatch, caplog, tmp_path
+):
+    """The server is unreachable for the whole stage: training finishes with a warning, every call waits
+    in the journal, and `albef mlflow sync` delivers them with their original steps."""
+    live = _client().tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    params = _params(tiny_data, tracked, request_timeout=2, request_retries=0)
+    params["pretrain"]["run_dir"] = str(tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="albef.tracking"):
+        metrics = tracked_train(params, "pretrain", "pretrain", progress=False)
+    assert metrics["steps"] > 0
+    assert "unavailable" in caplog.text and "albef mlflow sync" in caplog.text
+    assert len(list(journals(tiny_data / "spool"))) == 1
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps(params))  # JSON is YAML
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": live}
+    result = subprocess.run(
+        [sys.executable, "-m", "albef", "mlflow", "sync", "--params", str(params_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "delivered 1 journal" in result.stdout
+    assert not list(journals(tiny_data / "spool"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", live)
+    (stage,) = [r for r in _runs(tracked) if r.data.tags.get("albef.stage") == "pretrain"]
+    history = _client().get_metric_history(stage.info.run_id, "loss_itc")
+    assert [m.step for m in history] == list(range(1, metrics["steps"] + 1))
+    assert stage.info.status == "FINISHED"
+
+
+class _Switch(BaseHTTPRequestHandler):
+    """A reverse proxy in front of the tracking server that answers 503 while ``down`` is set."""
+
+    target = ""
+    down = threading.Event()
+
+    def _forward(self):
+        if self.down.is_set():
+            self.send_response(503)
+            self.end_headers()
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        req = urllib.request.Request(self.target + self.path, data=body, method=self.command)
+        for key in ("Content-Type",):
+            if self.headers.get(key):
+                req.add_header(key, self.headers[key])
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                status, data, ctype = resp.status, resp.read(), resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            status, data, ctype = err.code, err.read(), err.headers.get("Content-Type", "")
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_failing_mid_run_loses_nothing(tiny_data, tracked, mlflow_server, monkeypatch, caplog):
+    handler = type("Switch", (_Switch,), {"target": mlflow_server.url, "down": threading.Event()})
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{proxy.server_address[1]}")
+        params = _params(tiny_data, tracked, retry_every=0, request_retries=0, request_timeout=5)
+        run = start_stage_run(params, "pretrain")
+        for step in range(1, 4):
+            run.on_log(step, {"step": step, "loss": 1.0 / step})
+        handler.down.set()
+        with caplog.at_level(logging.WARNING, logger="albef.tracking"):
+            for step in range(4, 7):
+                run.on_log(step, {"step": step, "loss": 1.0 / step})
+        assert "unavailable" in caplog.text and run.journal.pending() == 3
+        handler.down.clear()
+        run.on_log(7, {"step": 7, "loss": 1.0 / 7})
+        assert "is back" in caplog.text
+        assert run.finish() is True
+        history = _client().get_metric_history(run.run_id, "loss")
+        assert [m.step for m in history] == list(range(1, 8))
+    finally:
+        proxy.shutdown()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["htp://127.0.0.1:5000", "127.0.0.1:5000", "sqlite:/mlflow.db", "http://", ""],
+)
+def test_a_wrong_tracking_uri_is_a_clear_error(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri) if uri else monkeypatch.delenv(
+        "MLFLOW_TRACKING_URI", raising=False
+    )
+    cfg = TrackingConfig(tracking_uri=uri or " ")
+    with pytest.raises(ConfigError, match="tracking URI|URI"):
+        cfg.resolved_uri()
+
+
+def test_tracking_config_defaults_and_typos(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_config({}).enabled is False  # no section: plain stages, no database appears
+    assert tracking_config({"mlflow": {}}).resolved_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_config({"mlflow": {}}).resolved_uri() == "http://127.0.0.1:5000"
+    with pytest.raises(ConfigError, match=r"mlflow: unknown key\(s\) \['tracking_url'\]"):
+        tracking_config({"mlflow": {"tracking_url": "x"}})
+
+
+@pytest.mark.parametrize(
+    "name", ["albef/retrieval", "albef retrieval", "models:x", "albef@champion", "-x", ""]
+)
+def test_registry_names_with_forbidden_characters_are_refused(name):
+    with pytest.raises(ConfigError, match="not a valid registered model name"):
+        validate_model_name(name, "register.model_name")
+
+
+def test_a_call_the_store_refuses_is_set_aside_and_the_rest_delivered(mlflow_sqlite, tmp_path):
+    params = {"mlflow": {"experiment": "refused", "spool_dir": str(tmp_path / "spool")}, "lr": 0.1}
+    run = start_stage_run(params, "pretrain")
+    run.log_params({"lr": 0.2})  # params are immutable in MLflow: a different value is refused
+    run.on_log(1, {"step": 1, "loss": 3.0})
+    assert run.finish() is True
+    rejected = [json.loads(line) for line in run.journal.rejected_path.read_text().splitlines()]
+    assert len(rejected) == 1 and rejected[0]["op"]["params"] == {"lr": "0.2"}
+    stored = _client().get_run(run.run_id)
+    assert stored.data.params["lr"] == "0.1" and stored.data.metrics["loss"] == 3.0
+
+
+def test_an_orchestrator_given_parent_is_used_and_left_alone(mlflow_sqlite, tmp_path, monkeypatch):
+    client = _client()
+    exp = client.create_experiment("orchestrated")
+    parent = client.create_run(exp, run_name="prefect-flow").info.run_id
+    monkeypatch.setenv("ALBEF_MLFLOW_PARENT_RUN_ID", parent)
+    params = {"mlflow": {"experiment": "orchestrated", "spool_dir": str(tmp_path / "spool")}}
+    from albef.tracking.run import stage_run
+
+    with stage_run(params, "pretrain") as run:
+        run.on_log(1, {"step": 1, "loss": 1.0})
+    assert client.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(parent).info.status == "RUNNING"  # the orchestrator ends it
