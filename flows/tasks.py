@@ -91,11 +91,18 @@ def repro_stage(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         project,
         f" (deadline {deadline:g} s)" if deadline else "",
     )
+    env = stage_env(settings)
+    cfg = mlflow_link.tracking(settings.get("params") or {}, project, os.environ.get("ALBEF_MLFLOW_UI_URL"))
+    earlier = mlflow_link.find_stage_run(cfg, settings.get("mlflow_parent_run_id"), stage, logger)
+    if earlier is not None and earlier.status != "FINISHED":
+        # an interrupted attempt of this stage in this pipeline run: its MLflow run continues
+        env[mlflow_link.STAGE_RUN_ENV] = earlier.run_id
+        logger.info("continuing MLflow run %s of the interrupted attempt", earlier.run_id)
     started = time.time()
     run = run_supervised(
         [sys.executable, "-m", "dvc", "repro", stage],
         cwd=project,
-        env=stage_env(settings),
+        env=env,
         deadline_s=deadline,
         on_line=_log_line(logger),
     )

@@ -354,8 +354,8 @@ def test_serve_offers_the_deployments_of_prefect_yaml():
 
 @pytest.mark.slow
 def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found(tmp_path: Path, monkeypatch):
-    """Against a real sqlite store: the flow's parent run, a stage run nested under it the way the stages
-    nest theirs (albef.tracking when present, else the same tags by hand), the link lookup."""
+    """Against a real sqlite store: the flow's parent run, the stages' runs nested under it
+    (albef.tracking), a retried stage continuing its interrupted run, the link lookup."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -381,23 +381,29 @@ def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found
     assert parent and ml.open_parent_run(cfg, "flow-run-1", "prefect-test") == parent  # a retry continues it
     assert ml.open_parent_run(cfg, "flow-run-2", "prefect-other") != parent
 
-    try:
-        from albef.tracking.run import stage_run  # the stages' own tracking (issue 5), when present
-    except ImportError:
-        stage_run = None
-    if stage_run is not None:
-        monkeypatch.setenv(ml.PARENT_ENV, parent)
-        with stage_run(params, "pretrain") as run:
-            run.log_metrics({"loss": 1.0}, step=1)
-        stage_id = run.run_id
-    else:
-        client = MlflowClient(cfg.uri)
-        exp = client.get_experiment_by_name("albef-flows")
-        stage_id = client.create_run(
-            exp.experiment_id, tags={ml.PARENT_TAG: parent, ml.STAGE_TAG: "pretrain"}
-        ).info.run_id
+    from albef.tracking.run import stage_run, start_stage_run
+
+    # a first attempt killed mid-run: its stage run stays RUNNING (nothing ended it)
+    monkeypatch.setenv(ml.PARENT_ENV, parent)
+    killed = start_stage_run(params, "pretrain")
+    killed.log_metrics({"loss": 2.0}, step=1)
+    killed.pump(force=True)
+    killed.journal.unlock()
+    interrupted = ml.find_stage_run(cfg, parent, "pretrain")
+    assert interrupted.run_id == killed.run_id and interrupted.status == "RUNNING"
+    # the retry, told which run to continue (as the flow's task does), logs into the same run
+    monkeypatch.setenv(ml.STAGE_RUN_ENV, interrupted.run_id)
+    with stage_run(params, "pretrain") as run:
+        run.log_metrics({"loss": 1.0}, step=2)
+    stage_id = run.run_id
+    assert stage_id == killed.run_id
+    client = MlflowClient(cfg.uri)
+    exp = client.get_experiment_by_name("albef-flows")
+    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ml.PARENT_TAG}` = '{parent}'")
+    assert [r.info.run_id for r in nested] == [stage_id]  # one run for the stage, not one per attempt
+    assert [m.step for m in client.get_metric_history(stage_id, "loss")] == [1, 2]
     ref = ml.find_stage_run(cfg, parent, "pretrain")
-    assert ref is not None and ref.run_id == stage_id and ref.url is None  # a sqlite store has no web address
+    assert ref.run_id == stage_id and ref.status == "FINISHED" and ref.url is None  # sqlite: no web address
     assert ml.find_stage_run(cfg, parent, "finetune_retrieval") is None
     with_ui = ml.Tracking(cfg.uri, cfg.experiment, ui_url="http://mlflow.example:5000/")
     assert with_ui.run_url("1", stage_id) == f"http://mlflow.example:5000/#/experiments/1/runs/{stage_id}"

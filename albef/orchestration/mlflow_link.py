@@ -21,6 +21,7 @@ from typing import Any
 _log = logging.getLogger(__name__)
 
 PARENT_ENV = "ALBEF_MLFLOW_PARENT_RUN_ID"
+STAGE_RUN_ENV = "ALBEF_MLFLOW_STAGE_RUN_ID"  # the run a retried stage continues (albef.tracking.run)
 FLOW_RUN_TAG = "albef.prefect.flow_run_id"
 STAGE_TAG = "albef.stage"
 KIND_TAG = "albef.kind"
@@ -115,6 +116,7 @@ class StageRunRef:
     run_id: str
     experiment_id: str
     url: str | None
+    status: str = "FINISHED"  # RUNNING (or FAILED, KILLED) when its attempt was interrupted
 
 
 def find_stage_run(
@@ -141,4 +143,6 @@ def find_stage_run(
     if not found:
         return None
     info = found[0].info
-    return StageRunRef(info.run_id, info.experiment_id, cfg.run_url(info.experiment_id, info.run_id))
+    return StageRunRef(
+        info.run_id, info.experiment_id, cfg.run_url(info.experiment_id, info.run_id), info.status
+    )

@@ -251,6 +251,9 @@ class Deliverer:
             state.ids[op["ref"]] = op.get("run_id") or self._find_or_create_parent(op)
             if not op.get("run_id"):
                 self.client.update_run(state.ids[op["ref"]], status="RUNNING")
+        elif kind == "run" and op.get("run_id"):  # a retry continues the run of the attempt it retries
+            state.ids[op["ref"]] = op["run_id"]
+            self.client.update_run(op["run_id"], status="RUNNING")
         elif kind == "run":
             exp_id = self.experiment_id(op["experiment"], op.get("artifact_location"))
             tags = dict(op.get("tags", {}))

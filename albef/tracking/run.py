@@ -35,6 +35,9 @@ from albef.tracking.provenance import flatten, git_state, library_versions, nume
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "ALBEF_MLFLOW_PARENT_RUN_ID"
+# Set by an orchestrator retrying an interrupted stage (the Prefect flows): continue that attempt's run
+# instead of opening a second one.
+STAGE_RUN_ENV = "ALBEF_MLFLOW_STAGE_RUN_ID"
 PIPELINE_ENV = "ALBEF_MLFLOW_PIPELINE"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 
@@ -266,6 +269,7 @@ def start_stage_run(
         {
             "op": "run",
             "ref": run.ref,
+            "run_id": os.environ.get(STAGE_RUN_ENV) or None,
             "parent": run.parent_ref,
             "experiment": cfg.experiment,
             "artifact_location": cfg.artifact_location,
