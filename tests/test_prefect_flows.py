@@ -137,13 +137,22 @@ def prefect(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def settings(prefect):
-    """This process's Prefect client pointed at the test server."""
+    """This process's Prefect client, and the flows it runs in-process, pointed at the test server."""
+    from prefect import context
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    with temporary_settings(
-        {PREFECT_API_URL: prefect["PREFECT_API_URL"], PREFECT_HOME: prefect["PREFECT_HOME"]}
+    updates = {PREFECT_API_URL: prefect["PREFECT_API_URL"], PREFECT_HOME: prefect["PREFECT_HOME"]}
+    # Threads (Prefect's log and event workers, the stage-output reader) read the process-global settings,
+    # not this context: without the second context their client would start an ephemeral server of its own.
+    # prefect_test_harness does the same.
+    with (
+        temporary_settings(updates),
+        context._temporary_global_settings_context(context.get_settings_context()),
     ):
         yield
+        with contextlib.suppress(Exception):
+            APILogWorker.drain_all()
 
 
 def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
@@ -289,6 +298,24 @@ def _logs(task_run_id: UUID) -> list[str]:
             offset += 200
 
 
+def _tracking_on(project: Path) -> bool:
+    mlflow = yaml.safe_load((project / "params.yaml").read_text()).get("mlflow")
+    return isinstance(mlflow, dict) and bool(mlflow.get("enabled", True))
+
+
+def _mlflow_runs(project: Path, flow_run_id: UUID):
+    """The MLflow parent run a flow run opened (in the project's embedded sqlite store) and its nested runs."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(
+        yaml.safe_load((project / "params.yaml").read_text())["mlflow"]["experiment"]
+    )
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`albef.prefect.flow_run_id` = '{flow_run_id}'")
+    nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, nested
+
+
 def _dvc(project: Path, env: dict, *args: str) -> str:
     return _run([sys.executable, "-m", "dvc", *args], project, env)
 
@@ -356,10 +383,15 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     assert "| steps | 8 |" in artifacts["pretrain-metrics"].data  # 32 pairs / batch 4, one epoch
     assert "data:image/png;base64," in artifacts["evaluate-retrieval-examples"].data
     assert "finetune_retrieval" in artifacts["full-pipeline-summary"].data
-    mlflow = yaml.safe_load((project / "params.yaml").read_text()).get("mlflow")
-    if isinstance(mlflow, dict) and mlflow.get("enabled", True):  # the stages track: their runs are linked
-        for stage in ("pretrain", "finetune_retrieval"):
-            assert f"{stage.replace('_', '-')}-mlflow-run" in artifacts, sorted(artifacts)
+    if _tracking_on(project):  # the flow's parent run holds one finished run per tracked stage, each linked
+        parent, nested = _mlflow_runs(project, flow_run_id)
+        assert parent.info.status == "FINISHED"
+        tracked = [s for s in stages if s not in ("synth", "preprocess")]
+        assert sorted(r.data.tags["albef.stage"] for r in nested) == sorted(tracked)
+        assert all(r.info.status == "FINISHED" for r in nested)
+        for r in nested:
+            link = artifacts[f"{r.data.tags['albef.stage'].replace('_', '-')}-mlflow-run"].data
+            assert r.info.run_id in json.dumps(link)
 
     # The override went where DVC reads it, DVC recorded it, and DVC agrees that everything is up to date.
     assert yaml.safe_load((project / "params.yaml").read_text())["pretrain"]["epochs"] == 1
@@ -435,49 +467,57 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(
     assert steps == list(range(1, 25))  # resumed, not restarted: one row per step, no gap, no repeat
     artifact = _artifacts([flow_run_id])["pretrain-metrics"].data
     assert f"**resumed_from_step**: {first_step}" in artifact and "**attempt**: 2" in artifact
+    if _tracking_on(project):  # the retry continued the killed attempt's MLflow run: one run, finished
+        assert any("continuing MLflow run" in line for line in logs)
+        _, nested = _mlflow_runs(project, flow_run_id)
+        assert [r.data.tags["albef.stage"] for r in nested] == ["pretrain"]
+        assert nested[0].info.status == "FINISHED"
 
 
-def test_a_failing_stage_fails_its_task_with_the_stage_error_in_the_logs(project, prefect, worker, settings):
+def test_a_failing_stage_fails_its_task_with_the_stage_error_in_the_logs(project, settings):
+    """Run in this process (no worker: the point is the task's state and logs, not the dispatch)."""
+    from albef.orchestration.process import StageFailed
+    from flows.stages import pretrain
+
     # valid as a setting, impossible for the data: the stage itself refuses it
-    flow_run_id = _trigger(
-        "pretrain/albef", {"overrides": {"pretrain.batch_size": 64}, "retries": 2, "retry_delay_seconds": 1}
-    )
-    run = _wait(flow_run_id, worker)
-    assert run.state.type.value == "FAILED"
-    (task,) = [t for t in _task_runs([flow_run_id]) if t.name == "dvc repro pretrain"]
+    overrides = {"pretrain.batch_size": 64, "mlflow.enabled": False}
+    with pytest.raises(StageFailed, match="albef pretrain: error:"):
+        pretrain(project_dir=str(project), overrides=overrides, retries=2, retry_delay_seconds=1)
+    with _client() as client:
+        (run,) = client.read_flow_runs(limit=1, sort="EXPECTED_START_TIME_DESC")
+    assert run.state.type.value == "FAILED" and not run.deployment_id
+    (task,) = [t for t in _task_runs([run.id]) if t.name == "dvc repro pretrain"]
     assert task.state.type.value == "FAILED" and task.run_count == 1  # reported by the stage: not retried
+    assert "albef pretrain: error:" in task.state.message
     logs = _logs(task.id)
-    errors = [line for line in logs if "albef pretrain: error:" in line]
-    assert errors and any("stage pretrain failed" in line for line in logs), logs[-20:]
-    assert "albef pretrain: error:" in (task.state.message or "") or errors
+    assert any("albef pretrain: error:" in line for line in logs), logs[-20:]
+    assert any("stage pretrain failed" in line for line in logs), logs[-20:]
 
 
 def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):
+    """Run in this process: the flow run fails before any task run exists and params.yaml is untouched."""
     import torch
 
     from albef.orchestration.pipeline import PlanError
     from flows.pipeline import full_pipeline
 
-    before = (project / "params.yaml").read_bytes()
-    with pytest.raises(PlanError, match="unknown stage 'pretrian'"):
-        full_pipeline(project_dir=str(project), stages=["data", "pretrian"])
-    with pytest.raises(PlanError, match="override 'pretrain.epochz'.*unknown key"):
-        full_pipeline(project_dir=str(project), overrides={"pretrain.epochz": 1})
+    cases = [
+        ({"stages": ["data", "pretrian"]}, "unknown stage 'pretrian'"),
+        ({"overrides": {"pretrain.epochz": 1}}, "override 'pretrain.epochz'.*unknown key"),
+    ]
     if torch.cuda.device_count() == 0:
-        with pytest.raises(PlanError, match=r"requested 1 GPU\(s\) per node, but this worker sees 0"):
-            full_pipeline(project_dir=str(project), gpus=1)
+        cases.append(({"gpus": 1}, r"requested 1 GPU\(s\) per node, but this worker sees 0"))
+    before = (project / "params.yaml").read_bytes()
+    for parameters, pattern in cases:
+        state = full_pipeline(project_dir=str(project), **parameters, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(PlanError, match=pattern):
+            state.result()
+        flow_run_id = state.state_details.flow_run_id
+        with _client() as client:
+            assert client.read_flow_run(flow_run_id).state.is_failed()
+        assert _task_runs([flow_run_id]) == []  # refused before any task ran
     assert (project / "params.yaml").read_bytes() == before
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
-
-    with _client() as client:
-        failed = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.FAILED]))
-            )
-        )
-        failed = [r for r in failed if not r.deployment_id]
-    assert len(failed) >= 2 and not _task_runs([r.id for r in failed])  # refused before any task ran
 
 
 def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worker, settings):
@@ -487,7 +527,12 @@ def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worke
     flow_run_id = _trigger(
         "pretrain/albef",
         {
-            "overrides": {"pretrain.epochs": 200, "pretrain.batch_size": 4, "pretrain.val_file": None},
+            "overrides": {
+                "pretrain.epochs": 200,
+                "pretrain.batch_size": 4,
+                "pretrain.val_file": None,
+                "mlflow.enabled": False,
+            },
             "retries": 0,
         },
     )
