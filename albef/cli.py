@@ -106,6 +106,14 @@ def _load_params(args: argparse.Namespace) -> dict:
     return read_params(args.params)
 
 
+def _unimodal(args: argparse.Namespace) -> int:
+    from albef.tracking.stages import tracked_unimodal
+
+    metrics = tracked_unimodal(_load_params(args), progress=not args.quiet)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from albef.tracking.stages import tracked_train
 
@@ -245,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(func=_preprocess)
 
+    uni = sub.add_parser(
+        "unimodal",
+        help="warm-start the image and text encoders on the synthetic benchmark (params: unimodal, model)",
+    )
+    uni.add_argument("--params", default="params.yaml")
+    uni.add_argument("--quiet", action="store_true", help="no progress bar")
+    uni.set_defaults(func=_unimodal)
+
     pre_train = sub.add_parser(
         "pretrain", help="pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM"
     )
@@ -323,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         from albef.data.s3 import S3Error
 
         expected = (*expected, PreprocessError, S3Error)
-    if args.command in ("pretrain", "finetune", "evaluate"):
+    if args.command in ("unimodal", "pretrain", "finetune", "evaluate"):
         from albef.train.engine import CheckpointWriteError, TrainingDiverged
 
         expected = (*expected, TrainingDiverged, CheckpointWriteError)
