@@ -243,3 +243,147 @@ def test_a_wrong_vqa_value_is_caught(tmp_path, vqa_ref):
     assert not report.ok
     failures = "\n".join(report.failures())
     assert "outputs/topk_ids" in failures and "train/logits_m" in failures
+
+
+# ----------------------------------------------------------------------------- stages on synthetic data
+
+
+@pytest.fixture(scope="module")
+def vqa_data(tmp_path_factory):
+    """A tiny synthetic VQA benchmark, preprocessed into shards with its tokenizer."""
+    from albef.data.stages import preprocess_stage, synth_stage
+
+    root = tmp_path_factory.mktemp("vqa_data")
+    zero = ("pretrain", "retrieval_train", "retrieval_val", "retrieval_test", "ve", "grounding")
+    synth = {f"{name}_images": 0 for name in zero}
+    synth.update(
+        out=str(root / "synth"),
+        seed=3,
+        image_size=48,
+        vqa_train_images=4,
+        vqa_test_images=2,
+        nlvr_pairs=0,
+        workers=1,
+    )
+    params = {
+        "synth": synth,
+        "preprocess": {
+            "image_root": str(root / "synth"),
+            "out_dir": str(root / "processed"),
+            "files": {"vqa_train.json": "vqa", "vqa_test.json": "vqa"},
+            "answer_list": "answer_list.json",
+            "copy": ["answer_list.json", "vqa_test_answers.json"],
+            "max_side": 48,
+            "shard_size": 32,
+            "workers": 1,
+        },
+        "tokenizer": {"vocab_size": 300, "train_files": ["vqa_train.json", "vqa_test.json"]},
+    }
+    synth_stage(params, progress=False)
+    preprocess_stage(params, progress=False)
+    return root / "processed"
+
+
+def test_vqa_accuracy_counts_three_humans_as_full_credit():
+    from albef.eval.vqa import score_predictions, vqa_accuracy
+
+    humans = ["red"] * 2 + ["Blue "] * 8
+    assert vqa_accuracy("red", humans) == pytest.approx(2 / 3)
+    assert vqa_accuracy("blue", humans) == 1.0
+    assert vqa_accuracy("green", humans) == 0.0
+    scored = score_predictions(
+        [{"question_id": 1, "answer": "red"}, {"question_id": 2, "answer": "x"}], {"1": humans}
+    )
+    assert scored == {
+        "accuracy": pytest.approx(66.667, abs=1e-3),
+        "scored_questions": 1,
+        "unscored_questions": 1,
+    }
+
+
+def test_answer_weights_follow_the_official_rule():
+    from albef.data.vqa import answer_weights
+
+    answers, weights = answer_weights({"question_id": 1, "answer": ["a", "b", "a", "a"], "dataset": "vqa"})
+    assert answers == ["a", "b"] and weights == pytest.approx([0.75, 0.25])
+    assert answer_weights({"question_id": 2, "answer": "tree", "dataset": "vg"}) == (["tree"], [0.5])
+
+
+def test_finetune_evaluate_and_predict_vqa(vqa_data, tmp_path, capsys):
+    import json
+
+    from albef.cli import main as cli_main
+    from albef.train.vqa import evaluate_vqa_stage, finetune_vqa_stage
+
+    tokenizer_vocab = len(
+        json.loads((vqa_data / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    )
+    model = {
+        "preset": "tiny",
+        "text": {
+            "vocab_size": max(tokenizer_vocab, 300),
+            "cls_token_id": 2,
+            "sep_token_id": 3,
+            "mask_token_id": 4,
+            "decoder_layers": 1,
+        },
+        "queue_size": 16,
+    }
+    params = {
+        "model": model,
+        "finetune_vqa": {
+            "data_dir": str(vqa_data),
+            "batch_size": 4,
+            "epochs": 1,
+            "lr": 1e-3,
+            "warmup_stair": 1,
+            "num_workers": 0,
+            "log_every": 1,
+            "hflip": False,
+            "out": str(tmp_path / "models" / "vqa"),
+            "run_dir": str(tmp_path / "runs" / "vqa"),
+            "metrics": str(tmp_path / "metrics.json"),
+        },
+        "evaluate_vqa": {"data_dir": str(vqa_data), "k_test": 4, "batch_size": 4},
+    }
+    metrics = finetune_vqa_stage(params, progress=False)
+    assert metrics["steps"] >= 1 and "loss_vqa" in metrics
+    assert metrics["train_answers"]["unknown_answers"] == 0  # the synthetic answer list covers training
+    exported = tmp_path / "models" / "vqa"
+    assert (exported / "answer_list.json").is_file() and (exported / "tokenizer").is_dir()
+
+    result = evaluate_vqa_stage(params, exported, tmp_path / "eval", tmp_path / "eval_metrics.json")
+    assert result["questions"] == result["scored_questions"] > 0
+    assert 0.0 <= result["accuracy"] <= 100.0 and result["answer_list_oracle_accuracy"] == 100.0
+    predictions = json.loads((tmp_path / "eval" / "vqa_result.json").read_text())
+    answer_list = json.loads((vqa_data / "answer_list.json").read_text())
+    assert len(predictions) == result["questions"] and all(p["answer"] in answer_list for p in predictions)
+
+    record = json.loads((vqa_data / "vqa_test.json").read_text())[0]
+    from albef.data.datasets import image_source
+
+    image = tmp_path / "q.png"
+    image_source(vqa_data).open(record["image"]).save(image)
+    assert (
+        cli_main(
+            [
+                "predict",
+                "vqa",
+                "--model",
+                str(exported),
+                "--image",
+                str(image),
+                "--question",
+                record["question"],
+                "--k",
+                "3",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
+    top = json.loads(capsys.readouterr().out)
+    assert (
+        len(top) == 2 and top[0]["answer"] in answer_list and top[0]["probability"] >= top[1]["probability"]
+    )
