@@ -3,8 +3,10 @@
 Official checkpoints (``ALBEF.pth``, ``ALBEF_4M.pth``, ``mscoco.pth``, ``flickr30k.pth``, training snapshots)
 come as ``{'model': state_dict, ...}`` or as a raw state dict, with or without momentum encoders and queues,
 in the pretraining layout (``text_encoder.bert.*`` + ``text_encoder.cls.*``) or the finetuning layout
-(``text_encoder.*``). :func:`load_official` maps any of them onto an albef pretraining or retrieval model and
-reports every key it could not place.
+(``text_encoder.*``), or the VQA layout (``text_decoder.*`` besides). :func:`load_official` maps any of them onto an
+albef pretraining, retrieval or VQA model and reports every key it could not place. A VQA model loaded from a
+pretraining checkpoint gets the official VQA script's remapping: its answer decoder starts from the fusion
+layers, the word embeddings and the MLM head.
 
 albef's own format is a directory with ``model.safetensors`` (no pickle on load) and ``config.json``.
 """
@@ -27,24 +29,39 @@ from albef.models.base import ContrastiveModel
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
 from albef.models.vision import resample_pos_embed
+from albef.models.vqa import ALBEFVQA
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, type[ContrastiveModel]] = {"pretrain": ALBEFPretrain, "retrieval": ALBEFRetrieval}
+#: Every albef model: the ITC + ITM models and the VQA encoder-decoder.
+ALBEFModel = ContrastiveModel | ALBEFVQA
+
+TASKS: dict[str, type[ALBEFModel]] = {
+    "pretrain": ALBEFPretrain,
+    "retrieval": ALBEFRetrieval,
+    "vqa": ALBEFVQA,
+}
 FORMAT_NAME = "albef"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 _QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
-_MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+_MOMENTUM_PREFIXES = (
+    "visual_encoder_m.",
+    "vision_proj_m.",
+    "text_encoder_m.",
+    "text_proj_m.",
+    "text_decoder_m.",
+)
+_LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.*)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
-def build_model(task: str, cfg: ModelConfig) -> ContrastiveModel:
+def build_model(task: str, cfg: ModelConfig) -> ALBEFModel:
     if task not in TASKS:
         raise CheckpointError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     return TASKS[task](cfg)
@@ -162,6 +179,11 @@ def infer_config(
     if layers:
         start = min(cross) if cross else max(layers) + 1
         cfg.text.text_layers, cfg.text.fusion_layers = start, max(layers) + 1 - start
+    decoder = {
+        int(m.group(1)) for k in state if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k))
+    }
+    if decoder:
+        cfg.text.decoder_layers = max(decoder) + 1
     if (proj := state.get("vision_proj.weight")) is not None:
         cfg.embed_dim = proj.shape[0]
     if (queue := state.get("image_queue")) is not None:
@@ -189,10 +211,19 @@ class LoadReport:
     resampled: list[str] = field(default_factory=list)  # position embeddings resized
     momentum_from_online: list[str] = field(default_factory=list)  # twins initialised from online weights
     reset: list[str] = field(default_factory=list)  # buffers kept at their fresh value (queue size changed)
+    # VQA answer-decoder keys initialised from text-encoder weights (pretraining checkpoint -> VQA)
+    decoder_from_encoder: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = []
-        for name in ("missing", "unexpected", "resampled", "momentum_from_online", "reset"):
+        for name in (
+            "missing",
+            "unexpected",
+            "resampled",
+            "momentum_from_online",
+            "reset",
+            "decoder_from_encoder",
+        ):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
@@ -200,13 +231,54 @@ class LoadReport:
         return "\n".join(lines) if lines else "all keys matched"
 
 
+def decoder_from_encoder(
+    state: dict[str, torch.Tensor], text_layers: int, decoder_layers: int
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The official VQA script's remapping of a pretraining state dict (ALBEF-SPEC §5.3), generalised from its
+    hard-coded 6 to ``text_layers``: for ``text_encoder`` and ``text_encoder_m``, fusion layer
+    ``text_layers + j`` also becomes decoder layer ``j`` of ``text_decoder(_m).bert``; the embeddings are
+    copied to the decoder and the MLM head (``cls.*``) moves to it. The encoder keeps every layer.
+
+    Returns the new state dict and the decoder keys it created."""
+    out: dict[str, torch.Tensor] = {}
+    created: list[str] = []
+    for key, value in state.items():
+        prefix = next((p for p in ("text_encoder.", "text_encoder_m.") if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+            continue
+        if key.endswith("position_ids"):  # a buffer old transformers saved; dropped on conversion anyway
+            out[key] = value
+            continue
+        dec = prefix.replace("text_encoder", "text_decoder")
+        rest = key[len(prefix) :].removeprefix("bert.")
+        if rest.startswith("cls."):  # the MLM head becomes the decoder's LM head
+            new = dec + rest
+        else:
+            out[key] = value
+            m = _LAYER_KEY.match(rest)
+            if m is None:  # embeddings
+                new = dec + "bert." + rest
+            elif text_layers <= int(m.group(1)) < text_layers + decoder_layers:
+                new = f"{dec}bert.encoder.layer.{int(m.group(1)) - text_layers}.{m.group(2)}"
+            else:
+                continue
+        out[new] = value
+        created.append(new)
+    return out, created
+
+
 def convert_official_state_dict(
-    state: dict[str, torch.Tensor], model: ContrastiveModel
+    state: dict[str, torch.Tensor], model: ALBEFModel
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Rename, resample and filter an official state dict so it loads into ``model``."""
     report = LoadReport()
     target = model.state_dict()
     wants_mlm = isinstance(model, ALBEFPretrain)
+    if isinstance(model, ALBEFVQA) and not any(k.startswith("text_decoder.") for k in state):
+        state, report.decoder_from_encoder = decoder_from_encoder(
+            state, model.cfg.text.text_layers, model.cfg.text.decoder_layers
+        )
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith("embeddings.position_ids"):  # a buffer old transformers saved; recomputed here
@@ -244,6 +316,17 @@ def convert_official_state_dict(
                 del out[key]
                 report.reset.append(key)
 
+    # Tied parameters (MLM/LM decoder = word embeddings) are saved once by safetensors: any name of a tied
+    # group fills the others.
+    groups: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(key)
+    for names in groups.values():
+        present = [k for k in names if k in out]
+        if present and len(present) < len(names):
+            for k in names:
+                out.setdefault(k, out[present[0]])
+
     # Momentum twins absent from the checkpoint (released finetuned weights strip them) start as copies of
     # the online weights, as LAVIS does, never as random networks (official NLVR2 quirk).
     for prefix in _MOMENTUM_PREFIXES:
@@ -271,9 +354,7 @@ def _rename_text_key(key: str, wants_mlm: bool) -> str | None:
     return key
 
 
-def load_official(
-    model: ContrastiveModel, source: str | Path | dict[str, Any], strict: bool = False
-) -> LoadReport:
+def load_official(model: ALBEFModel, source: str | Path | dict[str, Any], strict: bool = False) -> LoadReport:
     """Load an official ALBEF checkpoint into ``model``; with ``strict`` any missing weight is an error."""
     state, report = convert_official_state_dict(read_official_state_dict(source), model)
     missing_weights = [k for k in report.missing if k not in _QUEUE_KEYS]
@@ -294,7 +375,7 @@ def load_official(
 # ---------------------------------------------------------------------------- albef format
 
 
-def save_pretrained(model: ContrastiveModel, directory: str | Path, task: str | None = None) -> Path:
+def save_pretrained(model: ALBEFModel, directory: str | Path, task: str | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (each atomically) into ``directory``."""
     from safetensors.torch import save_model
 
@@ -329,7 +410,7 @@ def read_config(directory: str | Path) -> tuple[str, ModelConfig]:
     return meta["task"], ModelConfig.from_dict(meta["model"], prefix=f"{path.name}:model")
 
 
-def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> ContrastiveModel:
+def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> ALBEFModel:
     """Build and load a model saved by :func:`save_pretrained`. Strict by default: every key must match."""
     from safetensors.torch import load_model
 
@@ -362,9 +443,9 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 def load_for_task(
     source: str | Path, task: str, base: ModelConfig | None = None
-) -> tuple[ContrastiveModel, LoadReport | None]:
+) -> tuple[ALBEFModel, LoadReport | None]:
     """A ``task`` model initialised from ``source``: an albef model directory of any task (a pretraining
-    export starts a retrieval finetuning, the official scripts' key remapping), or an official checkpoint
+    export starts a retrieval or VQA finetuning, the official scripts' key remapping), or an official checkpoint
     file (sizes inferred from its weights, the rest from ``base``, default the ``base`` preset).
 
     Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh).

@@ -106,6 +106,14 @@ def _load_params(args: argparse.Namespace) -> dict:
     return read_params(args.params)
 
 
+def _unimodal(args: argparse.Namespace) -> int:
+    from albef.tracking.stages import tracked_unimodal
+
+    metrics = tracked_unimodal(_load_params(args), progress=not args.quiet)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from albef.tracking.stages import tracked_train
 
@@ -129,6 +137,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         _load_params(args), args.model, args.out, args.metrics, progress=not args.quiet
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _predict_vqa(args: argparse.Namespace) -> int:
+    from albef.train.vqa import predict_vqa
+
+    answers = predict_vqa(args.model, args.image, args.question, args.answer_list, k=args.k, top=args.top)
+    print(json.dumps([{"answer": a, "probability": round(p, 5)} for a, p in answers], indent=2))
     return 0
 
 
@@ -191,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert-official", help="convert an official ALBEF checkpoint to albef's format")
     conv.add_argument("src", help="official checkpoint (.pth): ALBEF.pth, mscoco.pth, a training snapshot")
     conv.add_argument("dst", help="output directory (model.safetensors + config.json)")
-    conv.add_argument("--task", choices=["pretrain", "retrieval"], required=True)
+    conv.add_argument("--task", choices=["pretrain", "retrieval", "vqa"], required=True)
     conv.add_argument(
         "--preset",
         choices=["base", "small", "tiny"],
@@ -245,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--quiet", action="store_true", help="no progress bar")
     pre.set_defaults(func=_preprocess)
 
+    uni = sub.add_parser(
+        "unimodal",
+        help="warm-start the image and text encoders on the synthetic benchmark (params: unimodal, model)",
+    )
+    uni.add_argument("--params", default="params.yaml")
+    uni.add_argument("--quiet", action="store_true", help="no progress bar")
+    uni.set_defaults(func=_unimodal)
+
     pre_train = sub.add_parser(
         "pretrain", help="pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM"
     )
@@ -266,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--params", default="params.yaml")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
+
+    predict = sub.add_parser("predict", help="answer with a finetuned model")
+    predict_sub = predict.add_subparsers(dest="task", required=True)
+    pvqa = predict_sub.add_parser("vqa", help="the top answers to a question about an image")
+    pvqa.add_argument("--model", required=True, help="an albef VQA model folder (finetune_vqa export)")
+    pvqa.add_argument("--image", required=True)
+    pvqa.add_argument("--question", required=True)
+    pvqa.add_argument("--answer-list", help="JSON list of answers; default: the one exported with the model")
+    pvqa.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
+    pvqa.add_argument("--top", type=int, default=5)
+    pvqa.set_defaults(func=_predict_vqa)
 
     reg = sub.add_parser(
         "register",
@@ -301,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_mlflow_sync)
 
     info = sub.add_parser("info", help="print a model configuration and its parameter counts")
-    info.add_argument("--task", choices=["pretrain", "retrieval"], default="pretrain")
+    info.add_argument("--task", choices=["pretrain", "retrieval", "vqa"], default="pretrain")
     info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
     info.add_argument("--params", help="take the model section of this params.yaml")
     info.set_defaults(func=_info)
@@ -326,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         from albef.data.s3 import S3Error
 
         expected = (*expected, PreprocessError, S3Error)
-    if args.command in ("pretrain", "finetune", "evaluate"):
+    if args.command in ("unimodal", "pretrain", "finetune", "evaluate"):
         from albef.train.engine import CheckpointWriteError, TrainingDiverged
 
         expected = (*expected, TrainingDiverged, CheckpointWriteError)

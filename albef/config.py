@@ -65,6 +65,9 @@ class TextConfig:
     cls_token_id: int = 101
     sep_token_id: int = 102
     mask_token_id: int = 103
+    # Layers of the VQA answer decoder (official: 6, each with cross-attention to the question states;
+    # initialised from the fusion layers).
+    decoder_layers: int = 6
 
     @property
     def num_layers(self) -> int:
@@ -125,6 +128,8 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.{key} must be positive, got {value}")
         if t.text_layers < 0 or t.fusion_layers < 0:
             raise ConfigError(f"{prefix}.text.text_layers/fusion_layers must be >= 0")
+        if t.decoder_layers < 1:
+            raise ConfigError(f"{prefix}.text.decoder_layers must be >= 1, got {t.decoder_layers}")
         if t.fusion_layers < 1:
             raise ConfigError(f"{prefix}.text.fusion_layers must be >= 1 (ALBEF fuses in the upper layers)")
         if v.image_size % v.patch_size:

@@ -26,12 +26,20 @@ from albef.models.base import ContrastiveModel, ContrastiveOutput
 from albef.models.components import RecordedChoices, official_negative_weights, soft_cross_entropy
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
+from albef.models.vqa import ALBEFVQA
 from albef.models.xbert import Mode
 
 TOLERANCE = 1e-5
 # Sections that are given to the model rather than computed by it.
 _INPUT_SECTIONS = {"meta", "state_dict", "inputs"}
-_INPUT_ENTRIES = {"forward/seed"}
+_INPUT_ENTRIES = {
+    "forward/seed",
+    # the VQA training batch is given, not computed
+    "train/answer_ids",
+    "train/answer_mask",
+    "train/k",
+    "train/weights",
+}
 
 
 @dataclass
@@ -86,7 +94,7 @@ def reference_config(ref: dict[str, Any]) -> ModelConfig:
 # ---------------------------------------------------------------------------- per-model computations
 
 
-def _fresh(model_cls: type[ContrastiveModel], cfg: ModelConfig, ref: dict) -> ContrastiveModel:
+def _fresh(model_cls: type[ContrastiveModel] | type[ALBEFVQA], cfg: ModelConfig, ref: dict) -> Any:
     model = model_cls(cfg).eval()
     report = load_official(model, ref["state_dict"], strict=True)
     if report.missing or report.unexpected:
@@ -257,9 +265,70 @@ def compute_retrieval(ref: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def vqa_reference_config(ref: dict) -> ModelConfig:
+    """:func:`reference_config` plus the answer decoder's depth (``meta/decoder_config``)."""
+    cfg = reference_config(ref)
+    if "decoder_config" in ref["meta"]:
+        dec = json.loads(ref["meta"]["decoder_config"])
+        if int(dec.get("fusion_layer", 0)) != 0:
+            raise ValueError("the VQA answer decoder cross-attends in every layer (fusion_layer 0)")
+        cfg.text.decoder_layers = int(dec["num_hidden_layers"])
+    return cfg.validate()
+
+
+def compute_vqa(ref: dict) -> dict[str, torch.Tensor]:
+    cfg = vqa_reference_config(ref)
+    inp = ref["inputs"]
+    image, q_ids, q_mask = inp["image"], inp["question_ids"], inp["question_mask"]
+    a_ids, a_mask, k = inp["answer_list_ids"], inp["answer_list_mask"], int(inp["k"])
+    out: dict[str, torch.Tensor] = {}
+
+    model = _fresh(ALBEFVQA, cfg, ref)
+    image_embeds, states = model.encode_question(image, q_ids, q_mask)
+    rank = model.rank_answer(states, q_mask, a_ids, a_mask, k, keep_logits=True)
+    topk_ids, topk_probs = model.predict(image, q_ids, q_mask, a_ids, a_mask, k)
+    out.update(
+        {
+            "outputs/image_embeds": image_embeds,
+            "outputs/question_states": states,
+            "outputs/start_logits": rank.start_logits,
+            "outputs/prob_first_token": rank.prob_first_token,
+            "outputs/stage1_topk_probs": rank.stage1_probs,
+            "outputs/stage1_topk_ids": rank.stage1_ids,
+            "outputs/candidate_input_ids": rank.candidate_ids,
+            "outputs/candidate_decoder_logits": rank.candidate_logits,
+            "outputs/answer_loss": rank.answer_loss,
+            "outputs/log_probs_sum": rank.log_probs_sum,
+            "outputs/rerank_probs": rank.rerank_probs,
+            "outputs/topk_ids": topk_ids,
+            "outputs/topk_probs": topk_probs,
+        }
+    )
+
+    if "train" in ref:
+        train = ref["train"]
+        model = _fresh(ALBEFVQA, cfg, ref)
+        fwd = model(
+            image,
+            q_ids,
+            q_mask,
+            train["answer_ids"],
+            train["answer_mask"],
+            k=list(train["k"]),
+            weights=train["weights"],
+            alpha=cfg.alpha,
+        )
+        out["train/loss"] = fwd.loss
+        out["train/answer_output_loss"] = fwd.answer_loss
+        if fwd.teacher_logits is not None:
+            out["train/logits_m"] = fwd.teacher_logits
+    return out
+
+
 COMPUTE: dict[str, Callable[[dict], dict[str, torch.Tensor]]] = {
     "pretrain": compute_pretrain,
     "retrieval": compute_retrieval,
+    "vqa": compute_vqa,
 }
 
 

@@ -146,7 +146,7 @@ def test_push_and_pull_with_an_s3_remote_on_loopback(project: Path):
 
 
 def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
-    """synth -> preprocess -> pretrain -> finetune_retrieval -> evaluate (zero-shot and finetuned) with tiny
+    """synth -> preprocess -> unimodal -> pretrain -> finetune_retrieval -> evaluate (zero-shot, finetuned) -> register, tiny
     settings, then `dvc exp run -S pretrain.epochs=2`, as a user runs them."""
     from conftest import TINY_MODEL
 
@@ -160,6 +160,7 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
         "k_test": 4,
         "log_every": 1,
     }
+    params["unimodal"].update(vision_steps=20, text_steps=20, batch_size=8, warmup_steps=2)
     params["pretrain"].update(tiny)
     params["finetune_retrieval"].update(tiny)
     params["evaluate"].update(k_test=4, num_workers=0, examples=2)
@@ -188,7 +189,7 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
     first = _mlflow_state(project)
     assert len(first["parents"]) == 1
     assert sorted(first["stages"].values()) == sorted(
-        ["pretrain", "finetune_retrieval", "evaluate_zeroshot", "evaluate_retrieval", "register"]
+        ["unimodal", "pretrain", "finetune_retrieval", "evaluate_zeroshot", "evaluate_retrieval", "register"]
     )
     assert first["aliases"] == {"champion": "1", "challenger": "1"}
 

@@ -148,11 +148,14 @@ class FusionLayer(nn.Module):
         image: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
         first_only: bool = False,
         self_attended: bool = False,
+        cross_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``first_only``: compute the output at position 0 only (all positions still serve as keys and
         values of the self-attention), for heads that read nothing but the [CLS] state.
         ``self_attended``: ``hidden`` already went through this layer's self-attention (which does not
-        depend on the image, so retrieval scoring computes it once per text, not once per pair)."""
+        depend on the image, so retrieval scoring computes it once per text, not once per pair).
+        ``cross_mask``: additive mask over the cross-attended tokens (the VQA answer decoder attends to padded
+        question states); image tokens are all attended and need none."""
         if self_attended:
             hidden = hidden[:, :1] if first_only else hidden
         elif first_only:
@@ -162,8 +165,8 @@ class FusionLayer(nn.Module):
         if self.has_cross_attention:
             if image is None:
                 raise ValueError("a fusion layer needs image embeddings (image_embeds=...)")
-            # Every image token is attended, so the cross-attention needs no mask.
-            hidden = self.crossattention(hidden, kv=image)
+            # Every image token is attended, so the cross-attention needs no mask (question states do).
+            hidden = self.crossattention(hidden, kv=image, additive_mask=cross_mask)
         return self.output(self.intermediate(hidden), hidden)
 
 
@@ -235,9 +238,11 @@ class FusionEncoder(nn.Module):
         end: int,
         first_only: bool = False,
         self_attended: bool = False,
+        cross_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``first_only``: the last layer computes position 0 only (output (B, 1, hidden)).
-        ``self_attended``: ``hidden`` already went through layer ``start``'s self-attention."""
+        ``self_attended``: ``hidden`` already went through layer ``start``'s self-attention.
+        ``cross_mask``: additive mask over the cross-attended tokens (see :meth:`FusionLayer.forward`)."""
         for i in range(start, end):
             layer_image = image
             if isinstance(image, ProjectedImage):
@@ -249,10 +254,10 @@ class FusionEncoder(nn.Module):
             done = self_attended and i == start
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 hidden = checkpoint(
-                    layer, hidden, text_mask, layer_image, last_first, done, use_reentrant=False
+                    layer, hidden, text_mask, layer_image, last_first, done, cross_mask, use_reentrant=False
                 )
             else:
-                hidden = layer(hidden, text_mask, layer_image, last_first, done)
+                hidden = layer(hidden, text_mask, layer_image, last_first, done, cross_mask)
         return hidden
 
 

@@ -98,3 +98,17 @@ def tracked_evaluate(
             for file in ("examples.png", "rankings.json"):
                 run.log_artifact(Path(out_dir) / file, "report")
     return metrics
+
+
+def tracked_unimodal(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """The unimodal warm start with its MLflow run: held-out label and MLM figures."""
+    from albef.train.unimodal import unimodal_stage
+
+    values = section(params, "unimodal")
+    tags = _provenance_tags([values.get("data_dir", "data/processed")])
+    with stage_run(params, "unimodal", tags=tags, log_params={"unimodal": values}) as run:
+        metrics = unimodal_stage(params, progress=progress)
+        if run is not None:
+            run.log_metrics(metrics)
+            run.log_dict(metrics, "metrics.json")
+    return metrics

@@ -1,0 +1,277 @@
+"""The VQA stages as plain functions of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect call these).
+
+``finetune_vqa_stage``   weighted answer generation with momentum distillation (``params.finetune_vqa``)
+``evaluate_vqa_stage``   answer the test questions from the answer list, VQA accuracy (``params.evaluate_vqa``)
+``predict_vqa``          one image and one question, the top answers
+
+``params.finetune_vqa`` is flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
+:class:`~albef.train.stages.TrainStageConfig` keys) plus ``answer_list`` (file in ``data_dir``) and
+``max_answer_tokens``. As the official, there is no validation during training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from albef.config import ConfigError
+from albef.data.stages import build_dataclass, section
+from albef.train.distributed import cleanup_distributed, init_distributed
+from albef.train.engine import Trainer, fingerprint, resolve_precision
+from albef.train.stages import (
+    _data_digest,
+    _initial_model,
+    _tokenizer,
+    _train_metrics,
+    _write_json,
+    export_model,
+    split_train_section,
+    write_curves,
+)
+
+log = logging.getLogger(__name__)
+
+ANSWER_LIST_FILE = "answer_list.json"  # copied next to the exported weights, for prediction
+
+
+@dataclass
+class VQAEvalConfig:
+    """``params.evaluate_vqa``."""
+
+    data_dir: str = "data/processed"
+    test_file: str = "vqa_test.json"
+    answer_list: str = ANSWER_LIST_FILE
+    test_answers: str | None = "vqa_test_answers.json"  # {question_id: [human answers]}; null: no accuracy
+    tokenizer: str | None = None  # default: the model's tokenizer, else <data_dir>/tokenizer
+    k_test: int = 128  # candidates re-ranked per question (official 128)
+    batch_size: int = 32
+    num_workers: int = 0
+    precision: str = "auto"
+    max_words: int = 50  # question words kept at test time (official 50)
+
+
+def vqa_forward(model, batch, alpha, choices):
+    """The Trainer's forward for VQA (no random choices are drawn)."""
+    return model(
+        batch["images"],
+        batch["question_ids"],
+        batch["question_mask"],
+        batch["answer_ids"],
+        batch["answer_mask"],
+        batch["k"],
+        batch["weights"],
+        alpha=alpha,
+    )
+
+
+def finetune_vqa_stage(
+    params: dict[str, Any], progress: bool = True, on_log=None, name: str = "finetune_vqa"
+) -> dict[str, Any]:
+    """Finetune a VQA model with the settings of ``params[name]``; returns the metrics written for DVC.
+
+    ``init`` is an albef model folder of any task (a pretraining export gets its answer decoder from the
+    fusion layers) or an official checkpoint. Training answers the answer list cannot produce are counted
+    and reported (they are still trained on, as the official)."""
+    from albef.data import datasets as ds
+    from albef.data.transforms import build_transform
+    from albef.data.vqa import VQACollate, VQATrainDataset, read_answer_list
+
+    values = section(params, name)
+    answer_list_name = values.pop("answer_list", ANSWER_LIST_FILE)
+    max_answer_tokens = int(values.pop("max_answer_tokens", 32))
+    values.setdefault("train_file", "vqa_train.json")
+    values.setdefault("out", "models/vqa")
+    values.setdefault("run_dir", "runs/vqa")
+    values.setdefault("max_tokens", 25)  # official question length for training
+    values.setdefault("crop_scale", (0.5, 1.0))
+    stage, train = split_train_section(values, name)
+    if stage.val_file:
+        raise ConfigError(f"{name}.val_file: VQA trains without validation (evaluate with evaluate_vqa)")
+    world, device = init_distributed()
+    try:
+        torch.manual_seed(train.seed)
+        model, init_info = _initial_model(stage, "vqa", params)
+        tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
+        tokenizer = _tokenizer(tokenizer_dir, model.cfg)
+        images = ds.image_source(stage.data_dir)
+        transform = build_transform(
+            "train",
+            model.cfg.vision.image_size,
+            scale=stage.crop_scale,
+            hflip=stage.hflip,
+            augment=stage.augment,
+        )
+        train_file = Path(stage.data_dir) / stage.train_file
+        dataset = VQATrainDataset(train_file, images, transform)
+        answer_list_path = Path(stage.data_dir) / answer_list_name
+        unknown = dataset.unknown_answers(read_answer_list(answer_list_path))
+        if unknown["unknown_answers"]:
+            log.warning(
+                "%s: %d of %d training answers (%d distinct) are not in %s; %d questions have no answer in it",
+                name,
+                unknown["unknown_answers"],
+                unknown["answers"],
+                unknown["distinct_unknown_answers"],
+                answer_list_path,
+                unknown["questions_without_known_answer"],
+            )
+        if len(dataset) < train.batch_size * world.world_size:
+            raise ConfigError(
+                f"{name}: {train_file} has {len(dataset)} questions, fewer than one global batch "
+                f"({train.batch_size} x {world.world_size} processes)"
+            )
+        digest = _data_digest(stage, tokenizer_dir)
+        run_fp = fingerprint(
+            "vqa",
+            train.fingerprint_fields(),
+            {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
+            {"answer_list": answer_list_name, "max_answer_tokens": max_answer_tokens},
+            model.cfg.to_dict(),
+            init_info,
+            digest,
+            world.world_size,
+        )
+        trainer = Trainer(
+            model,
+            dataset,
+            VQACollate(tokenizer, stage.max_tokens, max_answer_tokens),
+            vqa_forward,
+            train,
+            stage.run_dir,
+            world,
+            device,
+            run_fp,
+            on_log=on_log,
+            progress=progress,
+            name=name,
+        )
+        result = trainer.fit()
+        metrics = _train_metrics(result, trainer)
+        metrics["train_answers"] = unknown
+        if world.is_main:
+            summary = {
+                "stage": name,
+                "task": "vqa",
+                "fingerprint": run_fp,
+                "settings": {"train": asdict(train), "stage": asdict(stage)},
+                "metrics": metrics,
+            }
+            out = export_model(model, stage.out, tokenizer, None, summary)
+            shutil.copyfile(answer_list_path, out / ANSWER_LIST_FILE)
+            if stage.metrics:
+                _write_json(stage.metrics, metrics)
+            write_curves(Path(stage.run_dir), stage.plots, f"{name} (vqa)")
+            log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+def _load_vqa(model_dir: str | Path, tokenizer_dir: str | Path | None, data_dir: str | Path | None):
+    from albef.checkpoint import CheckpointError, load_pretrained
+    from albef.models.vqa import ALBEFVQA
+
+    model = load_pretrained(model_dir)
+    if not isinstance(model, ALBEFVQA):
+        raise CheckpointError(f"{model_dir} does not hold a VQA model")
+    if tokenizer_dir is None:
+        own = Path(model_dir) / "tokenizer"
+        tokenizer_dir = own if own.exists() or data_dir is None else Path(data_dir) / "tokenizer"
+    return model, _tokenizer(tokenizer_dir, model.cfg)
+
+
+def evaluate_vqa_stage(
+    params: dict[str, Any],
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+    name: str = "evaluate_vqa",
+) -> dict[str, Any]:
+    """Answer ``params[name].test_file`` with the model in ``model_dir``: ``vqa_result.json`` (the official
+    ``[{"question_id", "answer"}]``), ``top_answers.json`` and ``metrics.json`` (VQA accuracy when human
+    answers are given) in ``out_dir``."""
+    from albef.data import datasets as ds
+    from albef.data.transforms import eval_transform
+    from albef.data.vqa import VQATestDataset, read_answer_list
+    from albef.eval.vqa import answer_questions, score_predictions
+
+    cfg = build_dataclass(VQAEvalConfig, section(params, name), name)
+    world, device = init_distributed()
+    try:
+        model, tokenizer = _load_vqa(model_dir, cfg.tokenizer, cfg.data_dir)
+        answer_list = read_answer_list(Path(cfg.data_dir) / cfg.answer_list)
+        dataset = VQATestDataset(
+            Path(cfg.data_dir) / cfg.test_file,
+            ds.image_source(cfg.data_dir),
+            eval_transform(model.cfg.vision.image_size),
+            max_words=cfg.max_words,
+        )
+        result = answer_questions(
+            model,
+            dataset,
+            tokenizer,
+            answer_list,
+            k_test=cfg.k_test,
+            batch_size=cfg.batch_size,
+            device=device,
+            num_workers=cfg.num_workers,
+            amp_dtype=resolve_precision(cfg.precision, device),
+        )
+        metrics: dict[str, Any] = {"questions": len(dataset), "answer_list": len(answer_list)}
+        if cfg.test_answers:
+            humans = json.loads((Path(cfg.data_dir) / cfg.test_answers).read_text())
+            metrics.update(score_predictions(result.predictions, humans))
+            known = set(answer_list)
+            oracle = [
+                max((min(sum(h == a for h in hs) / 3, 1.0) for a in set(hs) if a in known), default=0.0)
+                for hs in humans.values()
+            ]
+            metrics["answer_list_oracle_accuracy"] = round(100 * sum(oracle) / max(len(oracle), 1), 3)
+        metrics["eval_seconds"] = round(result.seconds, 2)
+        if world.is_main:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "metrics.json", metrics)
+            (out / "vqa_result.json").write_text(json.dumps(result.predictions) + "\n")
+            _write_json(out / "top_answers.json", {str(q): v for q, v in result.top.items()})
+            if metrics_path:
+                _write_json(metrics_path, metrics)
+            log.info("%s %s: %s", name, model_dir, json.dumps(metrics, sort_keys=True))
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+@torch.no_grad()
+def predict_vqa(
+    model_dir: str | Path,
+    image: str | Path,
+    question: str,
+    answer_list: str | Path | None = None,
+    k: int = 128,
+    top: int = 5,
+) -> list[tuple[str, float]]:
+    """The ``top`` answers (and their re-ranked probabilities) to ``question`` about ``image``; the answer list
+    defaults to the one exported with the model."""
+    from albef.data.images import open_rgb
+    from albef.data.text import pre_question
+    from albef.data.transforms import eval_transform
+    from albef.data.vqa import read_answer_list, tokenize_answers
+
+    model, tokenizer = _load_vqa(model_dir, None, None)
+    model.eval()
+    answers = read_answer_list(answer_list or Path(model_dir) / ANSWER_LIST_FILE)
+    pixels = eval_transform(model.cfg.vision.image_size)(open_rgb(Path(image)))[None]
+    q = tokenizer([pre_question(question, 50)], max_length=model.cfg.text.max_positions)
+    a_ids, a_mask = tokenize_answers(tokenizer, answers, model.cfg.text.max_positions)
+    ids, probs = model.predict(pixels, q.input_ids, q.attention_mask, a_ids, a_mask, k=k)
+    return [
+        (answers[i], float(p)) for i, p in zip(ids[0].tolist()[:top], probs[0].tolist()[:top], strict=True)
+    ]
