@@ -48,7 +48,7 @@ def full_pipeline(
     results: list[dict[str, Any]] = []
     try:
         for name in FLOW_STAGES:
-            chosen = [s for s in plan.stages if flow_of(s) == name]
+            chosen = [s for s in plan.stages if flow_of(s, plan.declared) == name]
             if not chosen:
                 continue
             results += STAGE_FLOWS[name](

@@ -6,7 +6,7 @@ flow           DVC stages
 =============  ==================================================
 ``data``       ``synth``
 ``preprocess`` ``preprocess``
-``pretrain``   ``pretrain``
+``pretrain``   ``unimodal``, ``pretrain``
 ``finetune``   ``finetune_*`` (``finetune_retrieval``)
 ``evaluate``   ``evaluate_*`` (``evaluate_zeroshot``, ``evaluate_retrieval``)
 ``register``   ``register`` (when dvc.yaml declares it)
@@ -80,7 +80,8 @@ def pretrain(
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """ALBEF pretraining: ITC + ITM + MLM with momentum distillation (DVC stage pretrain)."""
+    """The unimodal warm start, then ALBEF pretraining: ITC + ITM + MLM with momentum distillation
+    (DVC stages unimodal, pretrain)."""
     return run_flow_stages("pretrain", **locals())
 
 

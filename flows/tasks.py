@@ -192,7 +192,7 @@ def run_flow_stages(
     requested = stages or ([flow_name] if flow_name else None)
     plan = prepare(project_dir, requested, overrides, gpus, nodes, rdzv_endpoint)
     if flow_name:
-        foreign = [s for s in plan.stages if flow_of(s) != flow_name]
+        foreign = [s for s in plan.stages if flow_of(s, plan.declared) != flow_name]
         if foreign:
             raise PlanError(
                 f"flow {flow_name} runs {', '.join(FLOW_STAGES[flow_name])}, not {', '.join(foreign)}"

@@ -26,6 +26,7 @@ from albef.orchestration.pipeline import (
     PlanError,
     apply_overrides,
     check_resources,
+    flow_of,
     launch_env,
     merge_overrides,
     prepare,
@@ -48,15 +49,24 @@ def project(tmp_path: Path) -> Path:
 
 def test_stages_follow_dvc_yaml_order_whatever_the_order_asked(project: Path):
     declared = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    assert select_stages(project) == [s for s in declared if s != "register"] + (
-        ["register"] if "register" in declared else []
-    )
+    assert select_stages(project) == declared  # every stage has a flow
     assert select_stages(project, ["evaluate", "data"]) == [
         "synth",
         "evaluate_zeroshot",
         "evaluate_retrieval",
     ]
-    assert select_stages(project, ["evaluate_zeroshot", "pretrain"]) == ["pretrain", "evaluate_zeroshot"]
+    assert select_stages(project, ["evaluate_zeroshot", "pretrain"]) == [
+        s for s in declared if s in ("unimodal", "pretrain", "evaluate_zeroshot")
+    ]
+
+
+def test_a_stage_no_flow_names_runs_with_the_flow_it_prepares(tmp_path: Path):
+    spec = {"stages": {name: {"cmd": "true"} for name in ("synth", "warm_start", "pretrain", "export_onnx")}}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    declared = list(spec["stages"])
+    assert [flow_of(s, declared) for s in declared] == ["data", "pretrain", "pretrain", "pretrain"]
+    assert select_stages(tmp_path) == declared
+    assert select_stages(tmp_path, ["pretrain"]) == ["warm_start", "pretrain", "export_onnx"]
 
 
 def test_unknown_stage_names_fail_naming_them(project: Path):
@@ -93,6 +103,7 @@ def test_overrides_for_unknown_keys_fail_naming_the_key_and_leave_params_alone(p
 
 
 def test_overrides_are_written_into_params_yaml_keeping_its_comments(project: Path):
+    original = yaml.safe_load((project / "params.yaml").read_text())
     result = apply_overrides(
         project,
         {
@@ -102,9 +113,10 @@ def test_overrides_are_written_into_params_yaml_keeping_its_comments(project: Pa
             "preprocess": {"files": {"retrieval_test.json": "retrieval_eval"}},  # a dotted name, unchanged
         },
     )
+    assert original["pretrain"]["epochs"] != 1 and "max_steps" not in original["pretrain"]
     assert result.changed == {
-        "pretrain.epochs": (3, 1),
-        "finetune_retrieval.lr": (1.0e-4, 5.0e-5),
+        "pretrain.epochs": (original["pretrain"]["epochs"], 1),
+        "finetune_retrieval.lr": (original["finetune_retrieval"]["lr"], 5.0e-5),
         "pretrain.max_steps": (None, 3),
     }
     text = (project / "params.yaml").read_text()

@@ -180,6 +180,7 @@ def project(tmp_path_factory, prefect) -> Path:
     params["synth"].update(TINY_SYNTH)
     params["preprocess"].update(max_side=64, shard_size=16)
     params["model"] = TINY_MODEL
+    params["unimodal"].update(vision_steps=20, text_steps=20, batch_size=8, warmup_steps=2)
     params["pretrain"].update(TINY_TRAIN)
     params["finetune_retrieval"].update(TINY_TRAIN, epochs=1)
     params["evaluate"].update(k_test=4, num_workers=0, examples=2)
@@ -341,7 +342,7 @@ def test_prefect_deploy_creates_a_deployment_for_every_flow_in_the_gpu_pool(depl
 def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     project, prefect, worker, settings
 ):
-    from albef.orchestration.pipeline import flow_of, select_stages
+    from albef.orchestration.pipeline import dvc_stages, flow_of, select_stages
 
     flow_run_id = _trigger(
         "full_pipeline/albef",
@@ -352,9 +353,10 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     assert run.state.type.value == "COMPLETED", f"{run.state.message}\n{worker.read_text()[-4000:]}"
     # every stage dvc.yaml declares (register too, once the MLflow stage is in dvc.yaml)
     stages = select_stages(project)
-    assert stages[:6] == [
+    assert stages[:7] == [
         "synth",
         "preprocess",
+        "unimodal",
         "pretrain",
         "finetune_retrieval",
         "evaluate_zeroshot",
@@ -362,7 +364,7 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
     ]
     with _client() as client:
         subflows = sorted(client.read_flow(r.flow_id).name for r in runs[1:])
-    assert subflows == sorted({flow_of(s) for s in stages})
+    assert subflows == sorted({flow_of(s, dvc_stages(project)) for s in stages})
     assert all(r.state.type.value == "COMPLETED" for r in runs)
 
     tasks = _task_runs([r.id for r in runs])

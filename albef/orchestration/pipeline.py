@@ -23,11 +23,12 @@ import yaml
 
 from albef.config import ConfigError
 
-# flow name -> the DVC stages it runs (patterns), in pipeline order
+# flow name -> the DVC stages it runs (patterns), in pipeline order. A dvc.yaml stage no pattern names runs
+# with the flow of the next stage that is named (it is that stage's prerequisite), so no stage is skipped.
 FLOW_STAGES: dict[str, tuple[str, ...]] = {
     "data": ("synth",),
     "preprocess": ("preprocess",),
-    "pretrain": ("pretrain",),
+    "pretrain": ("unimodal", "pretrain"),  # the unimodal warm start of the encoders, then ALBEF pretraining
     "finetune": ("finetune_*",),
     "evaluate": ("evaluate_*",),
     "register": ("register",),
@@ -47,16 +48,27 @@ def dvc_stages(project: str | Path) -> list[str]:
     return list(stages)
 
 
-def flow_of(stage: str) -> str | None:
-    """The flow that runs DVC stage ``stage`` (None when no flow claims it)."""
+def _claimed(stage: str) -> str | None:
     for flow, patterns in FLOW_STAGES.items():
         if any(fnmatch.fnmatchcase(stage, p) for p in patterns):
             return flow
     return None
 
 
+def flow_of(stage: str, declared: list[str] | None = None) -> str | None:
+    """The flow that runs DVC stage ``stage``: the one whose patterns name it, else (given ``declared``, the
+    dvc.yaml order) the flow of the next named stage, else of the last one before it."""
+    flow = _claimed(stage)
+    if flow is not None or not declared or stage not in declared:
+        return flow
+    at = declared.index(stage)
+    later = [_claimed(s) for s in declared[at + 1 :]]
+    earlier = [_claimed(s) for s in reversed(declared[:at])]
+    return next((f for f in later + earlier if f is not None), None)
+
+
 def stages_of(flow: str, declared: list[str]) -> list[str]:
-    return [s for s in declared if flow_of(s) == flow]
+    return [s for s in declared if flow_of(s, declared) == flow]
 
 
 def select_stages(project: str | Path, requested: list[str] | None = None) -> list[str]:
@@ -67,7 +79,7 @@ def select_stages(project: str | Path, requested: list[str] | None = None) -> li
     """
     declared = dvc_stages(project)
     if requested is None:
-        return [s for s in declared if flow_of(s) is not None]
+        return [s for s in declared if flow_of(s, declared) is not None]
     if isinstance(requested, str):
         requested = [requested]
     chosen: set[str] = set()
@@ -114,7 +126,11 @@ def _section_validator(name: str) -> Callable[[dict[str, Any]], Any] | None:
         from albef.config import ModelConfig
 
         return lambda p: ModelConfig.from_dict(p["model"], prefix="model")
-    if name == "pretrain" or name.startswith("finetune_"):
+    if name == "unimodal":
+        from albef.train.unimodal import UnimodalConfig
+
+        return lambda p: build_dataclass(UnimodalConfig, p["unimodal"], "unimodal")
+    if name in ("pretrain", "finetune_retrieval"):  # read as they are by albef.train.stages
         from albef.train.stages import split_train_section
 
         return lambda p: split_train_section(p[name], name)
@@ -316,7 +332,8 @@ class Plan:
     """What a flow run will do, decided before anything runs."""
 
     project: Path
-    stages: list[str]
+    stages: list[str]  # the DVC stages to run, in order
+    declared: list[str]  # every stage of dvc.yaml, in order (for flow_of)
     changed: dict[str, tuple[Any, Any]]
     params: dict[str, Any]
     env: dict[str, str]
@@ -338,5 +355,10 @@ def prepare(
     check_resources(gpus, nodes, rdzv_endpoint)
     merged = apply_overrides(project, overrides)
     return Plan(
-        project, selected, merged.changed, merged.params, launch_env(gpus, nodes, rdzv_endpoint, rdzv_id)
+        project,
+        selected,
+        dvc_stages(project),
+        merged.changed,
+        merged.params,
+        launch_env(gpus, nodes, rdzv_endpoint, rdzv_id),
     )
