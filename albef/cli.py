@@ -134,7 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from albef.tracking.stages import tracked_evaluate
 
     metrics = tracked_evaluate(
-        _load_params(args), args.model, args.out, args.metrics, progress=not args.quiet
+        _load_params(args), args.model, args.out, args.metrics, progress=not args.quiet, task=args.task
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
@@ -277,13 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre_train.set_defaults(func=_pretrain)
 
     fine = sub.add_parser("finetune", help="finetune a pretrained model (params: finetune_<task>)")
-    fine.add_argument("task", choices=["retrieval"])
+    fine.add_argument("task", choices=["retrieval", "vqa"])
     fine.add_argument("--params", default="params.yaml")
     fine.add_argument("--quiet", action="store_true", help="no progress bar")
     fine.set_defaults(func=_finetune)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model (params: evaluate)")
-    evaluate.add_argument("task", choices=["retrieval"])
+    evaluate.add_argument("task", choices=["retrieval", "vqa"])
     evaluate.add_argument("--model", required=True, help="an albef model folder (pretrained or finetuned)")
     evaluate.add_argument("--out", required=True, help="folder for rankings.json, examples.png, metrics.json")
     evaluate.add_argument("--metrics", help="also write the metrics JSON here (for DVC)")

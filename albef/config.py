@@ -65,9 +65,13 @@ class TextConfig:
     cls_token_id: int = 101
     sep_token_id: int = 102
     mask_token_id: int = 103
-    # Layers of the VQA answer decoder (official: 6, each with cross-attention to the question states;
-    # initialised from the fusion layers).
-    decoder_layers: int = 6
+    # Layers of the VQA answer decoder, each with cross-attention to the question states and initialised
+    # from the fusion layers. None: as many as the fusion layers (the official 6 of 6).
+    decoder_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.decoder_layers is None:
+            self.decoder_layers = self.fusion_layers
 
     @property
     def num_layers(self) -> int:
@@ -218,6 +222,8 @@ def _merge(base: dict, override: dict, schema: type, prefix: str) -> dict:
             base[key] = _merge(base[key], value, sub, f"{prefix}.{key}")
         else:
             base[key] = value
+    if schema is TextConfig and "fusion_layers" in override and "decoder_layers" not in override:
+        base["decoder_layers"] = None  # follows the new fusion depth (configs saved before VQA lack it)
     return base
 
 

@@ -44,7 +44,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -164,6 +164,8 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
     params["pretrain"].update(tiny)
     params["finetune_retrieval"].update(tiny)
     params["evaluate"].update(k_test=4, num_workers=0, examples=2)
+    params["finetune_vqa"].update({k: v for k, v in tiny.items() if k != "k_test"})
+    params["evaluate_vqa"].update(k_test=4)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     _dvc("repro", cwd=project)
@@ -175,6 +177,8 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
         "reports/retrieval/examples.png",
         "plots/pretrain/train.csv",
         "plots/finetune_retrieval/curves.png",
+        "models/vqa/answer_list.json",
+        "reports/vqa/vqa_result.json",
     ):
         assert (project / path).is_file(), path
     retrieval = json.loads((project / "metrics" / "retrieval.json").read_text())
@@ -189,7 +193,16 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
     first = _mlflow_state(project)
     assert len(first["parents"]) == 1
     assert sorted(first["stages"].values()) == sorted(
-        ["unimodal", "pretrain", "finetune_retrieval", "evaluate_zeroshot", "evaluate_retrieval", "register"]
+        [
+            "unimodal",
+            "pretrain",
+            "finetune_retrieval",
+            "evaluate_zeroshot",
+            "evaluate_retrieval",
+            "register",
+            "finetune_vqa",
+            "evaluate_vqa",
+        ]
     )
     assert first["aliases"] == {"champion": "1", "challenger": "1"}
 

@@ -51,6 +51,10 @@ def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool =
         on_log = run.on_log if run is not None else None
         if name == "pretrain":
             metrics = pretrain_stage(params, progress=progress, on_log=on_log)
+        elif task == "vqa":
+            from albef.train.vqa import finetune_vqa_stage
+
+            metrics = finetune_vqa_stage(params, progress=progress, on_log=on_log, name=name)
         else:
             metrics = finetune_stage(params, task, progress=progress, on_log=on_log)
         if run is not None:
@@ -77,26 +81,40 @@ def tracked_evaluate(
     out_dir: str | Path,
     metrics_path: str | Path | None = None,
     progress: bool = True,
+    task: str = "retrieval",
 ) -> dict[str, Any]:
-    """``evaluate retrieval`` with its MLflow run: metrics, rankings and the example-query images."""
-    from albef.train.stages import evaluate_stage
-
+    """``evaluate <task>`` with its MLflow run: metrics and the report's files (rankings, example images,
+    answers)."""
     # Under DVC the stage name tells zero-shot from finetuned evaluation; elsewhere the output folder does.
     name = os.environ.get("DVC_STAGE") or f"evaluate_{Path(out_dir).name}"
-    evaluate = section(params, "evaluate")
+    settings_name = "evaluate" if task == "retrieval" else f"evaluate_{task}"
+    evaluate = section(params, settings_name)
     tags = {
         **_provenance_tags([evaluate.get("data_dir", "data/processed"), str(model_dir)]),
         "albef.model_dir": str(model_dir),
+        "albef.task": task,
     }
     with stage_run(
-        params, name, tags=tags, log_params={"evaluate": evaluate, "model_dir": str(model_dir)}
+        params, name, tags=tags, log_params={settings_name: evaluate, "model_dir": str(model_dir)}
     ) as run:
-        metrics = evaluate_stage(params, model_dir, out_dir, metrics_path, progress=progress)
+        if task == "retrieval":
+            from albef.train.stages import evaluate_stage
+
+            metrics = evaluate_stage(params, model_dir, out_dir, metrics_path, progress=progress)
+            files = ("examples.png", "rankings.json")
+        elif task == "vqa":
+            from albef.train.vqa import evaluate_vqa_stage
+
+            metrics = evaluate_vqa_stage(params, model_dir, out_dir, metrics_path, progress=progress)
+            files = ("vqa_result.json", "top_answers.json")
+        else:
+            raise ValueError(f"no evaluation for task {task!r}")
         if run is not None:
-            run.log_metrics(metrics)
+            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             run.log_dict(metrics, "metrics.json")
-            for file in ("examples.png", "rankings.json"):
-                run.log_artifact(Path(out_dir) / file, "report")
+            for file in files:
+                if (Path(out_dir) / file).is_file():
+                    run.log_artifact(Path(out_dir) / file, "report")
     return metrics
 
 
