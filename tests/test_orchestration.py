@@ -50,11 +50,9 @@ def project(tmp_path: Path) -> Path:
 def test_stages_follow_dvc_yaml_order_whatever_the_order_asked(project: Path):
     declared = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     assert select_stages(project) == declared  # every stage has a flow
-    assert select_stages(project, ["evaluate", "data"]) == [
-        "synth",
-        "evaluate_zeroshot",
-        "evaluate_retrieval",
-    ]
+    evaluations = [s for s in declared if s.startswith("evaluate_")]
+    assert {"evaluate_zeroshot", "evaluate_retrieval"} <= set(evaluations)
+    assert select_stages(project, ["evaluate", "data"]) == ["synth", *evaluations]
     assert select_stages(project, ["evaluate_zeroshot", "pretrain"]) == [
         s for s in declared if s in ("unimodal", "pretrain", "evaluate_zeroshot")
     ]
