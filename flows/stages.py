@@ -1,16 +1,16 @@
 """One Prefect flow per pipeline stage. Each runs its DVC stage(s) through ``dvc repro`` (see
 ``flows/tasks.py``); the stage logic lives in ``albef`` and ``dvc.yaml``, never here.
 
-=============  ==================================================
+=============  ================================================================
 flow           DVC stages
-=============  ==================================================
+=============  ================================================================
 ``data``       ``synth``
 ``preprocess`` ``preprocess``
 ``pretrain``   ``unimodal``, ``pretrain``
-``finetune``   ``finetune_*`` (``finetune_retrieval``)
-``evaluate``   ``evaluate_*`` (``evaluate_zeroshot``, ``evaluate_retrieval``)
+``finetune``   ``finetune_*`` (``finetune_retrieval``, ``finetune_vqa``)
+``evaluate``   ``evaluate_*`` (zero-shot and finetuned retrieval, VQA)
 ``register``   ``register`` (when dvc.yaml declares it)
-=============  ==================================================
+=============  ================================================================
 
 Parameters, the same for every flow:
 
@@ -98,7 +98,7 @@ def finetune(
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Finetuning of the pretrained model (DVC stages finetune_*)."""
+    """Finetuning of the pretrained model for retrieval and VQA (DVC stages finetune_*)."""
     return run_flow_stages("finetune", **locals())
 
 
@@ -115,7 +115,7 @@ def evaluate(
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Zero-shot and finetuned retrieval evaluation (DVC stages evaluate_*)."""
+    """Zero-shot and finetuned retrieval, and VQA evaluation (DVC stages evaluate_*)."""
     return run_flow_stages("evaluate", **locals())
 
 
