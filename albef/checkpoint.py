@@ -3,8 +3,10 @@
 Official checkpoints (``ALBEF.pth``, ``ALBEF_4M.pth``, ``mscoco.pth``, ``flickr30k.pth``, training snapshots)
 come as ``{'model': state_dict, ...}`` or as a raw state dict, with or without momentum encoders and queues,
 in the pretraining layout (``text_encoder.bert.*`` + ``text_encoder.cls.*``) or the finetuning layout
-(``text_encoder.*``). :func:`load_official` maps any of them onto an albef pretraining or retrieval model and
-reports every key it could not place.
+(``text_encoder.*``). :func:`load_official` maps any of them onto an albef model of any task and reports every
+key it could not place. The two-image models (NLVR2 and its text-assignment pretraining) get the official
+``Pretrain_nlvr.py`` remapping from a single-image checkpoint: every fusion layer ``L`` is written to layers
+``T + 2(L - T)`` and ``T + 2(L - T) + 1``; a checkpoint already in the two-image layout loads as it is.
 
 albef's own format is a directory with ``model.safetensors`` (no pickle on load) and ``config.json``.
 """
@@ -23,28 +25,43 @@ from torch import nn
 
 from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
 from albef.io import atomic_write
-from albef.models.base import ContrastiveModel
+from albef.models.nlvr import ALBEFNLVR, ALBEFTextAssignment
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
+from albef.models.ve import ALBEFVE
 from albef.models.vision import resample_pos_embed
 
 log = logging.getLogger(__name__)
 
-TASKS: dict[str, type[ContrastiveModel]] = {"pretrain": ALBEFPretrain, "retrieval": ALBEFRetrieval}
+TASKS: dict[str, type[nn.Module]] = {
+    "pretrain": ALBEFPretrain,
+    "retrieval": ALBEFRetrieval,
+    "ve": ALBEFVE,
+    "nlvr": ALBEFNLVR,
+    "nlvr_ta": ALBEFTextAssignment,  # text-assignment pretraining of the NLVR2 model
+}
 FORMAT_NAME = "albef"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 _QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
-_MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+_MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.", "cls_head_m.")
+# Task heads a model of another task cannot provide: a new task starts them from their initialisation.
+_NEW_HEADS = {
+    "ve": ("cls_head.", "cls_head_m."),
+    "nlvr": ("cls_head.", "cls_head_m."),
+    "nlvr_ta": ("ta_head.",),
+}
+_TWO_IMAGE = (ALBEFNLVR, ALBEFTextAssignment)
+_TEXT_LAYER_KEY = re.compile(r"(text_encoder(?:_m)?\.(?:bert\.)?encoder\.layer\.)(\d+)(\..*)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
-def build_model(task: str, cfg: ModelConfig) -> ContrastiveModel:
+def build_model(task: str, cfg: ModelConfig) -> nn.Module:
     if task not in TASKS:
         raise CheckpointError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     return TASKS[task](cfg)
@@ -162,6 +179,8 @@ def infer_config(
     if layers:
         start = min(cross) if cross else max(layers) + 1
         cfg.text.text_layers, cfg.text.fusion_layers = start, max(layers) + 1 - start
+        if is_two_image_layout(state, start):  # NLVR2 / TA: a config names the single-image fusion depth
+            cfg.text.fusion_layers //= 2
     if (proj := state.get("vision_proj.weight")) is not None:
         cfg.embed_dim = proj.shape[0]
     if (queue := state.get("image_queue")) is not None:
@@ -200,13 +219,51 @@ class LoadReport:
         return "\n".join(lines) if lines else "all keys matched"
 
 
+def is_two_image_layout(state: dict[str, torch.Tensor], text_layers: int) -> bool:
+    """Whether the text encoder in ``state`` holds each fusion layer twice with shared cross-attention keys
+    and values (an official NLVR2 or TA checkpoint), rather than once (pretraining, retrieval, VE)."""
+    keys: dict[int, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _TEXT_LAYER_KEY.fullmatch(key)
+        if m and m.group(1).startswith("text_encoder.") and m.group(3) == ".crossattention.self.key.weight":
+            keys[int(m.group(2))] = value
+    fusion = sorted(i for i in keys if i >= text_layers)
+    if not fusion or len(fusion) % 2 or fusion != list(range(text_layers, text_layers + len(fusion))):
+        return False
+    return all(torch.equal(keys[i], keys[i + 1]) for i in fusion[::2])
+
+
+def duplicate_fusion_layers(state: dict[str, torch.Tensor], text_layers: int) -> dict[str, torch.Tensor]:
+    """The official ``Pretrain_nlvr.py`` remapping: text-encoder layer ``L >= T`` (online and momentum) is
+    written to layers ``T + 2(L - T)`` and ``T + 2(L - T) + 1``; every other key is kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _TEXT_LAYER_KEY.fullmatch(key)
+        if m and int(m.group(2)) >= text_layers:
+            first = text_layers + 2 * (int(m.group(2)) - text_layers)
+            out[f"{m.group(1)}{first}{m.group(3)}"] = value
+            out[f"{m.group(1)}{first + 1}{m.group(3)}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _keeps_initial_teacher(model: nn.Module) -> bool:
+    """Official NLVR2 quirk (§1.6-6): absent momentum twins keep their initialisation."""
+    return isinstance(model, ALBEFNLVR) and model.cfg.quirks.nlvr_teacher_copy_before_load
+
+
 def convert_official_state_dict(
-    state: dict[str, torch.Tensor], model: ContrastiveModel
+    state: dict[str, torch.Tensor], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Rename, resample and filter an official state dict so it loads into ``model``."""
     report = LoadReport()
     target = model.state_dict()
     wants_mlm = isinstance(model, ALBEFPretrain)
+    if isinstance(model, _TWO_IMAGE):
+        text_layers = model.cfg.text.text_layers
+        if not is_two_image_layout(state, text_layers):
+            state = duplicate_fusion_layers(state, text_layers)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith("embeddings.position_ids"):  # a buffer old transformers saved; recomputed here
@@ -245,8 +302,9 @@ def convert_official_state_dict(
                 report.reset.append(key)
 
     # Momentum twins absent from the checkpoint (released finetuned weights strip them) start as copies of
-    # the online weights, as LAVIS does, never as random networks (official NLVR2 quirk).
-    for prefix in _MOMENTUM_PREFIXES:
+    # the online weights, as LAVIS does, not as random networks; except in NLVR2 while the official quirk
+    # (quirks.nlvr_teacher_copy_before_load) is on: there they keep the model's initialisation.
+    for prefix in () if _keeps_initial_teacher(model) else _MOMENTUM_PREFIXES:
         online_prefix = prefix.replace("_m.", ".")
         twin_keys = [k for k in target if k.startswith(prefix)]
         if twin_keys and not any(k in out for k in twin_keys):
@@ -271,9 +329,7 @@ def _rename_text_key(key: str, wants_mlm: bool) -> str | None:
     return key
 
 
-def load_official(
-    model: ContrastiveModel, source: str | Path | dict[str, Any], strict: bool = False
-) -> LoadReport:
+def load_official(model: nn.Module, source: str | Path | dict[str, Any], strict: bool = False) -> LoadReport:
     """Load an official ALBEF checkpoint into ``model``; with ``strict`` any missing weight is an error."""
     state, report = convert_official_state_dict(read_official_state_dict(source), model)
     missing_weights = [k for k in report.missing if k not in _QUEUE_KEYS]
@@ -294,7 +350,7 @@ def load_official(
 # ---------------------------------------------------------------------------- albef format
 
 
-def save_pretrained(model: ContrastiveModel, directory: str | Path, task: str | None = None) -> Path:
+def save_pretrained(model: nn.Module, directory: str | Path, task: str | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (each atomically) into ``directory``."""
     from safetensors.torch import save_model
 
@@ -329,7 +385,7 @@ def read_config(directory: str | Path) -> tuple[str, ModelConfig]:
     return meta["task"], ModelConfig.from_dict(meta["model"], prefix=f"{path.name}:model")
 
 
-def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> ContrastiveModel:
+def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> nn.Module:
     """Build and load a model saved by :func:`save_pretrained`. Strict by default: every key must match."""
     from safetensors.torch import load_model
 
@@ -362,12 +418,14 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 def load_for_task(
     source: str | Path, task: str, base: ModelConfig | None = None
-) -> tuple[ContrastiveModel, LoadReport | None]:
+) -> tuple[nn.Module, LoadReport | None]:
     """A ``task`` model initialised from ``source``: an albef model directory of any task (a pretraining
     export starts a retrieval finetuning, the official scripts' key remapping), or an official checkpoint
     file (sizes inferred from its weights, the rest from ``base``, default the ``base`` preset).
 
-    Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh).
+    Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh),
+    the heads of a new task (``cls_head``, ``ta_head``) and, in NLVR2 under the official teacher quirk, the
+    momentum twins (they keep their initialisation, as the official ``NLVR.py``).
     """
     from safetensors.torch import load_file
 
@@ -388,7 +446,8 @@ def load_for_task(
         state, report = convert_official_state_dict(state, model)
     else:
         raise CheckpointError(f"initial weights not found: {source} (an albef model folder or a .pth file)")
-    missing = [k for k in report.missing if k not in _QUEUE_KEYS]
+    allowed = _NEW_HEADS.get(task, ()) + (_MOMENTUM_PREFIXES if _keeps_initial_teacher(model) else ())
+    missing = [k for k in report.missing if k not in _QUEUE_KEYS and not k.startswith(allowed)]
     if missing:
         raise CheckpointError(
             f"{source} cannot initialise a {task!r} model: {len(missing)} weights missing ({missing[:6]})"
