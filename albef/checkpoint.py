@@ -13,6 +13,7 @@ albef's own format is a directory with ``model.safetensors`` (no pickle on load)
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -420,25 +421,25 @@ def load_for_task(
     source: str | Path, task: str, base: ModelConfig | None = None
 ) -> tuple[nn.Module, LoadReport | None]:
     """A ``task`` model initialised from ``source``: an albef model directory of any task (a pretraining
-    export starts a retrieval finetuning, the official scripts' key remapping), or an official checkpoint
-    file (sizes inferred from its weights, the rest from ``base``, default the ``base`` preset).
+    export starts a retrieval finetuning, the official scripts' key remapping; ``base.quirks`` then applies),
+    or an official checkpoint file (sizes inferred from its weights, the rest from ``base``, default the
+    ``base`` preset).
 
     Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh),
     the heads of a new task (``cls_head``, ``ta_head``) and, in NLVR2 under the official teacher quirk, the
     momentum twins (they keep their initialisation, as the official ``NLVR.py``).
     """
-    from safetensors.torch import load_file
-
     source = Path(source)
     if source.is_dir():
         saved_task, cfg = read_config(source)
         if saved_task == task:
             return load_pretrained(source, task), None
+        if base is not None:  # a new task: the sizes are the source's, the quirk switches this run's
+            cfg.quirks = copy.deepcopy(base.quirks)
         model = build_model(task, cfg)
-        weights = source / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(f"{weights} not found")
-        state, report = convert_official_state_dict(load_file(str(weights)), model)
+        # through the source's own model: safetensors stores a shared tensor (tied weights, NLVR2's shared
+        # cross-attention keys/values) under one of its names only; the model's state dict has them all
+        state, report = convert_official_state_dict(load_pretrained(source, saved_task).state_dict(), model)
     elif source.is_file():
         state = read_official_state_dict(source)
         cfg = infer_config(state, base or base_config())
