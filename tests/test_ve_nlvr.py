@@ -252,3 +252,19 @@ def test_own_format_roundtrip_keeps_the_shared_cross_attention(tmp_path):
     assert _cross(loaded, t, "key").weight is _cross(loaded, t + 1, "key").weight
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_text_assignment_matches_the_official_draws_and_loss():
+    # official models/model_pretrain_nlvr.py forward, seeded (see tests/official/README.md); albef draws the
+    # same torch.rand / torch.multinomial sequence from the same seed, so the assignment and loss replay
+    ref = torch.load(OFFICIAL / "nlvr_ta_official.pt", weights_only=True)
+    model = ALBEFTextAssignment(nlvr_reference_config(ref)).eval()
+    report = load_official(model, ref["state_dict"], strict=True)
+    assert not report.missing and not report.unexpected
+    inp = ref["inputs"]
+    with torch.no_grad():
+        torch.manual_seed(int(ref["forward"]["seed"]))
+        out = model(inp["image"], inp["input_ids"], inp["attention_mask"])
+    assert 2 in out.labels.tolist() and 0 in out.labels.tolist()  # both kinds of draw are exercised
+    torch.testing.assert_close(out.logits, ref["forward"]["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, ref["forward"]["loss"], atol=1e-5, rtol=0)
