@@ -268,3 +268,10 @@ def test_text_assignment_matches_the_official_draws_and_loss():
     assert 2 in out.labels.tolist() and 0 in out.labels.tolist()  # both kinds of draw are exercised
     torch.testing.assert_close(out.logits, ref["forward"]["logits"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.loss, ref["forward"]["loss"], atol=1e-5, rtol=0)
+
+
+def test_cli_task_list_matches_the_registry():
+    from albef.checkpoint import TASKS
+    from albef.cli import MODEL_TASKS
+
+    assert sorted(MODEL_TASKS) == sorted(TASKS)
