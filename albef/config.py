@@ -92,6 +92,10 @@ class QuirksConfig:
     temp_max: float = 0.5
     # Additive mask value for padded text keys (official: -10000; -inf would change nothing in practice).
     text_mask_value: float = -10000.0
+    # NLVR.py copies the online weights into the momentum teacher BEFORE loading the TA checkpoint, which has
+    # no momentum weights, so the NLVR2 teacher starts as the random initialisation and only catches up
+    # through EMA (ALBEF-SPEC §1.6-6). False copies the loaded online weights into absent twins (LAVIS).
+    nlvr_teacher_copy_before_load: bool = True
 
 
 @dataclass
