@@ -136,10 +136,10 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.{key} must be positive, got {value}")
         if t.text_layers < 0 or t.fusion_layers < 0:
             raise ConfigError(f"{prefix}.text.text_layers/fusion_layers must be >= 0")
-        if t.decoder_layers < 1:
-            raise ConfigError(f"{prefix}.text.decoder_layers must be >= 1, got {t.decoder_layers}")
         if t.fusion_layers < 1:
             raise ConfigError(f"{prefix}.text.fusion_layers must be >= 1 (ALBEF fuses in the upper layers)")
+        if t.decoder_layers < 1:  # after fusion_layers: by default the decoder follows the fusion depth
+            raise ConfigError(f"{prefix}.text.decoder_layers must be >= 1, got {t.decoder_layers}")
         if v.image_size % v.patch_size:
             raise ConfigError(
                 f"{prefix}.vision.image_size ({v.image_size}) must be a multiple of "
