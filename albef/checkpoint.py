@@ -203,6 +203,8 @@ def infer_config(
     }
     if decoder:
         cfg.text.decoder_layers = max(decoder) + 1
+    elif base.text.decoder_layers == base.text.fusion_layers:  # the default rule: as deep as the fusion
+        cfg.text.decoder_layers = cfg.text.fusion_layers
     if (proj := state.get("vision_proj.weight")) is not None:
         cfg.embed_dim = proj.shape[0]
     if (queue := state.get("image_queue")) is not None:
