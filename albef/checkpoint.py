@@ -3,16 +3,20 @@
 Official checkpoints (``ALBEF.pth``, ``ALBEF_4M.pth``, ``mscoco.pth``, ``flickr30k.pth``, training snapshots)
 come as ``{'model': state_dict, ...}`` or as a raw state dict, with or without momentum encoders and queues,
 in the pretraining layout (``text_encoder.bert.*`` + ``text_encoder.cls.*``) or the finetuning layout
-(``text_encoder.*``), or the VQA layout (``text_decoder.*`` besides). :func:`load_official` maps any of them onto an
-albef pretraining, retrieval or VQA model and reports every key it could not place. A VQA model loaded from a
+(``text_encoder.*``), or the VQA layout (``text_decoder.*`` besides). :func:`load_official` maps any of them
+onto an albef model of any task and reports every key it could not place. A VQA model loaded from a
 pretraining checkpoint gets the official VQA script's remapping: its answer decoder starts from the fusion
-layers, the word embeddings and the MLM head.
+layers, the word embeddings and the MLM head. The two-image models (NLVR2 and its text-assignment
+pretraining) get the official ``Pretrain_nlvr.py`` remapping from a single-image checkpoint: every fusion
+layer ``L`` is written to layers ``T + 2(L - T)`` and ``T + 2(L - T) + 1``; a checkpoint already in the
+two-image layout loads as it is.
 
 albef's own format is a directory with ``model.safetensors`` (no pickle on load) and ``config.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -25,21 +29,25 @@ from torch import nn
 
 from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
 from albef.io import atomic_write
-from albef.models.base import ContrastiveModel
+from albef.models.nlvr import ALBEFNLVR, ALBEFTextAssignment
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
+from albef.models.ve import ALBEFVE
 from albef.models.vision import resample_pos_embed
 from albef.models.vqa import ALBEFVQA
 
 log = logging.getLogger(__name__)
 
-#: Every albef model: the ITC + ITM models and the VQA encoder-decoder.
-ALBEFModel = ContrastiveModel | ALBEFVQA
+#: Every albef model: the ITC + ITM models, the VQA encoder-decoder and the VE/NLVR2 classifiers.
+ALBEFModel = nn.Module
 
 TASKS: dict[str, type[ALBEFModel]] = {
     "pretrain": ALBEFPretrain,
     "retrieval": ALBEFRetrieval,
     "vqa": ALBEFVQA,
+    "ve": ALBEFVE,
+    "nlvr": ALBEFNLVR,
+    "nlvr_ta": ALBEFTextAssignment,  # text-assignment pretraining of the NLVR2 model
 }
 FORMAT_NAME = "albef"
 FORMAT_VERSION = 1
@@ -53,8 +61,17 @@ _MOMENTUM_PREFIXES = (
     "text_encoder_m.",
     "text_proj_m.",
     "text_decoder_m.",
+    "cls_head_m.",
 )
 _LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.*)")
+# Task heads a model of another task cannot provide: a new task starts them from their initialisation.
+_NEW_HEADS = {
+    "ve": ("cls_head.", "cls_head_m."),
+    "nlvr": ("cls_head.", "cls_head_m."),
+    "nlvr_ta": ("ta_head.",),
+}
+_TWO_IMAGE = (ALBEFNLVR, ALBEFTextAssignment)
+_TEXT_LAYER_KEY = re.compile(r"(text_encoder(?:_m)?\.(?:bert\.)?encoder\.layer\.)(\d+)(\..*)")
 
 
 class CheckpointError(ValueError):
@@ -179,11 +196,15 @@ def infer_config(
     if layers:
         start = min(cross) if cross else max(layers) + 1
         cfg.text.text_layers, cfg.text.fusion_layers = start, max(layers) + 1 - start
+        if is_two_image_layout(state, start):  # NLVR2 / TA: a config names the single-image fusion depth
+            cfg.text.fusion_layers //= 2
     decoder = {
         int(m.group(1)) for k in state if (m := re.match(r"text_decoder\.bert\.encoder\.layer\.(\d+)\.", k))
     }
     if decoder:
         cfg.text.decoder_layers = max(decoder) + 1
+    elif base.text.decoder_layers == base.text.fusion_layers:  # the default rule: as deep as the fusion
+        cfg.text.decoder_layers = cfg.text.fusion_layers
     if (proj := state.get("vision_proj.weight")) is not None:
         cfg.embed_dim = proj.shape[0]
     if (queue := state.get("image_queue")) is not None:
@@ -268,6 +289,40 @@ def decoder_from_encoder(
     return out, created
 
 
+def is_two_image_layout(state: dict[str, torch.Tensor], text_layers: int) -> bool:
+    """Whether the text encoder in ``state`` holds each fusion layer twice with shared cross-attention keys
+    and values (an official NLVR2 or TA checkpoint), rather than once (pretraining, retrieval, VE)."""
+    keys: dict[int, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _TEXT_LAYER_KEY.fullmatch(key)
+        if m and m.group(1).startswith("text_encoder.") and m.group(3) == ".crossattention.self.key.weight":
+            keys[int(m.group(2))] = value
+    fusion = sorted(i for i in keys if i >= text_layers)
+    if not fusion or len(fusion) % 2 or fusion != list(range(text_layers, text_layers + len(fusion))):
+        return False
+    return all(torch.equal(keys[i], keys[i + 1]) for i in fusion[::2])
+
+
+def duplicate_fusion_layers(state: dict[str, torch.Tensor], text_layers: int) -> dict[str, torch.Tensor]:
+    """The official ``Pretrain_nlvr.py`` remapping: text-encoder layer ``L >= T`` (online and momentum) is
+    written to layers ``T + 2(L - T)`` and ``T + 2(L - T) + 1``; every other key is kept."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _TEXT_LAYER_KEY.fullmatch(key)
+        if m and int(m.group(2)) >= text_layers:
+            first = text_layers + 2 * (int(m.group(2)) - text_layers)
+            out[f"{m.group(1)}{first}{m.group(3)}"] = value
+            out[f"{m.group(1)}{first + 1}{m.group(3)}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _keeps_initial_teacher(model: nn.Module) -> bool:
+    """Official NLVR2 quirk (§1.6-6): absent momentum twins keep their initialisation."""
+    return isinstance(model, ALBEFNLVR) and model.cfg.quirks.nlvr_teacher_copy_before_load
+
+
 def convert_official_state_dict(
     state: dict[str, torch.Tensor], model: ALBEFModel
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
@@ -279,6 +334,10 @@ def convert_official_state_dict(
         state, report.decoder_from_encoder = decoder_from_encoder(
             state, model.cfg.text.text_layers, model.cfg.text.decoder_layers
         )
+    if isinstance(model, _TWO_IMAGE):
+        text_layers = model.cfg.text.text_layers
+        if not is_two_image_layout(state, text_layers):
+            state = duplicate_fusion_layers(state, text_layers)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith("embeddings.position_ids"):  # a buffer old transformers saved; recomputed here
@@ -328,8 +387,9 @@ def convert_official_state_dict(
                 out.setdefault(k, out[present[0]])
 
     # Momentum twins absent from the checkpoint (released finetuned weights strip them) start as copies of
-    # the online weights, as LAVIS does, never as random networks (official NLVR2 quirk).
-    for prefix in _MOMENTUM_PREFIXES:
+    # the online weights, as LAVIS does, not as random networks; except in NLVR2 while the official quirk
+    # (quirks.nlvr_teacher_copy_before_load) is on: there they keep the model's initialisation.
+    for prefix in () if _keeps_initial_teacher(model) else _MOMENTUM_PREFIXES:
         online_prefix = prefix.replace("_m.", ".")
         twin_keys = [k for k in target if k.startswith(prefix)]
         if twin_keys and not any(k in out for k in twin_keys):
@@ -445,23 +505,25 @@ def load_for_task(
     source: str | Path, task: str, base: ModelConfig | None = None
 ) -> tuple[ALBEFModel, LoadReport | None]:
     """A ``task`` model initialised from ``source``: an albef model directory of any task (a pretraining
-    export starts a retrieval or VQA finetuning, the official scripts' key remapping), or an official checkpoint
-    file (sizes inferred from its weights, the rest from ``base``, default the ``base`` preset).
+    export starts a retrieval, VQA, VE or NLVR2 finetuning, the official scripts' key remapping;
+    ``base.quirks`` then applies), or an official checkpoint file (sizes inferred from its weights, the rest
+    from ``base``, default the ``base`` preset).
 
-    Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh).
+    Weights the source lacks are an error, except the queues (a new task or queue size starts them fresh),
+    the heads of a new task (``cls_head``, ``ta_head``) and, in NLVR2 under the official teacher quirk, the
+    momentum twins (they keep their initialisation, as the official ``NLVR.py``).
     """
-    from safetensors.torch import load_file
-
     source = Path(source)
     if source.is_dir():
         saved_task, cfg = read_config(source)
         if saved_task == task:
             return load_pretrained(source, task), None
+        if base is not None:  # a new task: the sizes are the source's, the quirk switches this run's
+            cfg.quirks = copy.deepcopy(base.quirks)
         model = build_model(task, cfg)
-        weights = source / WEIGHTS_FILE
-        if not weights.is_file():
-            raise CheckpointError(f"{weights} not found")
-        state, report = convert_official_state_dict(load_file(str(weights)), model)
+        # through the source's own model: safetensors stores a shared tensor (tied weights, NLVR2's shared
+        # cross-attention keys/values) under one of its names only; the model's state dict has them all
+        state, report = convert_official_state_dict(load_pretrained(source, saved_task).state_dict(), model)
     elif source.is_file():
         state = read_official_state_dict(source)
         cfg = infer_config(state, base or base_config())
@@ -469,7 +531,8 @@ def load_for_task(
         state, report = convert_official_state_dict(state, model)
     else:
         raise CheckpointError(f"initial weights not found: {source} (an albef model folder or a .pth file)")
-    missing = [k for k in report.missing if k not in _QUEUE_KEYS]
+    allowed = _NEW_HEADS.get(task, ()) + (_MOMENTUM_PREFIXES if _keeps_initial_teacher(model) else ())
+    missing = [k for k in report.missing if k not in _QUEUE_KEYS and not k.startswith(allowed)]
     if missing:
         raise CheckpointError(
             f"{source} cannot initialise a {task!r} model: {len(missing)} weights missing ({missing[:6]})"

@@ -8,6 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+# albef.checkpoint.TASKS, listed here so the CLI starts without importing torch
+MODEL_TASKS = ["pretrain", "retrieval", "vqa", "ve", "nlvr", "nlvr_ta"]
+
 
 def _convert_official(args: argparse.Namespace) -> int:
     from albef.checkpoint import (
@@ -207,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert-official", help="convert an official ALBEF checkpoint to albef's format")
     conv.add_argument("src", help="official checkpoint (.pth): ALBEF.pth, mscoco.pth, a training snapshot")
     conv.add_argument("dst", help="output directory (model.safetensors + config.json)")
-    conv.add_argument("--task", choices=["pretrain", "retrieval", "vqa"], required=True)
+    conv.add_argument("--task", choices=MODEL_TASKS, required=True)
     conv.add_argument(
         "--preset",
         choices=["base", "small", "tiny"],
@@ -336,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_mlflow_sync)
 
     info = sub.add_parser("info", help="print a model configuration and its parameter counts")
-    info.add_argument("--task", choices=["pretrain", "retrieval", "vqa"], default="pretrain")
+    info.add_argument("--task", choices=MODEL_TASKS, default="pretrain")
     info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
     info.add_argument("--params", help="take the model section of this params.yaml")
     info.set_defaults(func=_info)

@@ -92,6 +92,10 @@ class QuirksConfig:
     temp_max: float = 0.5
     # Additive mask value for padded text keys (official: -10000; -inf would change nothing in practice).
     text_mask_value: float = -10000.0
+    # NLVR.py copies the online weights into the momentum teacher BEFORE loading the TA checkpoint, which has
+    # no momentum weights, so the NLVR2 teacher starts as the random initialisation and only catches up
+    # through EMA (ALBEF-SPEC §1.6-6). False copies the loaded online weights into absent twins (LAVIS).
+    nlvr_teacher_copy_before_load: bool = True
 
 
 @dataclass
@@ -132,10 +136,10 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.{key} must be positive, got {value}")
         if t.text_layers < 0 or t.fusion_layers < 0:
             raise ConfigError(f"{prefix}.text.text_layers/fusion_layers must be >= 0")
-        if t.decoder_layers < 1:
-            raise ConfigError(f"{prefix}.text.decoder_layers must be >= 1, got {t.decoder_layers}")
         if t.fusion_layers < 1:
             raise ConfigError(f"{prefix}.text.fusion_layers must be >= 1 (ALBEF fuses in the upper layers)")
+        if t.decoder_layers < 1:  # after fusion_layers: by default the decoder follows the fusion depth
+            raise ConfigError(f"{prefix}.text.decoder_layers must be >= 1, got {t.decoder_layers}")
         if v.image_size % v.patch_size:
             raise ConfigError(
                 f"{prefix}.vision.image_size ({v.image_size}) must be a multiple of "

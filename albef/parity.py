@@ -24,8 +24,10 @@ from albef.checkpoint import config_from_official, load_official
 from albef.config import ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput
 from albef.models.components import RecordedChoices, official_negative_weights, soft_cross_entropy
+from albef.models.nlvr import ALBEFNLVR
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
+from albef.models.ve import ALBEFVE, DistilledClassifier
 from albef.models.vqa import ALBEFVQA
 from albef.models.xbert import Mode
 
@@ -94,7 +96,7 @@ def reference_config(ref: dict[str, Any]) -> ModelConfig:
 # ---------------------------------------------------------------------------- per-model computations
 
 
-def _fresh(model_cls: type[ContrastiveModel] | type[ALBEFVQA], cfg: ModelConfig, ref: dict) -> Any:
+def _fresh(model_cls: type[Any], cfg: ModelConfig, ref: dict) -> Any:
     model = model_cls(cfg).eval()
     report = load_official(model, ref["state_dict"], strict=True)
     if report.missing or report.unexpected:
@@ -325,10 +327,64 @@ def compute_vqa(ref: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _classifier_entries(
+    model_cls: type[DistilledClassifier], cfg: ModelConfig, ref: dict, images: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``outputs/*`` (eval forward) and ``train/*`` (one distillation step from the saved weights)."""
+    inp = ref["inputs"]
+    ids, mask, targets = inp["input_ids"], inp["attention_mask"], inp["targets"]
+    model = _fresh(model_cls, cfg, ref)
+    out = {
+        "outputs/image_embeds": model.encode_image(images),
+        "outputs/last_hidden_state": model.fused_states(images, ids, mask),
+        "outputs/logits": model.logits(images, ids, mask),
+    }
+    model = _fresh(model_cls, cfg, ref)
+    step = model(images, ids, mask, targets, alpha=cfg.alpha)
+    out.update(
+        {"train/loss": step.loss, "train/prediction": step.logits, "train/prediction_m": step.logits_m}
+    )
+    return out
+
+
+def compute_ve(ref: dict) -> dict[str, torch.Tensor]:
+    return _classifier_entries(ALBEFVE, reference_config(ref), ref, ref["inputs"]["image"])
+
+
+# models/model_nlvr.py sets num_hidden_layers = 18 whatever its BERT config says, and its
+# share_cross_attention pairs layers (6, 7), (8, 9), ..., (16, 17).
+OFFICIAL_NLVR_LAYERS = 18
+OFFICIAL_NLVR_FIRST_PAIR = 6
+
+
+def nlvr_reference_config(ref: dict[str, Any]) -> ModelConfig:
+    """The single-image config whose two-image model is the official NLVR2 model of ``ref``."""
+    bert = json.loads(ref["meta"]["bert_config"])
+    fusion_layer = int(bert.get("fusion_layer", 6))
+    if fusion_layer != OFFICIAL_NLVR_FIRST_PAIR:
+        raise ValueError(
+            f"bert_config fusion_layer {fusion_layer}: the official NLVR2 model shares cross-attention from "
+            f"layer {OFFICIAL_NLVR_FIRST_PAIR} on, so albef reproduces it only for fusion_layer "
+            f"{OFFICIAL_NLVR_FIRST_PAIR}"
+        )
+    bert["num_hidden_layers"] = OFFICIAL_NLVR_LAYERS
+    meta = dict(ref["meta"], bert_config=json.dumps(bert))
+    cfg = reference_config({"meta": meta})
+    cfg.text.fusion_layers //= 2  # the official 18 layers hold each of these fusion layers twice
+    cfg.text.decoder_layers = cfg.text.fusion_layers  # no answer decoder; keep the default rule
+    return cfg.validate()
+
+
+def compute_nlvr(ref: dict) -> dict[str, torch.Tensor]:
+    return _classifier_entries(ALBEFNLVR, nlvr_reference_config(ref), ref, ref["inputs"]["images"])
+
+
 COMPUTE: dict[str, Callable[[dict], dict[str, torch.Tensor]]] = {
     "pretrain": compute_pretrain,
     "retrieval": compute_retrieval,
     "vqa": compute_vqa,
+    "ve": compute_ve,
+    "nlvr": compute_nlvr,
 }
 
 

@@ -109,6 +109,8 @@ def test_unreadable_checkpoints_are_named(tmp_path):
         ("pretrain", "albef_full_keys.json", None),
         ("retrieval", "albef_full_keys_finetune.json", "retrieval"),
         ("vqa", "albef_full_keys_finetune.json", "vqa"),
+        ("ve", "albef_full_keys_finetune.json", "ve"),
+        ("nlvr", "albef_full_keys_finetune.json", "nlvr"),
     ],
 )
 def test_full_size_models_have_the_official_keys(task, key_file, entry):
@@ -117,7 +119,7 @@ def test_full_size_models_have_the_official_keys(task, key_file, entry):
     data = data["models"][entry] if entry else data
     official = {e["key"]: tuple(e["shape"]) for e in data["keys"]}
     cfg = base_config()
-    if task in ("retrieval", "vqa"):
+    if task != "pretrain":
         cfg.vision.image_size = 384
     with torch.device("meta"):
         model = build_model(task, cfg)

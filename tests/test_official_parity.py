@@ -25,7 +25,7 @@ def test_reference_directory_is_not_empty():
 def test_matches_official(path: Path):
     report = check_reference(path)
     assert report.ok, f"{path.name} differs from the official code:\n" + "\n".join(report.failures())
-    assert len(report.entries) > 10
+    assert len(report.entries) >= 6  # the smallest reference (SNLI-VE) records 6 outputs
 
 
 def test_unknown_model_fails_with_a_reason(tmp_path: Path):

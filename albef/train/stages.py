@@ -273,11 +273,11 @@ def _plot_curves(curves: dict[str, Path], path: Path, title: str) -> None:
     if "validation" in curves:
         with open(curves["validation"], newline="") as fh:
             vrows = list(csv.DictReader(fh))
-        for k in ("txt_r1", "img_r1", "r_mean"):
+        for k in ("txt_r1", "img_r1", "r_mean", "accuracy"):
             if vrows and k in vrows[0]:
                 axes[2].plot([float(r["step"]) for r in vrows], [float(r[k]) for r in vrows], "o-", label=k)
         axes[2].set_xlabel("step")
-        axes[2].set_title("validation retrieval (%)")
+        axes[2].set_title("validation (%)")
         axes[2].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

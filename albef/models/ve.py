@@ -1,0 +1,183 @@
+"""Classification on the fused [CLS] state, with momentum distillation: the base of SNLI-VE and NLVR2, and the
+SNLI-VE model (``models/model_ve.py``).
+
+A classifier is a ViT, a BERT whose upper layers cross-attend to the image tokens, and ``cls_head``
+(Linear(h, h), ReLU, Linear(h, classes)) on the last layer's [CLS] state. With ``distill`` (the official
+default), momentum twins ``visual_encoder_m``, ``text_encoder_m`` and ``cls_head_m`` give soft targets::
+
+    loss = (1 - alpha) * CE(logits, targets) + alpha * soft-CE(softmax(teacher logits), logits)
+
+and are updated by EMA once per training forward, before the teacher runs (as the official forward does).
+State-dict keys are the official ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from albef.config import ModelConfig
+from albef.models.base import check_text
+from albef.models.components import copy_to_momentum, momentum_update, soft_cross_entropy
+from albef.models.vision import ImageEncoder
+from albef.models.xbert import Mode, TextEncoder
+
+#: SNLI-VE labels as the official VE dataset numbers them
+VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
+
+
+@dataclass
+class ClassifierOutput:
+    """One training forward: the loss (with its graph), the student logits and the teacher's (or None)."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor  # (B, classes), detached
+    logits_m: torch.Tensor | None  # teacher logits after this step's momentum update
+
+    def loss_terms(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach())}
+
+
+def classifier_head(hidden: int, classes: int) -> nn.Sequential:
+    """The official ``cls_head``: keys ``0.*`` and ``2.*``."""
+    return nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def distillation_loss(
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """``(1 - alpha) * CE + alpha * soft-CE(softmax(teacher), logits)``; plain CE without a teacher."""
+    loss = F.cross_entropy(logits, targets)
+    if teacher_logits is None:
+        return loss
+    return (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1))
+
+
+class DistilledClassifier(nn.Module):
+    """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
+
+    num_classes: int = 2
+
+    def __init__(self, cfg: ModelConfig, text_encoder: TextEncoder, text_encoder_m: TextEncoder | None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        hidden = cfg.text.hidden
+        self.visual_encoder = ImageEncoder(cfg.vision)
+        self.text_encoder = text_encoder
+        self.cls_head = classifier_head(hidden, self.num_classes)
+        if cfg.distill:
+            if text_encoder_m is None:
+                raise ValueError("distill needs a momentum text encoder")
+            self.visual_encoder_m = ImageEncoder(cfg.vision)
+            self.text_encoder_m = text_encoder_m
+            self.cls_head_m = classifier_head(hidden, self.num_classes)
+            copy_to_momentum(self.momentum_pairs())
+
+    # ------------------------------------------------------------------ structure
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        if not self.cfg.distill:
+            return []
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.cls_head, self.cls_head_m),
+        ]
+
+    @property
+    def text_backbone(self) -> TextEncoder:
+        return self.text_encoder
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.encoder.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Reset every momentum twin to its online module."""
+        copy_to_momentum(self.momentum_pairs())
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        momentum_update(self.momentum_pairs(), self.cfg.momentum)
+
+    # ------------------------------------------------------------------ computation
+    def encode_image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
+        return (self.visual_encoder_m if momentum else self.visual_encoder)(images)
+
+    def fused_states(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        momentum: bool = False,
+    ) -> torch.Tensor:
+        """Last hidden states (B, L, hidden) of the text fused with its image(s)."""
+        raise NotImplementedError
+
+    def logits(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        momentum: bool = False,
+    ) -> torch.Tensor:
+        """Class logits (B, classes) from the fused [CLS] state (the official ``train=False`` forward)."""
+        head = self.cls_head_m if momentum else self.cls_head
+        return head(self.fused_states(images, input_ids, attention_mask, momentum)[:, 0, :])
+
+    @torch.no_grad()
+    def predict(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.logits(images, input_ids, attention_mask).argmax(dim=1)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+        alpha: float | None = None,
+    ) -> ClassifierOutput:
+        """One training step's loss. With ``distill`` this updates the momentum twins (EMA) first, as the
+        official forward does, so call it once per optimisation step."""
+        if targets.dim() != 1 or targets.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"targets: expected one label per text ({input_ids.shape[0]}), got shape {tuple(targets.shape)}"
+            )
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
+            raise ValueError(f"targets: labels must lie in [0, {self.num_classes}), got {targets.tolist()}")
+        alpha = self.cfg.alpha if alpha is None else alpha
+        logits = self.logits(images, input_ids, attention_mask)
+        teacher = None
+        if self.cfg.distill:
+            with torch.no_grad():
+                self.momentum_update()
+                teacher = self.logits(images, input_ids, attention_mask, momentum=True)
+        loss = distillation_loss(logits, targets, teacher, alpha)
+        return ClassifierOutput(loss=loss, logits=logits.detach(), logits_m=teacher)
+
+
+class ALBEFVE(DistilledClassifier):
+    """SNLI-VE (``models/model_ve.py``): (image, hypothesis) -> contradiction 0 / neutral 1 / entailment 2."""
+
+    num_classes = 3
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, TextEncoder(cfg), TextEncoder(cfg) if cfg.distill else None)
+
+    def fused_states(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        momentum: bool = False,
+    ) -> torch.Tensor:
+        check_text(input_ids, attention_mask, self.cfg, images.shape[0])
+        image_embeds = self.encode_image(images, momentum)
+        encoder = self.text_encoder_m if momentum else self.text_encoder
+        return encoder(input_ids, attention_mask, image_embeds, mode=Mode.MULTIMODAL)

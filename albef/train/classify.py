@@ -1,0 +1,392 @@
+"""The SNLI-VE and NLVR2 stages as plain functions of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect call
+these), the way :mod:`albef.train.vqa` does VQA.
+
+``finetune_classifier_stage(params, "ve")``       SNLI-VE finetuning (``params.finetune_ve``), official ``VE.py``
+``finetune_classifier_stage(params, "nlvr")``     NLVR2 finetuning (``params.finetune_nlvr``), official ``NLVR.py``
+``finetune_classifier_stage(params, "nlvr_ta")``  NLVR2 text-assignment pretraining on pretraining image-caption
+                                                  pairs (``params.pretrain_nlvr``), official ``Pretrain_nlvr.py``
+``evaluate_classifier_stage(params, "ve"|"nlvr", model_dir, out_dir)``  accuracy on a test split
+                                                  (``params.evaluate_ve`` / ``params.evaluate_nlvr``)
+
+Training sections are flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
+:class:`~albef.train.stages.TrainStageConfig` keys) plus ``max_words`` (sentence words kept, official 30) and,
+for VE and NLVR2, ``missing_images`` (``error`` | ``skip``, see :mod:`albef.data.classify`). Defaults not given
+in the section are the official configs' (``configs/VE.yaml``, ``NLVR.yaml``, ``NLVR_pretrain.yaml``): lr 2e-5,
+VE 5 epochs of 32 without the alpha warm-up, NLVR2 10 epochs of 16 with it, TA one epoch. As the official
+scripts, VE and NLVR2 validate on the dev split after every epoch and export the weights with the best dev
+accuracy (``val_file: null`` turns this off and exports the last weights).
+
+``init``: VE takes any albef model folder or official checkpoint (a pretraining export gets a fresh
+``cls_head``); NLVR2 takes the TA export (or a pretraining one: the fusion layers are duplicated either way)
+and, as the official ``NLVR.py``, keeps its freshly initialised momentum teacher unless
+``model.quirks.nlvr_teacher_copy_before_load`` is false.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from albef.config import ConfigError
+from albef.data.stages import build_dataclass, section
+from albef.train.distributed import cleanup_distributed, init_distributed
+from albef.train.engine import Trainer, fingerprint, resolve_precision
+from albef.train.stages import (
+    _data_digest,
+    _initial_model,
+    _tokenizer,
+    _train_metrics,
+    _write_json,
+    export_model,
+    split_train_section,
+    write_curves,
+)
+
+log = logging.getLogger(__name__)
+
+#: training task -> its params.yaml section
+TRAIN_SECTIONS = {"ve": "finetune_ve", "nlvr": "finetune_nlvr", "nlvr_ta": "pretrain_nlvr"}
+#: evaluation task -> its params.yaml section
+EVAL_SECTIONS = {"ve": "evaluate_ve", "nlvr": "evaluate_nlvr"}
+
+# Defaults of each training section (official configs); anything in params.yaml wins.
+_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ve": {
+        "train_file": "ve_train.json",
+        "val_file": "ve_dev.json",
+        "out": "models/ve",
+        "run_dir": "runs/ve",
+        "epochs": 5,
+        "batch_size": 32,
+        "lr": 2e-5,
+        "alpha_ramp_epochs": 0.0,  # VE.yaml warm_up: False
+        "crop_scale": (0.5, 1.0),
+        "max_tokens": 40,
+    },
+    "nlvr": {
+        "train_file": "nlvr_train.json",
+        "val_file": "nlvr_dev.json",
+        "out": "models/nlvr",
+        "run_dir": "runs/nlvr",
+        "epochs": 10,
+        "batch_size": 16,
+        "lr": 2e-5,
+        "alpha_ramp_epochs": 1.0,  # NLVR.yaml warm_up: True
+        "crop_scale": (0.5, 1.0),
+        "max_tokens": 40,
+    },
+    "nlvr_ta": {
+        "train_file": "pretrain.json",
+        "out": "models/nlvr_ta",
+        "run_dir": "runs/nlvr_ta",
+        "epochs": 1,
+        "batch_size": 32,
+        "lr": 2e-5,
+        "crop_scale": (0.2, 1.0),  # the pretraining transform
+        "max_tokens": 30,
+    },
+}
+
+
+@dataclass
+class ClassifierEvalConfig:
+    """``params.evaluate_ve`` / ``params.evaluate_nlvr``."""
+
+    data_dir: str = "data/processed"
+    test_file: str | None = None  # default: ve_test.json / nlvr_test.json
+    tokenizer: str | None = None  # default: the model's tokenizer, else <data_dir>/tokenizer
+    batch_size: int = 64
+    num_workers: int = 0
+    precision: str = "auto"
+    max_tokens: int = 40
+    max_words: int = 30  # sentence words kept (official 30)
+    missing_images: str = "error"  # error | skip (counted in the metrics)
+
+
+# ---------------------------------------------------------------------------------------------- forwards
+
+
+def classifier_forward(model, batch, alpha, choices):
+    """The Trainer's forward for VE and NLVR2 (no random choices: the distillation target is the teacher)."""
+    return model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["targets"], alpha=alpha)
+
+
+def text_assignment_forward(model, batch, alpha, choices):
+    """The Trainer's forward for TA pretraining; the image assignment is drawn as the official code draws it
+    (torch's global generator, whose state the Trainer's checkpoints keep)."""
+    return model(batch["images"], batch["input_ids"], batch["attention_mask"])
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_task(task: str, allowed) -> None:
+    if task not in allowed:
+        raise ConfigError(f"unknown classification task {task!r}; available: {', '.join(allowed)}")
+
+
+def _accuracy_validator(val_set, collate, batch_size: int, device, precision: str):
+    from albef.data.classify import LABEL_NAMES
+    from albef.eval.classify import accuracy_metrics, classify
+
+    amp = resolve_precision(precision, device)
+    names = LABEL_NAMES[val_set.task]
+
+    def validate(model) -> dict[str, float]:
+        result = classify(model, val_set, collate, batch_size=batch_size, device=device, amp_dtype=amp)
+        metrics = accuracy_metrics(val_set.labels, result.predictions, names)
+        out = {"accuracy": metrics["accuracy"]}
+        out.update(
+            {f"acc_{k}": v["accuracy"] for k, v in metrics["per_class"].items() if v["accuracy"] is not None}
+        )
+        return out
+
+    return validate
+
+
+def _load_classifier(task: str, model_dir: str | Path, tokenizer_dir, data_dir):
+    from albef.checkpoint import TASKS, CheckpointError, load_pretrained
+
+    model = load_pretrained(model_dir)
+    if type(model) is not TASKS[task]:
+        raise CheckpointError(f"{model_dir} does not hold a {task!r} model ({type(model).__name__})")
+    if tokenizer_dir is None:
+        own = Path(model_dir) / "tokenizer"
+        tokenizer_dir = own if own.exists() else Path(data_dir) / "tokenizer"
+    return model, _tokenizer(tokenizer_dir, model.cfg)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def finetune_classifier_stage(
+    params: dict[str, Any], task: str, progress: bool = True, on_log=None, name: str | None = None
+) -> dict[str, Any]:
+    """Train ``task`` (``ve``, ``nlvr`` or ``nlvr_ta``) with the settings of ``params[name]`` (default
+    :data:`TRAIN_SECTIONS`); returns the metrics written for DVC."""
+    from albef.data import datasets as ds
+    from albef.data.classify import ClassificationCollate, ClassificationDataset
+    from albef.data.transforms import build_transform, eval_transform
+    from albef.train.stages import Collate
+
+    _check_task(task, TRAIN_SECTIONS)
+    name = name or TRAIN_SECTIONS[task]
+    values = section(params, name)
+    max_words = int(values.pop("max_words", 30))
+    missing_images = values.pop("missing_images", "error") if task != "nlvr_ta" else None
+    for key, value in _TRAIN_DEFAULTS[task].items():
+        values.setdefault(key, value)
+    if task != "nlvr_ta" and values.get("val_file"):
+        values.setdefault("select_metric", "accuracy")
+    stage, train = split_train_section(values, name)
+    if task == "nlvr_ta" and stage.val_file:
+        raise ConfigError(f"{name}.val_file: text-assignment pretraining has no validation (as the official)")
+    if task == "nlvr_ta" and train.batch_size < 3:
+        raise ConfigError(f"{name}.batch_size: text assignment needs at least 3 images per batch")
+    world, device = init_distributed()
+    try:
+        torch.manual_seed(train.seed)  # the same initial weights on every rank
+        model, init_info = _initial_model(stage, task, params)
+        tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
+        tokenizer = _tokenizer(tokenizer_dir, model.cfg)
+        images = ds.image_source(stage.data_dir)
+        size = model.cfg.vision.image_size
+        train_file = Path(stage.data_dir) / stage.train_file
+        data_info: dict[str, Any] = {}
+        validate = None
+        if task == "nlvr_ta":
+            transform = build_transform(
+                "pretrain", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
+            )
+            dataset = ds.PretrainDataset(train_file, images, transform, max_words=max_words)
+            collate = Collate(tokenizer, stage.max_tokens, with_idx=False)
+            forward = text_assignment_forward
+            # kept for the official checkpoint keys, unused by the TA forward: frozen, so DDP does not wait for
+            # their gradients (AdamW leaves a parameter without gradient unchanged either way)
+            model.text_proj.requires_grad_(False)
+            model.temp.requires_grad_(False)
+        else:
+            transform = build_transform(
+                "train", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
+            )
+            dataset = ClassificationDataset(
+                train_file, task, images, transform, max_words=max_words, missing_images=missing_images
+            )
+            data_info["train_records"] = len(dataset)
+            data_info["skipped_missing_images"] = len(dataset.skipped)
+            collate = ClassificationCollate(tokenizer, stage.max_tokens)
+            forward = classifier_forward
+            if stage.val_file:
+                val_set = ClassificationDataset(
+                    Path(stage.data_dir) / stage.val_file,
+                    task,
+                    images,
+                    eval_transform(size),
+                    max_words=max_words,
+                    missing_images=missing_images,
+                )
+                data_info["val_records"] = len(val_set)
+                data_info["val_skipped_missing_images"] = len(val_set.skipped)
+                validate = _accuracy_validator(
+                    val_set, collate, stage.eval_batch_size, device, train.precision
+                )
+        if len(dataset) < train.batch_size * world.world_size:
+            raise ConfigError(
+                f"{name}: {train_file} has {len(dataset)} records, fewer than one global batch "
+                f"({train.batch_size} x {world.world_size} processes)"
+            )
+        run_fp = fingerprint(
+            task,
+            train.fingerprint_fields(),
+            {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
+            {"max_words": max_words, "missing_images": missing_images},
+            model.cfg.to_dict(),
+            init_info,
+            _data_digest(stage, tokenizer_dir),
+            world.world_size,
+        )
+        trainer = Trainer(
+            model,
+            dataset,
+            collate,
+            forward,
+            train,
+            stage.run_dir,
+            world,
+            device,
+            run_fp,
+            validate=validate,
+            on_log=on_log,
+            progress=progress,
+            name=name,
+        )
+        result = trainer.fit()
+        metrics = _train_metrics(result, trainer)
+        metrics.update(data_info)
+        if world.is_main:
+            best_dir = Path(stage.run_dir) / "best" if train.select_metric and result.best else None
+            summary = {
+                "stage": name,
+                "task": task,
+                "fingerprint": run_fp,
+                "settings": {
+                    "train": asdict(train),
+                    "stage": asdict(stage),
+                    "max_words": max_words,
+                    "missing_images": missing_images,
+                },
+                "metrics": metrics,
+                "selected": result.best,
+            }
+            export_model(model, stage.out, tokenizer, best_dir, summary)
+            if stage.metrics:
+                _write_json(stage.metrics, metrics)
+            write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
+            log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+def evaluate_classifier_stage(
+    params: dict[str, Any],
+    task: str,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    progress: bool = True,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Classify ``params[name].test_file`` with the ``task`` model (``ve`` or ``nlvr``) in ``model_dir``:
+    ``metrics.json`` (accuracy, per-class accuracy, confusion matrix, majority-class baseline, skipped
+    records) and ``predictions.json`` (per record: its index in the file, sentence, image(s), label,
+    prediction and class probabilities) in ``out_dir``."""
+    from albef.data import datasets as ds
+    from albef.data.classify import LABEL_NAMES, ClassificationCollate, ClassificationDataset
+    from albef.data.transforms import eval_transform
+    from albef.eval.classify import accuracy_metrics, classify
+
+    _check_task(task, EVAL_SECTIONS)
+    name = name or EVAL_SECTIONS[task]
+    values = section(params, name)
+    values.setdefault("test_file", f"{task}_test.json")
+    cfg = build_dataclass(ClassifierEvalConfig, values, name)
+    world, device = init_distributed()
+    try:
+        model, tokenizer = _load_classifier(task, model_dir, cfg.tokenizer, cfg.data_dir)
+        test_path = Path(cfg.data_dir) / cfg.test_file
+        dataset = ClassificationDataset(
+            test_path,
+            task,
+            ds.image_source(cfg.data_dir),
+            eval_transform(model.cfg.vision.image_size),
+            max_words=cfg.max_words,
+            missing_images=cfg.missing_images,
+        )
+        result = classify(
+            model,
+            dataset,
+            ClassificationCollate(tokenizer, cfg.max_tokens),
+            batch_size=cfg.batch_size,
+            device=device,
+            num_workers=cfg.num_workers,
+            amp_dtype=resolve_precision(cfg.precision, device),
+            progress=progress and world.is_main,
+        )
+        names = LABEL_NAMES[task]
+        predictions = result.predictions
+        metrics: dict[str, Any] = accuracy_metrics(dataset.labels, predictions, names)
+        metrics["skipped_missing_images"] = len(dataset.skipped)
+        metrics["test_file"] = cfg.test_file
+        metrics["model_task"] = task
+        metrics["eval_seconds"] = round(result.seconds, 2)
+        if world.is_main:
+            probs = torch.softmax(result.logits, dim=1).tolist()
+            image_key = "image" if task == "ve" else "images"
+            rows = [
+                {
+                    "index": dataset.indices[i],
+                    image_key: record[image_key],
+                    "sentence": record["sentence"],
+                    "label": record["label"],
+                    "prediction": names[predictions[i]],
+                    "correct": names[predictions[i]] == record["label"],
+                    "probabilities": {n: round(p, 5) for n, p in zip(names, probs[i], strict=True)},
+                }
+                for i, record in enumerate(dataset.records)
+            ]
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / "metrics.json", metrics)
+            (out / "predictions.json").write_text(json.dumps(rows, indent=0) + "\n")
+            if dataset.skipped:
+                _write_json(out / "skipped.json", {"records": dataset.skipped})
+            if metrics_path:
+                _write_json(metrics_path, metrics)
+            log.info(
+                "%s %s: accuracy %.2f%% on %d records (%s)",
+                name,
+                model_dir,
+                metrics["accuracy"],
+                metrics["records"],
+                ", ".join(f"{k} {v['accuracy']}" for k, v in metrics["per_class"].items()),
+            )
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+__all__ = [
+    "EVAL_SECTIONS",
+    "TRAIN_SECTIONS",
+    "ClassifierEvalConfig",
+    "classifier_forward",
+    "evaluate_classifier_stage",
+    "finetune_classifier_stage",
+    "text_assignment_forward",
+]
