@@ -128,7 +128,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from albef.tracking.stages import tracked_train
 
-    metrics = tracked_train(_load_params(args), f"finetune_{args.task}", args.task, progress=not args.quiet)
+    # the NLVR2 text-assignment pretraining is a "finetuning" of the pretrained model on image pairs
+    name = "pretrain_nlvr" if args.task == "nlvr_ta" else f"finetune_{args.task}"
+    metrics = tracked_train(_load_params(args), name, args.task, progress=not args.quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
@@ -280,13 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre_train.set_defaults(func=_pretrain)
 
     fine = sub.add_parser("finetune", help="finetune a pretrained model (params: finetune_<task>)")
-    fine.add_argument("task", choices=["retrieval", "vqa"])
+    fine.add_argument("task", choices=["retrieval", "vqa", "ve", "nlvr", "nlvr_ta"])
     fine.add_argument("--params", default="params.yaml")
     fine.add_argument("--quiet", action="store_true", help="no progress bar")
     fine.set_defaults(func=_finetune)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model (params: evaluate)")
-    evaluate.add_argument("task", choices=["retrieval", "vqa"])
+    evaluate.add_argument("task", choices=["retrieval", "vqa", "ve", "nlvr"])
     evaluate.add_argument("--model", required=True, help="an albef model folder (pretrained or finetuned)")
     evaluate.add_argument("--out", required=True, help="folder for rankings.json, examples.png, metrics.json")
     evaluate.add_argument("--metrics", help="also write the metrics JSON here (for DVC)")

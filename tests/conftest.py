@@ -306,3 +306,22 @@ def tiny_retrieval_model(tiny_data, tmp_path_factory):
     tokenizer = ALBEFTokenizer.from_pretrained(tiny_data / "data" / "processed" / "tokenizer")
     out = tmp_path_factory.mktemp("tiny_model") / "retrieval"
     return export_model(model, out, tokenizer, None, {"stage": "test"})
+
+
+def shrink_pipeline(params: dict, train: dict) -> dict:
+    """The project's params.yaml shrunk so every dvc.yaml stage runs in seconds on tiny synthetic data:
+    ``train`` (batch size, epochs, ...) goes into every training section; evaluation sections get tiny k."""
+    params["model"] = TINY_MODEL
+    params["unimodal"].update(vision_steps=20, text_steps=20, batch_size=8, warmup_steps=2)
+    for name in ("pretrain", "finetune_retrieval"):
+        params[name].update(train)
+    no_k = {k: v for k, v in train.items() if k != "k_test"}
+    for name in ("finetune_vqa", "finetune_ve", "pretrain_nlvr", "finetune_nlvr"):
+        if name in params:
+            params[name].update(no_k)
+    if "pretrain_nlvr" in params:
+        params["pretrain_nlvr"].update(max_steps=0)
+    params["evaluate"].update(k_test=4, num_workers=0, examples=2)
+    if "evaluate_vqa" in params:
+        params["evaluate_vqa"].update(k_test=4)
+    return params

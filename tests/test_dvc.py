@@ -146,12 +146,11 @@ def test_push_and_pull_with_an_s3_remote_on_loopback(project: Path):
 
 
 def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
-    """synth -> preprocess -> unimodal -> pretrain -> finetune_retrieval -> evaluate (zero-shot, finetuned) -> register, tiny
+    """Every stage of dvc.yaml (data, unimodal, pretrain, retrieval, VQA, SNLI-VE, NLVR2, register) with tiny
     settings, then `dvc exp run -S pretrain.epochs=2`, as a user runs them."""
-    from conftest import TINY_MODEL
+    from conftest import shrink_pipeline
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["model"] = TINY_MODEL
     tiny = {
         "batch_size": 4,
         "epochs": 1,
@@ -160,12 +159,7 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
         "k_test": 4,
         "log_every": 1,
     }
-    params["unimodal"].update(vision_steps=20, text_steps=20, batch_size=8, warmup_steps=2)
-    params["pretrain"].update(tiny)
-    params["finetune_retrieval"].update(tiny)
-    params["evaluate"].update(k_test=4, num_workers=0, examples=2)
-    params["finetune_vqa"].update({k: v for k, v in tiny.items() if k != "k_test"})
-    params["evaluate_vqa"].update(k_test=4)
+    shrink_pipeline(params, tiny)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     _dvc("repro", cwd=project)
@@ -179,6 +173,9 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
         "plots/finetune_retrieval/curves.png",
         "models/vqa/answer_list.json",
         "reports/vqa/vqa_result.json",
+        "reports/ve/predictions.json",
+        "reports/nlvr/predictions.json",
+        "models/nlvr_ta/model.safetensors",
     ):
         assert (project / path).is_file(), path
     retrieval = json.loads((project / "metrics" / "retrieval.json").read_text())
@@ -202,6 +199,11 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
             "register",
             "finetune_vqa",
             "evaluate_vqa",
+            "finetune_ve",
+            "evaluate_ve",
+            "pretrain_nlvr",
+            "finetune_nlvr",
+            "evaluate_nlvr",
         ]
     )
     assert first["aliases"] == {"champion": "1", "challenger": "1"}

@@ -166,7 +166,7 @@ def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, prefect) -> Path:
     """A fresh clone of this repository (with the working tree's pipeline files) on tiny settings."""
-    from conftest import TINY_MODEL
+    from conftest import shrink_pipeline
 
     root = tmp_path_factory.mktemp("clone") / "albef"
     _run(["git", "clone", "-q", str(REPO), str(root)], REPO, prefect)
@@ -179,14 +179,10 @@ def project(tmp_path_factory, prefect) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["synth"].update(TINY_SYNTH)
     params["preprocess"].update(max_side=64, shard_size=16)
-    params["model"] = TINY_MODEL
-    params["unimodal"].update(vision_steps=20, text_steps=20, batch_size=8, warmup_steps=2)
-    params["pretrain"].update(TINY_TRAIN)
-    params["finetune_retrieval"].update(TINY_TRAIN, epochs=1)
-    params["evaluate"].update(k_test=4, num_workers=0, examples=2)
-    if "finetune_vqa" in params:
-        params["finetune_vqa"].update({k: v for k, v in TINY_TRAIN.items() if k != "k_test"}, epochs=1)
-        params["evaluate_vqa"].update(k_test=4)
+    shrink_pipeline(params, TINY_TRAIN)
+    params["finetune_retrieval"].update(epochs=1)
+    for name in ("finetune_vqa", "finetune_ve", "pretrain_nlvr", "finetune_nlvr"):
+        params[name].update(epochs=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -494,9 +490,16 @@ def test_a_failing_stage_fails_its_task_with_the_stage_error_in_the_logs(project
     (task,) = [t for t in _task_runs([run.id]) if t.name == "dvc repro pretrain"]
     assert task.state.type.value == "FAILED" and task.run_count == 1  # reported by the stage: not retried
     assert "albef pretrain: error:" in task.state.message
-    logs = _logs(task.id)
+    # Prefect ships logs in the background: on a loaded machine the last lines land a moment later
+    deadline = time.monotonic() + 30
+    while True:
+        logs = _logs(task.id)
+        done = any("stage pretrain failed" in line for line in logs)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert any("albef pretrain: error:" in line for line in logs), logs[-20:]
-    assert any("stage pretrain failed" in line for line in logs), logs[-20:]
+    assert done, logs[-20:]
 
 
 def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):

@@ -55,6 +55,10 @@ def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool =
             from albef.train.vqa import finetune_vqa_stage
 
             metrics = finetune_vqa_stage(params, progress=progress, on_log=on_log, name=name)
+        elif task in ("ve", "nlvr", "nlvr_ta"):
+            from albef.train.classify import finetune_classifier_stage
+
+            metrics = finetune_classifier_stage(params, task, progress=progress, on_log=on_log, name=name)
         else:
             metrics = finetune_stage(params, task, progress=progress, on_log=on_log)
         if run is not None:
@@ -107,10 +111,17 @@ def tracked_evaluate(
 
             metrics = evaluate_vqa_stage(params, model_dir, out_dir, metrics_path, progress=progress)
             files = ("vqa_result.json", "top_answers.json")
+        elif task in ("ve", "nlvr"):
+            from albef.train.classify import evaluate_classifier_stage
+
+            metrics = evaluate_classifier_stage(
+                params, task, model_dir, out_dir, metrics_path, progress=progress, name=settings_name
+            )
+            files = ("predictions.json",)
         else:
             raise ValueError(f"no evaluation for task {task!r}")
         if run is not None:
-            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            run.log_metrics(metrics)
             run.log_dict(metrics, "metrics.json")
             for file in files:
                 if (Path(out_dir) / file).is_file():
