@@ -153,6 +153,14 @@ def _predict_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from albef.eval.grounding import explain
+
+    info = explain(args.image, args.text, args.model, args.out, layer=args.layer, tokenizer=args.tokenizer)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def _register(args: argparse.Namespace) -> int:
     from albef.tracking.register import register_stage
 
@@ -306,6 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
     pvqa.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
     pvqa.add_argument("--top", type=int, default=5)
     pvqa.set_defaults(func=_predict_vqa)
+
+    expl = sub.add_parser(
+        "explain", help="Grad-CAM heat map of every word of a text on an image (ITM score), as a PNG grid"
+    )
+    expl.add_argument("--image", required=True)
+    expl.add_argument("--text", required=True)
+    expl.add_argument(
+        "--model", required=True, help="an albef model folder with an ITM head (pretrain, retrieval)"
+    )
+    expl.add_argument("--out", required=True, help="the PNG to write")
+    expl.add_argument("--layer", type=int, help="text-encoder fusion layer (default: the official third one)")
+    expl.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
+    expl.set_defaults(func=_explain)
 
     reg = sub.add_parser(
         "register",
