@@ -385,3 +385,15 @@ def test_explain_cli_writes_a_png(grounding_data, tmp_path) -> None:
         )
         == 2
     )
+
+
+def test_params_yaml_section_is_valid() -> None:
+    from pathlib import Path
+
+    from albef.config import read_params
+    from albef.data.stages import build_dataclass
+    from albef.eval.grounding import GroundingEvalConfig
+
+    params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg = build_dataclass(GroundingEvalConfig, params["evaluate_grounding"], "evaluate_grounding")
+    assert cfg.area_power == 0.5 and cfg.iou_threshold == 0.5 and cfg.layer is None
