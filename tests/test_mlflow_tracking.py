@@ -236,3 +236,21 @@ def test_an_orchestrator_given_parent_is_used_and_left_alone(mlflow_sqlite, tmp_
         run.on_log(1, {"step": 1, "loss": 1.0})
     assert client.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
     assert client.get_run(parent).info.status == "RUNNING"  # the orchestrator ends it
+
+
+def test_names_mlflow_would_refuse_are_made_safe_and_nothing_is_set_aside(mlflow_sqlite, tmp_path):
+    # params.yaml names annotation files such as refcoco+_train.json: one '+' in a key made MLflow refuse the
+    # whole batch of 100 params it travelled in
+    files = {"refcoco+_train.json": "grounding_train", "pretrain.json": "pretrain"}
+    params = {
+        "mlflow": {"experiment": "names", "spool_dir": str(tmp_path / "spool")},
+        "preprocess": {"files": files},
+    }
+    run = start_stage_run(params, "preprocess")
+    run.log_metrics({"split": {"refcoco+": {"acc": 0.5}}})
+    assert run.finish() is True
+    assert not run.journal.rejected_path.exists()
+    stored = _client().get_run(run.run_id).data
+    assert stored.params["preprocess.files.refcoco__train.json"] == "grounding_train"
+    assert stored.params["preprocess.files.pretrain.json"] == "pretrain"
+    assert stored.metrics["split.refcoco_.acc"] == 0.5

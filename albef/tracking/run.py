@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -85,14 +86,16 @@ class StageRun:
         self.pump()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = {k: _param_value(v) for k, v in flatten(params).items()}
+        flat = {mlflow_name(k): _param_value(v) for k, v in flatten(params).items()}
         items = sorted(flat.items())
         for start in range(0, len(items), 100):
             self._record({"op": "log", "ref": self.ref, "params": dict(items[start : start + 100])})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if tags:
-            self._record({"op": "log", "ref": self.ref, "tags": {k: str(v) for k, v in tags.items()}})
+            self._record(
+                {"op": "log", "ref": self.ref, "tags": {mlflow_name(k): str(v) for k, v in tags.items()}}
+            )
 
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
         values = numeric_items(flatten(metrics))
@@ -102,7 +105,7 @@ class StageRun:
                 {
                     "op": "log",
                     "ref": self.ref,
-                    "metrics": [[k, v, ts, int(step)] for k, v in sorted(values.items())],
+                    "metrics": [[mlflow_name(k), v, ts, int(step)] for k, v in sorted(values.items())],
                 }
             )
 
@@ -197,6 +200,15 @@ class StageRun:
                 self.uri,
             )
         return delivered
+
+
+_NAME_UNSAFE = re.compile(r"[^\w.\- :/]")
+
+
+def mlflow_name(key: str) -> str:
+    """``key`` as a name MLflow accepts for a param, metric or tag: it refuses a whole batch over one character
+    outside ``[A-Za-z0-9_.- :/]`` (e.g. the ``+`` of ``refcoco+_train.json``), so such characters become ``_``."""
+    return _NAME_UNSAFE.sub("_", key)
 
 
 def _param_value(value: Any) -> str:
