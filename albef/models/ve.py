@@ -13,6 +13,7 @@ State-dict keys are the official ones.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,7 @@ def distillation_loss(
     return (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1))
 
 
-class DistilledClassifier(nn.Module):
+class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
     """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
 
     num_classes: int = 2
@@ -108,6 +109,7 @@ class DistilledClassifier(nn.Module):
     def encode_image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         return (self.visual_encoder_m if momentum else self.visual_encoder)(images)
 
+    @abc.abstractmethod
     def fused_states(
         self,
         images: torch.Tensor,
@@ -115,8 +117,8 @@ class DistilledClassifier(nn.Module):
         attention_mask: torch.Tensor,
         momentum: bool = False,
     ) -> torch.Tensor:
-        """Last hidden states (B, L, hidden) of the text fused with its image(s)."""
-        raise NotImplementedError
+        """Last hidden states (B, L, hidden) of the text fused with its image(s): one image (SNLI-VE) or a
+        pair (NLVR2), as each task defines."""
 
     def logits(
         self,
