@@ -146,10 +146,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict_vqa(args: argparse.Namespace) -> int:
-    from albef.train.vqa import predict_vqa
+    from albef.serving.predict import predict_vqa
 
     answers = predict_vqa(args.model, args.image, args.question, args.answer_list, k=args.k, top=args.top)
     print(json.dumps([{"answer": a, "probability": round(p, 5)} for a, p in answers], indent=2))
+    return 0
+
+
+def _predict_classifier(args: argparse.Namespace) -> int:
+    from albef.serving.predict import predict_nlvr, predict_ve
+
+    if args.task == "ve":
+        result = predict_ve(args.model, args.image, args.hypothesis)
+    else:
+        result = predict_nlvr(args.model, args.left, args.right, args.text)
+    result["probability"] = round(result["probability"], 5)
+    result["probabilities"] = {k: round(v, 5) for k, v in result["probabilities"].items()}
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -314,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     pvqa.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
     pvqa.add_argument("--top", type=int, default=5)
     pvqa.set_defaults(func=_predict_vqa)
+    pve = predict_sub.add_parser(
+        "ve", help="SNLI-VE: entailment, neutral or contradiction of a hypothesis about an image"
+    )
+    pve.add_argument("--model", required=True, help="an albef SNLI-VE model folder (finetune_ve export)")
+    pve.add_argument("--image", required=True)
+    pve.add_argument("--hypothesis", required=True)
+    pve.set_defaults(func=_predict_classifier)
+    pnlvr = predict_sub.add_parser("nlvr", help="NLVR2: is a sentence true of a pair of images")
+    pnlvr.add_argument("--model", required=True, help="an albef NLVR2 model folder (finetune_nlvr export)")
+    pnlvr.add_argument("--left", required=True, help="the left image")
+    pnlvr.add_argument("--right", required=True, help="the right image")
+    pnlvr.add_argument("--text", required=True)
+    pnlvr.set_defaults(func=_predict_classifier)
 
     expl = sub.add_parser(
         "explain", help="Grad-CAM heat map of every word of a text on an image (ITM score), as a PNG grid"
