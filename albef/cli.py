@@ -10,6 +10,8 @@ from pathlib import Path
 
 # albef.checkpoint.TASKS, listed here so the CLI starts without importing torch
 MODEL_TASKS = ["pretrain", "retrieval", "vqa", "ve", "nlvr", "nlvr_ta"]
+# albef.tracking.config.REGISTER_SECTIONS: the tasks with a registered model
+REGISTER_TASKS = ["retrieval", "vqa", "ve", "nlvr"]
 
 
 def _convert_official(args: argparse.Namespace) -> int:
@@ -177,7 +179,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     from albef.tracking.register import register_stage
 
-    print(json.dumps(register_stage(_load_params(args), args.out), indent=2, sort_keys=True))
+    print(json.dumps(register_stage(_load_params(args), args.out, task=args.task), indent=2, sort_keys=True))
     return 0
 
 
@@ -186,7 +188,7 @@ def _registry(args: argparse.Namespace) -> int:
     from albef.tracking.registry import Registry
 
     params = _load_params(args)
-    cfg = register_config(params)
+    cfg = register_config(params, args.task)
     if args.name:
         cfg.model_name = args.name
     registry = Registry(cfg, tracking_config(params).resolved_uri())
@@ -356,7 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = sub.add_parser(
         "register",
-        help="register the evaluated model in MLflow and run the promotion gate (params: register)",
+        help="register an evaluated model in MLflow and run the promotion gate (params: register, "
+        "register_<task>)",
+    )
+    reg.add_argument(
+        "--task",
+        choices=REGISTER_TASKS,
+        default="retrieval",
+        help="which model: retrieval (params: register, the default), vqa, ve or nlvr (register_<task>)",
     )
     reg.add_argument("--params", default="params.yaml")
     reg.add_argument("--out", help="also write the outcome as JSON here (for DVC)")
@@ -371,7 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = registry_sub.add_parser(name, help=helptext)
         cmd.add_argument("--params", default="params.yaml")
-        cmd.add_argument("--name", help="registered model name (default: register.model_name)")
+        cmd.add_argument(
+            "--task",
+            choices=REGISTER_TASKS,
+            default="retrieval",
+            help="the task whose registration settings apply (model name, gate, aliases); default retrieval",
+        )
+        cmd.add_argument(
+            "--name", help="registered model name (default: model_name of register / register_<task>)"
+        )
         if name == "promote":
             cmd.add_argument("--version", required=True)
             cmd.add_argument("--force", action="store_true", help="promote without the gate")
