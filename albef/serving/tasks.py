@@ -148,6 +148,12 @@ def example_input(task: str):
     )
 
 
+def _check_task(task: str) -> str:
+    if task not in MODELS:
+        raise ValueError(f"no pyfunc model for task {task!r}; available: retrieval, {', '.join(MODELS)}")
+    return task
+
+
 def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
     """The pyfunc's settings for ``task``: those of its evaluation section in ``params`` (``evaluate``,
     ``evaluate_vqa``, ``evaluate_<task>``), so the registered model answers as it was evaluated."""
@@ -160,13 +166,11 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
 
         cfg = build_dataclass(VQAEvalConfig, params.get("evaluate_vqa") or {}, "evaluate_vqa")
         return {"k": cfg.k_test, "max_words": cfg.max_words}
-    if task in MODELS:
-        from albef.train.classify import EVAL_SECTIONS, ClassifierEvalConfig
+    from albef.train.classify import EVAL_SECTIONS, ClassifierEvalConfig
 
-        name = EVAL_SECTIONS[task]
-        cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
-        return {"max_tokens": cfg.max_tokens, "max_words": cfg.max_words}
-    raise ValueError(f"no pyfunc model for task {task!r}; available: retrieval, {', '.join(MODELS)}")
+    name = EVAL_SECTIONS[_check_task(task)]
+    cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
+    return {"max_tokens": cfg.max_tokens, "max_words": cfg.max_words}
 
 
 def log_task_model(task: str, model_dir: str | Path, name: str = "model", **settings: Any):
@@ -174,14 +178,12 @@ def log_task_model(task: str, model_dir: str | Path, name: str = "model", **sett
     ``settings`` as its model config. Returns MLflow's ``ModelInfo``."""
     if task == "retrieval":
         return log_retrieval_model(model_dir, name=name, **settings)
-    if task not in MODELS:
-        raise ValueError(f"no pyfunc model for task {task!r}; available: retrieval, {', '.join(MODELS)}")
     from albef.train.vqa import ANSWER_LIST_FILE
 
     return log_albef_model(
         model_dir,
         task,
-        MODELS[task](),
+        MODELS[_check_task(task)](),
         TASK_COLUMNS[task],
         example_input(task),
         settings,
