@@ -10,6 +10,8 @@ from pathlib import Path
 
 # albef.checkpoint.TASKS, listed here so the CLI starts without importing torch
 MODEL_TASKS = ["pretrain", "retrieval", "vqa", "ve", "nlvr", "nlvr_ta"]
+# albef.tracking.config.REGISTER_SECTIONS: the tasks with a registered model
+REGISTER_TASKS = ["retrieval", "vqa", "ve", "nlvr"]
 
 
 def _convert_official(args: argparse.Namespace) -> int:
@@ -146,10 +148,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict_vqa(args: argparse.Namespace) -> int:
-    from albef.train.vqa import predict_vqa
+    from albef.serving.predict import predict_vqa
 
     answers = predict_vqa(args.model, args.image, args.question, args.answer_list, k=args.k, top=args.top)
     print(json.dumps([{"answer": a, "probability": round(p, 5)} for a, p in answers], indent=2))
+    return 0
+
+
+def _predict_classifier(args: argparse.Namespace) -> int:
+    from albef.serving.predict import predict_nlvr, predict_ve
+
+    if args.task == "ve":
+        result = predict_ve(args.model, args.image, args.hypothesis)
+    else:
+        result = predict_nlvr(args.model, args.left, args.right, args.text)
+    result["probability"] = round(result["probability"], 5)
+    result["probabilities"] = {k: round(v, 5) for k, v in result["probabilities"].items()}
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -164,7 +179,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     from albef.tracking.register import register_stage
 
-    print(json.dumps(register_stage(_load_params(args), args.out), indent=2, sort_keys=True))
+    print(json.dumps(register_stage(_load_params(args), args.out, task=args.task), indent=2, sort_keys=True))
     return 0
 
 
@@ -173,7 +188,7 @@ def _registry(args: argparse.Namespace) -> int:
     from albef.tracking.registry import Registry
 
     params = _load_params(args)
-    cfg = register_config(params)
+    cfg = register_config(params, args.task)
     if args.name:
         cfg.model_name = args.name
     registry = Registry(cfg, tracking_config(params).resolved_uri())
@@ -314,6 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     pvqa.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
     pvqa.add_argument("--top", type=int, default=5)
     pvqa.set_defaults(func=_predict_vqa)
+    pve = predict_sub.add_parser(
+        "ve", help="SNLI-VE: entailment, neutral or contradiction of a hypothesis about an image"
+    )
+    pve.add_argument("--model", required=True, help="an albef SNLI-VE model folder (finetune_ve export)")
+    pve.add_argument("--image", required=True)
+    pve.add_argument("--hypothesis", required=True)
+    pve.set_defaults(func=_predict_classifier)
+    pnlvr = predict_sub.add_parser("nlvr", help="NLVR2: is a sentence true of a pair of images")
+    pnlvr.add_argument("--model", required=True, help="an albef NLVR2 model folder (finetune_nlvr export)")
+    pnlvr.add_argument("--left", required=True, help="the left image")
+    pnlvr.add_argument("--right", required=True, help="the right image")
+    pnlvr.add_argument("--text", required=True)
+    pnlvr.set_defaults(func=_predict_classifier)
 
     expl = sub.add_parser(
         "explain", help="Grad-CAM heat map of every word of a text on an image (ITM score), as a PNG grid"
@@ -330,7 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     reg = sub.add_parser(
         "register",
-        help="register the evaluated model in MLflow and run the promotion gate (params: register)",
+        help="register an evaluated model in MLflow and run the promotion gate (params: register, "
+        "register_<task>)",
+    )
+    reg.add_argument(
+        "--task",
+        choices=REGISTER_TASKS,
+        default="retrieval",
+        help="which model: retrieval (params: register, the default), vqa, ve or nlvr (register_<task>)",
     )
     reg.add_argument("--params", default="params.yaml")
     reg.add_argument("--out", help="also write the outcome as JSON here (for DVC)")
@@ -345,7 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = registry_sub.add_parser(name, help=helptext)
         cmd.add_argument("--params", default="params.yaml")
-        cmd.add_argument("--name", help="registered model name (default: register.model_name)")
+        cmd.add_argument(
+            "--task",
+            choices=REGISTER_TASKS,
+            default="retrieval",
+            help="the task whose registration settings apply (model name, gate, aliases); default retrieval",
+        )
+        cmd.add_argument(
+            "--name", help="registered model name (default: model_name of register / register_<task>)"
+        )
         if name == "promote":
             cmd.add_argument("--version", required=True)
             cmd.add_argument("--force", action="store_true", help="promote without the gate")

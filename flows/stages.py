@@ -9,7 +9,7 @@ flow           DVC stages
 ``pretrain``   ``unimodal``, ``pretrain``
 ``finetune``   ``finetune_*`` (``finetune_retrieval``, ``finetune_vqa``)
 ``evaluate``   ``evaluate_*`` (zero-shot and finetuned retrieval, VQA)
-``register``   ``register`` (when dvc.yaml declares it)
+``register``   ``register``, ``register_*`` (one per task's model)
 =============  ================================================================
 
 Parameters, the same for every flow:
@@ -132,7 +132,8 @@ def register(
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The evaluated model into the MLflow registry, with the promotion gate (DVC stage register)."""
+    """The evaluated models into the MLflow registry, each with the promotion gate (DVC stages register,
+    register_vqa, register_ve, register_nlvr)."""
     return run_flow_stages("register", **locals())
 
 

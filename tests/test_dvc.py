@@ -146,7 +146,7 @@ def test_push_and_pull_with_an_s3_remote_on_loopback(project: Path):
 
 
 def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
-    """Every stage of dvc.yaml (data, unimodal, pretrain, retrieval, VQA, SNLI-VE, NLVR2, register) with tiny
+    """Every stage of dvc.yaml (data, unimodal, pretrain, retrieval, VQA, SNLI-VE, NLVR2, the register stages) with tiny
     settings, then `dvc exp run -S pretrain.epochs=2`, as a user runs them."""
     from conftest import shrink_pipeline
 
@@ -204,9 +204,16 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
             "pretrain_nlvr",
             "finetune_nlvr",
             "evaluate_nlvr",
+            "register_vqa",
+            "register_ve",
+            "register_nlvr",
         ]
     )
     assert first["aliases"] == {"champion": "1", "challenger": "1"}
+    for task in ("vqa", "ve", "nlvr"):  # every downstream task's model is registered, gated on accuracy
+        outcome = json.loads((project / "metrics" / f"register_{task}.json").read_text())
+        assert outcome["model_name"] == f"albef-{task}" and outcome["gate_metric"] == "accuracy", outcome
+        assert outcome["version"] == 1 and outcome["promoted"], outcome
 
     _run(["git", "add", "-A"], project)
     _run(["git", "commit", "-qm", "tiny pipeline"], project)

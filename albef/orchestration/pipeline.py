@@ -31,7 +31,7 @@ FLOW_STAGES: dict[str, tuple[str, ...]] = {
     "pretrain": ("unimodal", "pretrain"),  # the unimodal warm start of the encoders, then ALBEF pretraining
     "finetune": ("finetune_*",),
     "evaluate": ("evaluate_*",),
-    "register": ("register",),
+    "register": ("register", "register_*"),  # retrieval's model, then one per downstream task
 }
 
 
@@ -138,13 +138,15 @@ def _section_validator(name: str) -> Callable[[dict[str, Any]], Any] | None:
         from albef.train.stages import EvaluateConfig
 
         return lambda p: build_dataclass(EvaluateConfig, p["evaluate"], "evaluate")
-    if name in ("mlflow", "register"):
+    if name == "mlflow" or name == "register" or name.startswith("register_"):
         try:  # the tracking sections' loaders (albef.tracking) where that package is present
             from albef.tracking import config as tracking
         except ImportError:
             return None
-        loader = getattr(tracking, f"{'tracking' if name == 'mlflow' else 'register'}_config", None)
-        return loader
+        if name == "mlflow":
+            return tracking.tracking_config
+        task = {section: task for task, section in tracking.REGISTER_SECTIONS.items()}.get(name)
+        return None if task is None else lambda p: tracking.register_config(p, task)
     return None
 
 

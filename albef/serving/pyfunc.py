@@ -52,8 +52,8 @@ def _bad_input(message: str):
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def decode_image(value: Any, row: int):
-    """A PIL image (RGB) from a path, raw bytes or base64 text; InvalidModelInput names the row."""
+def decode_image(value: Any, row: int, column: str = "image"):
+    """A PIL image (RGB) from a path, raw bytes or base64 text; InvalidModelInput names the row and column."""
     from PIL import Image, UnidentifiedImageError
 
     data: bytes
@@ -69,19 +69,19 @@ def decode_image(value: Any, row: int):
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise InvalidModelInput(
-                    f"row {row}, column 'image': neither an existing image file nor base64 data ({exc}); "
+                    f"row {row}, column {column!r}: neither an existing image file nor base64 data ({exc}); "
                     f"got {text[:40]!r}{'...' if len(text) > 40 else ''}"
                 ) from exc
     else:
         raise InvalidModelInput(
-            f"row {row}, column 'image': expected a path or base64 text, got {type(value).__name__}"
+            f"row {row}, column {column!r}: expected a path or base64 text, got {type(value).__name__}"
         )
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidModelInput(f"row {row}, column 'image': not a decodable image ({exc})") from exc
+        raise InvalidModelInput(f"row {row}, column {column!r}: not a decodable image ({exc})") from exc
 
 
 def _present(value: Any) -> bool:
@@ -92,19 +92,25 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, str) and not value.strip())
 
 
-def split_input(frame) -> tuple[list[Any], list[str]]:
-    """(images, texts) from the request table; missing columns and empty requests are InvalidModelInput."""
+def as_table(frame, columns: tuple[str, ...]):
+    """The request as a DataFrame holding ``columns``; anything else is InvalidModelInput."""
     import pandas as pd
 
     if isinstance(frame, dict):
         frame = pd.DataFrame(frame)
     if not isinstance(frame, pd.DataFrame):
-        raise InvalidModelInput(f"expected a table with columns {list(COLUMNS)}, got {type(frame).__name__}")
-    missing = [c for c in COLUMNS if c not in frame.columns]
+        raise InvalidModelInput(f"expected a table with columns {list(columns)}, got {type(frame).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise InvalidModelInput(
-            f"missing column(s) {missing}; the input needs columns {list(COLUMNS)} (got {list(frame.columns)})"
+            f"missing column(s) {missing}; the input needs columns {list(columns)} (got {list(frame.columns)})"
         )
+    return frame
+
+
+def split_input(frame) -> tuple[list[Any], list[str]]:
+    """(images, texts) from the request table; missing columns and empty requests are InvalidModelInput."""
+    frame = as_table(frame, COLUMNS)
     images = [decode_image(v, i) for i, v in enumerate(frame["image"].tolist()) if _present(v)]
     texts = []
     for i, v in enumerate(frame["text"].tolist()):
@@ -123,21 +129,12 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper; the weights, config and tokenizer come from the ``albef_model`` artifact."""
 
     def load_context(self, context) -> None:
-        import torch
+        from albef.serving.predict import TaskPredictor
 
-        from albef.checkpoint import load_pretrained
-        from albef.data.transforms import eval_transform
-        from albef.tokenizer import ALBEFTokenizer
-
-        model_dir = Path(context.artifacts[MODEL_ARTIFACT])
         config = dict(context.model_config or {})
         self.max_tokens = int(config.get("max_tokens", 30))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_pretrained(model_dir, task="retrieval").to(self.device).eval()
-        self.tokenizer = ALBEFTokenizer.from_pretrained(
-            model_dir / "tokenizer", single_sentence_sep=self.model.cfg.quirks.single_sentence_sep
-        )
-        self.transform = eval_transform(self.model.cfg.vision.image_size)
+        self.loaded = TaskPredictor(Path(context.artifacts[MODEL_ARTIFACT]), task="retrieval")
+        self.model, self.device = self.loaded.model, self.loaded.device
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> dict[str, list]:
         try:
@@ -152,9 +149,8 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
         from albef.models.retrieval import image_features, itm_scores, text_features
 
         with torch.no_grad():
-            pixels = torch.stack([self.transform(img) for img in images]).to(self.device)
-            tokens = self.tokenizer(texts, max_length=self.max_tokens)
-            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+            pixels = self.loaded.pixels(images)
+            ids, mask = self.loaded.tokens(texts, self.max_tokens)
             img_embeds, img_feats = image_features(self.model, pixels)
             txt_embeds, txt_feats = text_features(self.model, ids, mask)
             itc = img_feats @ txt_feats.t()
@@ -169,23 +165,28 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
         }
 
 
-def example_input():
-    """Two rows: a small PNG (base64) with a caption, and a second caption without an image."""
-    import pandas as pd
+def example_png(color: tuple[int, int, int] = (200, 30, 30)) -> str:
+    """A small one-colour PNG, base64-encoded: the input examples' image."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, format="PNG")
-    encoded = base64.b64encode(buf.getvalue()).decode()
-    return pd.DataFrame({"image": [encoded, ""], "text": ["a red square", "a blue circle"]})
+    Image.new("RGB", (16, 16), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
 
-def _signature():
+def example_input():
+    """Two rows: a small PNG (base64) with a caption, and a second caption without an image."""
+    import pandas as pd
+
+    return pd.DataFrame({"image": [example_png(), ""], "text": ["a red square", "a blue circle"]})
+
+
+def string_signature(columns: tuple[str, ...]):
+    """The input signature: every column a string (paths, base64 images, texts)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "text")])
-    return ModelSignature(inputs=inputs)
+    return ModelSignature(inputs=Schema([ColSpec("string", c) for c in columns]))
 
 
 def pip_requirements() -> list[str]:
@@ -198,27 +199,54 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def log_retrieval_model(model_dir: str | Path, name: str = "model", max_tokens: int = 30, **kwargs: Any):
-    """Log the exported retrieval model in ``model_dir`` (model.safetensors, config.json, tokenizer/) as a
-    pyfunc with its signature and an input example; albef's source goes along, so the model loads with
-    only the libraries of :func:`pip_requirements` installed. Returns MLflow's ``ModelInfo``."""
+def log_albef_model(
+    model_dir: str | Path,
+    task: str,
+    python_model: mlflow.pyfunc.PythonModel,
+    columns: tuple[str, ...],
+    input_example: Any,
+    model_config: dict[str, Any],
+    name: str = "model",
+    required: tuple[str, ...] = (),
+    **kwargs: Any,
+):
+    """Log the exported ``task`` model in ``model_dir`` (model.safetensors, config.json, tokenizer/ and the
+    ``required`` files) as the pyfunc ``python_model``, with a string signature of ``columns`` and an input
+    example; albef's source goes along, so the model loads with only the libraries of
+    :func:`pip_requirements` installed. Returns MLflow's ``ModelInfo``."""
     import albef
     from albef.checkpoint import read_config
 
     model_dir = Path(model_dir)
-    task, _ = read_config(model_dir)
-    if task != "retrieval":
-        raise ValueError(f"{model_dir} holds a {task!r} model; the retrieval pyfunc needs a retrieval model")
-    if not (model_dir / "tokenizer").is_dir():
-        raise FileNotFoundError(f"{model_dir / 'tokenizer'} not found: export the model with its tokenizer")
+    saved, _ = read_config(model_dir)
+    if saved != task:
+        raise ValueError(f"{model_dir} holds a {saved!r} model; the {task} pyfunc needs a {task} model")
+    for needed in ("tokenizer", *required):
+        if not (model_dir / needed).exists():
+            raise FileNotFoundError(f"{model_dir / needed} not found: export the model with its {needed}")
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=RetrievalModel(),
+        python_model=python_model,
         artifacts={MODEL_ARTIFACT: str(model_dir)},
         code_paths=[str(Path(albef.__file__).parent)],
-        signature=_signature(),
-        input_example=example_input(),
-        model_config={"max_tokens": max_tokens},
+        signature=string_signature(columns),
+        input_example=input_example,
+        model_config=model_config,
         pip_requirements=pip_requirements(),
+        **kwargs,
+    )
+
+
+def log_retrieval_model(model_dir: str | Path, name: str = "model", max_tokens: int = 30, **kwargs: Any):
+    """Log the exported retrieval model in ``model_dir`` as a :class:`RetrievalModel` pyfunc
+    (:func:`log_albef_model`). Returns MLflow's ``ModelInfo``."""
+    return log_albef_model(
+        model_dir,
+        "retrieval",
+        RetrievalModel(),
+        COLUMNS,
+        example_input(),
+        {"max_tokens": max_tokens},
+        name=name,
         **kwargs,
     )

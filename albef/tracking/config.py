@@ -1,4 +1,7 @@
-"""Typed settings of the ``mlflow`` and ``register`` sections of ``params.yaml``, validated on load."""
+"""Typed settings of the ``mlflow`` and ``register*`` sections of ``params.yaml``, validated on load.
+
+Each finetuned task registers its own model: ``register`` (retrieval, the section's historical name),
+``register_vqa``, ``register_ve`` and ``register_nlvr``; a section left out takes its task's defaults."""
 
 from __future__ import annotations
 
@@ -18,6 +21,28 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # strict set keeps all of them unambiguous (MLflow itself only refuses '/' and ':').
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,254}")
+
+#: task -> its registration section of params.yaml
+REGISTER_SECTIONS = {
+    "retrieval": "register",
+    "vqa": "register_vqa",
+    "ve": "register_ve",
+    "nlvr": "register_nlvr",
+}
+# What each task's finetune and evaluate stages write, and the headline metric of its evaluation (the key
+# albef.eval.vqa.score_predictions / albef.eval.classify.accuracy_metrics put in metrics/<task>.json).
+_REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "retrieval": {},  # the dataclass defaults
+    **{
+        task: {
+            "model_name": f"albef-{task}",
+            "model_dir": f"models/{task}",
+            "metrics": f"metrics/{task}.json",
+            "gate": {"metric": "accuracy"},
+        }
+        for task in ("vqa", "ve", "nlvr")
+    },
+}
 
 
 @dataclass
@@ -61,18 +86,17 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         if self.direction not in ("maximize", "minimize"):
-            raise ConfigError(
-                f"register.gate.direction: expected maximize or minimize, got {self.direction!r}"
-            )
+            raise ConfigError(f"gate.direction: expected maximize or minimize, got {self.direction!r}")
         if not isinstance(self.metric, str) or not self.metric:
-            raise ConfigError("register.gate.metric: expected a metric name")
+            raise ConfigError("gate.metric: expected a metric name")
         if self.min_improvement < 0:
-            raise ConfigError(f"register.gate.min_improvement: must be >= 0, got {self.min_improvement}")
+            raise ConfigError(f"gate.min_improvement: must be >= 0, got {self.min_improvement}")
 
 
 @dataclass
 class RegisterConfig:
-    """``params.register``: which model and metrics become a registry version, and the promotion gate."""
+    """``params.register`` (``register_<task>``): which model and metrics become a registry version, and the
+    promotion gate."""
 
     model_name: str = "albef-retrieval"
     model_dir: str = "models/retrieval"
@@ -80,15 +104,30 @@ class RegisterConfig:
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     gate: GateConfig = field(default_factory=GateConfig)
+    task: str = "retrieval"  # the pyfunc the model is logged as; register_config sets it from the section
 
     def __post_init__(self) -> None:
+        if self.task not in REGISTER_SECTIONS:
+            raise ConfigError(
+                f"register: unknown task {self.task!r}; expected one of {', '.join(REGISTER_SECTIONS)}"
+            )
+        name = self.section
         if isinstance(self.gate, dict):
-            self.gate = _build(GateConfig, self.gate, "register.gate")
-        validate_model_name(self.model_name, "register.model_name")
+            try:
+                self.gate = _build(GateConfig, self.gate, f"{name}.gate")
+            except ConfigError as exc:
+                text = str(exc)
+                raise ConfigError(text if text.startswith(name) else f"{name}.{text}") from exc
+        validate_model_name(self.model_name, f"{name}.model_name")
         for key in ("champion_alias", "challenger_alias"):
-            validate_alias(getattr(self, key), f"register.{key}")
+            validate_alias(getattr(self, key), f"{name}.{key}")
         if self.champion_alias == self.challenger_alias:
-            raise ConfigError("register: champion_alias and challenger_alias must differ")
+            raise ConfigError(f"{name}: champion_alias and challenger_alias must differ")
+
+    @property
+    def section(self) -> str:
+        """Its params.yaml section (and DVC stage): ``register`` for retrieval, else ``register_<task>``."""
+        return REGISTER_SECTIONS[self.task]
 
 
 def validate_tracking_uri(uri: str, source: str = "tracking URI") -> str:
@@ -150,5 +189,23 @@ def tracking_config(params: dict[str, Any]) -> TrackingConfig:
     return _build(TrackingConfig, params["mlflow"], "mlflow")
 
 
-def register_config(params: dict[str, Any]) -> RegisterConfig:
-    return _build(RegisterConfig, params.get("register"), "register")
+def register_config(params: dict[str, Any], task: str = "retrieval") -> RegisterConfig:
+    """The registration settings of ``task``: its section (:data:`REGISTER_SECTIONS`) over the task's
+    defaults (model ``albef-<task>``, ``models/<task>``, ``metrics/<task>.json``, gate on ``accuracy``)."""
+    if task not in REGISTER_SECTIONS:
+        raise ConfigError(
+            f"no registration for task {task!r}; expected one of {', '.join(REGISTER_SECTIONS)}"
+        )
+    name = REGISTER_SECTIONS[task]
+    values = params.get(name)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
+    if values.get("task", task) != task:
+        raise ConfigError(f"{name}.task: this section registers {task} models, got {values['task']!r}")
+    merged = {**_REGISTER_DEFAULTS[task], **values, "task": task}
+    gate = values.get("gate")
+    if isinstance(gate, dict) or gate is None:
+        merged["gate"] = {**_REGISTER_DEFAULTS[task].get("gate", {}), **(gate or {})}
+    return _build(RegisterConfig, merged, name)

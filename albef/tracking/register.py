@@ -1,4 +1,8 @@
-"""The ``register`` stage: log the evaluated retrieval model as a pyfunc, register it, run the gate."""
+"""The ``register`` stages: log an evaluated model as a pyfunc, register it, run the gate.
+
+``register`` registers the retrieval model; ``register_vqa``, ``register_ve`` and ``register_nlvr`` the other
+tasks' (:data:`albef.tracking.config.REGISTER_SECTIONS`), all the same way.
+"""
 
 from __future__ import annotations
 
@@ -18,37 +22,40 @@ from albef.tracking.stages import _provenance_tags
 log = logging.getLogger(__name__)
 
 
-def register_stage(params: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
-    """Register ``register.model_dir`` with the metrics of ``register.metrics`` as a new version of
-    ``register.model_name``; it becomes ``challenger``, and ``champion`` when the gate passes. Writes a
-    summary to ``out`` (for DVC) and returns it."""
+def register_stage(
+    params: dict[str, Any], out: str | Path | None = None, task: str = "retrieval"
+) -> dict[str, Any]:
+    """Register the ``task`` model of ``model_dir`` (section ``register``, ``register_<task>``) with the metrics
+    of ``metrics`` as a new version of ``model_name``; it becomes ``challenger``, and ``champion`` when the
+    gate passes. Writes a summary to ``out`` (for DVC) and returns it."""
     import mlflow
 
-    from albef.serving.pyfunc import log_retrieval_model
+    from albef.serving.tasks import log_task_model, serving_config
 
-    cfg = register_config(params)
+    cfg = register_config(params, task)
+    settings = serving_config(params, task)
     tracking = tracking_config(params)
     if not tracking.enabled:
         summary: dict[str, Any] = {"registered": False, "reason": "mlflow.enabled is false"}
         _write(out, summary)
         return summary
     metrics = read_metrics(cfg.metrics)
-    value = gate_metric(metrics, cfg.gate, str(cfg.metrics))  # a missing gate metric fails before any upload
+    # a missing gate metric fails before any upload
+    value = gate_metric(metrics, cfg.gate, str(cfg.metrics), section=cfg.section)
     uri = tracking.resolved_uri()
     registry = Registry(cfg, uri)
     registry.evaluate_gate(value)  # so does an unusable champion
 
     provenance = _provenance_tags([cfg.model_dir, cfg.metrics])
     git = git_state()
-    section = params.get("register") or {}
-    with stage_run(params, "register", tags=provenance, log_params={"register": section}) as run:
+    section = params.get(cfg.section) or {}
+    with stage_run(params, cfg.section, tags=provenance, log_params={cfg.section: section}) as run:
         if run is None or run.run_id is None:
             raise RegistryError(
-                f"the registry at {uri} is unreachable; rerun `albef register` when it answers"
+                f"the registry at {uri} is unreachable; rerun `albef register --task {task}` when it answers"
             )
         with _fluent_uri(uri), mlflow.start_run(run_id=run.run_id):
-            max_tokens = int((params.get("evaluate") or {}).get("max_tokens", 30))
-            info = log_retrieval_model(cfg.model_dir, name="model", max_tokens=max_tokens)
+            info = log_task_model(task, cfg.model_dir, name="model", **settings)
         tags = {
             "data_version": provenance["albef.data_version"],
             "git_commit": git.get("commit", "unknown"),
@@ -61,6 +68,7 @@ def register_stage(params: dict[str, Any], out: str | Path | None = None) -> dic
         )
         summary = {
             "registered": True,
+            "task": task,
             "model_name": cfg.model_name,
             "version": int(version.version),
             "aliases": sorted(version.aliases),

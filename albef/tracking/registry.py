@@ -1,7 +1,7 @@
 """The model registry: each evaluated model becomes a version, and a gate decides who is ``champion``.
 
 A new version gets the ``challenger`` alias and tags with its evaluation metrics (``metric.<name>``), data
-version and git commit. The promotion gate (``params.register.gate``) compares the challenger's gate metric
+version and git commit. The promotion gate (``params.register.gate``, ``register_<task>.gate``) compares the challenger's gate metric
 with the champion's (read from the champion's tags, so the comparison needs no run lookups) and moves
 ``champion`` only when the challenger passes. The decision and its reason are written as tags on the
 challenger either way, and the registered model keeps a ``champion_history`` tag (MLflow keeps no history of
@@ -26,6 +26,12 @@ METRIC_TAG = "metric."
 DECISION_TAG = "promotion_decision"
 REASON_TAG = "promotion_reason"
 HISTORY_TAG = "champion_history"  # on the registered model: versions that held champion, oldest first
+DESCRIPTIONS = {
+    "retrieval": "image-text retrieval",
+    "vqa": "visual question answering",
+    "ve": "visual entailment (SNLI-VE)",
+    "nlvr": "visual reasoning on image pairs (NLVR2)",
+}
 
 
 class RegistryError(RuntimeError):
@@ -41,12 +47,17 @@ class Decision:
     champion_value: float | None = None
 
 
-def gate_metric(metrics: dict[str, Any], gate: GateConfig, source: str = "evaluation metrics") -> float:
+def gate_metric(
+    metrics: dict[str, Any],
+    gate: GateConfig,
+    source: str = "evaluation metrics",
+    section: str = "register",
+) -> float:
     """The gate metric's value in (flattened) ``metrics``; a clear error when evaluation did not produce it."""
     flat = numeric_items(flatten(metrics))
     if gate.metric not in flat:
         raise ConfigError(
-            f"register.gate.metric {gate.metric!r} is not in the {source}; available: {', '.join(sorted(flat))}"
+            f"{section}.gate.metric {gate.metric!r} is not in the {source}; available: {', '.join(sorted(flat))}"
         )
     value = flat[gate.metric]
     if not math.isfinite(value):
@@ -200,12 +211,13 @@ class Registry:
     ):
         """A new version from ``model_uri`` with the challenger alias, its metrics and ``tags``; then the gate.
         Returns (model version, decision)."""
-        value = gate_metric(metrics, self.cfg.gate)
+        value = gate_metric(metrics, self.cfg.gate, section=self.cfg.section)
         # An unusable champion (deleted version, missing metric) fails here, before anything is created.
         self.evaluate_gate(value)
         if not self._exists():
             self.client.create_registered_model(
-                self.name, description="ALBEF image-text retrieval (albef register)"
+                self.name,
+                description=f"ALBEF {DESCRIPTIONS[self.cfg.task]} (albef register --task {self.cfg.task})",
             )
         version_tags = {
             **{METRIC_TAG + k: f"{v:.6g}" for k, v in numeric_items(flatten(metrics)).items()},

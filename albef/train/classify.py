@@ -43,6 +43,7 @@ from albef.train.stages import (
     _train_metrics,
     _write_json,
     export_model,
+    load_task_model,
     split_train_section,
     write_curves,
 )
@@ -147,18 +148,6 @@ def _accuracy_validator(val_set, collate, batch_size: int, device, precision: st
         return out
 
     return validate
-
-
-def _load_classifier(task: str, model_dir: str | Path, tokenizer_dir, data_dir):
-    from albef.checkpoint import TASKS, CheckpointError, load_pretrained
-
-    model = load_pretrained(model_dir)
-    if type(model) is not TASKS[task]:
-        raise CheckpointError(f"{model_dir} does not hold a {task!r} model ({type(model).__name__})")
-    if tokenizer_dir is None:
-        own = Path(model_dir) / "tokenizer"
-        tokenizer_dir = own if own.exists() else Path(data_dir) / "tokenizer"
-    return model, _tokenizer(tokenizer_dir, model.cfg)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -318,7 +307,7 @@ def evaluate_classifier_stage(
     cfg = build_dataclass(ClassifierEvalConfig, values, name)
     world, device = init_distributed()
     try:
-        model, tokenizer = _load_classifier(task, model_dir, cfg.tokenizer, cfg.data_dir)
+        model, tokenizer = load_task_model(model_dir, task, cfg.tokenizer, cfg.data_dir)
         test_path = Path(cfg.data_dir) / cfg.test_file
         dataset = ClassificationDataset(
             test_path,

@@ -161,6 +161,29 @@ def _tokenizer(path: str | Path, cfg: ModelConfig):
     return tok
 
 
+def load_task_model(
+    model_dir: str | Path,
+    task: str,
+    tokenizer_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+):
+    """The ``task`` model exported in ``model_dir`` and its tokenizer: ``tokenizer_dir``, else the one exported
+    with the model, else ``<data_dir>/tokenizer``. A folder holding another task's model is a
+    :class:`~albef.checkpoint.CheckpointError` naming both tasks, raised before any weight is read."""
+    from albef.checkpoint import CheckpointError, load_pretrained
+
+    saved, _ = read_config(model_dir)
+    if saved != task:
+        raise CheckpointError(
+            f"{model_dir} does not hold a {task!r} model: its {CONFIG_FILE} says task {saved!r}"
+        )
+    model = load_pretrained(model_dir, task=task)
+    if tokenizer_dir is None:
+        own = Path(model_dir) / "tokenizer"
+        tokenizer_dir = own if own.exists() or data_dir is None else Path(data_dir) / "tokenizer"
+    return model, _tokenizer(tokenizer_dir, model.cfg)
+
+
 def _initial_model(stage: TrainStageConfig, task: str, params: dict[str, Any]):
     """The model a training stage starts from, and a digest of where its weights came from."""
     base = ModelConfig.from_dict(params["model"], prefix="model") if "model" in params else None

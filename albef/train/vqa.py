@@ -2,7 +2,8 @@
 
 ``finetune_vqa_stage``   weighted answer generation with momentum distillation (``params.finetune_vqa``)
 ``evaluate_vqa_stage``   answer the test questions from the answer list, VQA accuracy (``params.evaluate_vqa``)
-``predict_vqa``          one image and one question, the top answers
+
+Single predictions (``albef predict vqa``) are :func:`albef.serving.predict.predict_vqa`.
 
 ``params.finetune_vqa`` is flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
 :class:`~albef.train.stages.TrainStageConfig` keys) plus ``answer_list`` (file in ``data_dir``) and
@@ -31,6 +32,7 @@ from albef.train.stages import (
     _train_metrics,
     _write_json,
     export_model,
+    load_task_model,
     split_train_section,
     write_curves,
 )
@@ -173,19 +175,6 @@ def finetune_vqa_stage(
         cleanup_distributed()
 
 
-def _load_vqa(model_dir: str | Path, tokenizer_dir: str | Path | None, data_dir: str | Path | None):
-    from albef.checkpoint import CheckpointError, load_pretrained
-    from albef.models.vqa import ALBEFVQA
-
-    model = load_pretrained(model_dir)
-    if not isinstance(model, ALBEFVQA):
-        raise CheckpointError(f"{model_dir} does not hold a VQA model")
-    if tokenizer_dir is None:
-        own = Path(model_dir) / "tokenizer"
-        tokenizer_dir = own if own.exists() or data_dir is None else Path(data_dir) / "tokenizer"
-    return model, _tokenizer(tokenizer_dir, model.cfg)
-
-
 def evaluate_vqa_stage(
     params: dict[str, Any],
     model_dir: str | Path,
@@ -205,7 +194,7 @@ def evaluate_vqa_stage(
     cfg = build_dataclass(VQAEvalConfig, section(params, name), name)
     world, device = init_distributed()
     try:
-        model, tokenizer = _load_vqa(model_dir, cfg.tokenizer, cfg.data_dir)
+        model, tokenizer = load_task_model(model_dir, "vqa", cfg.tokenizer, cfg.data_dir)
         answer_list = read_answer_list(Path(cfg.data_dir) / cfg.answer_list)
         dataset = VQATestDataset(
             Path(cfg.data_dir) / cfg.test_file,
@@ -247,31 +236,3 @@ def evaluate_vqa_stage(
         return metrics
     finally:
         cleanup_distributed()
-
-
-@torch.no_grad()
-def predict_vqa(
-    model_dir: str | Path,
-    image: str | Path,
-    question: str,
-    answer_list: str | Path | None = None,
-    k: int = 128,
-    top: int = 5,
-) -> list[tuple[str, float]]:
-    """The ``top`` answers (and their re-ranked probabilities) to ``question`` about ``image``; the answer list
-    defaults to the one exported with the model."""
-    from albef.data.images import open_rgb
-    from albef.data.text import pre_question
-    from albef.data.transforms import eval_transform
-    from albef.data.vqa import read_answer_list, tokenize_answers
-
-    model, tokenizer = _load_vqa(model_dir, None, None)
-    model.eval()
-    answers = read_answer_list(answer_list or Path(model_dir) / ANSWER_LIST_FILE)
-    pixels = eval_transform(model.cfg.vision.image_size)(open_rgb(Path(image)))[None]
-    q = tokenizer([pre_question(question, 50)], max_length=model.cfg.text.max_positions)
-    a_ids, a_mask = tokenize_answers(tokenizer, answers, model.cfg.text.max_positions)
-    ids, probs = model.predict(pixels, q.input_ids, q.attention_mask, a_ids, a_mask, k=k)
-    return [
-        (answers[i], float(p)) for i, p in zip(ids[0].tolist()[:top], probs[0].tolist()[:top], strict=True)
-    ]
