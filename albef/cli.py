@@ -138,10 +138,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from albef.tracking.stages import tracked_evaluate
+    from albef.tracking.stages import tracked_evaluate, with_test_file
 
+    params = _load_params(args)
+    if args.test_file:
+        params = with_test_file(params, args.task, args.test_file)
     metrics = tracked_evaluate(
-        _load_params(args), args.model, args.out, args.metrics, progress=not args.quiet, task=args.task
+        params, args.model, args.out, args.metrics, progress=not args.quiet, task=args.task
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
@@ -305,15 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     pre_train.set_defaults(func=_pretrain)
 
     fine = sub.add_parser("finetune", help="finetune a pretrained model (params: finetune_<task>)")
-    fine.add_argument("task", choices=["retrieval", "vqa", "ve", "nlvr", "nlvr_ta"])
+    fine.add_argument("task", choices=["retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_ta"])
     fine.add_argument("--params", default="params.yaml")
     fine.add_argument("--quiet", action="store_true", help="no progress bar")
     fine.set_defaults(func=_finetune)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a model (params: evaluate)")
-    evaluate.add_argument("task", choices=["retrieval", "vqa", "ve", "nlvr"])
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a model (params: evaluate for retrieval, evaluate_<task> otherwise)"
+    )
+    evaluate.add_argument("task", choices=["retrieval", "grounding", "vqa", "ve", "nlvr"])
     evaluate.add_argument("--model", required=True, help="an albef model folder (pretrained or finetuned)")
-    evaluate.add_argument("--out", required=True, help="folder for rankings.json, examples.png, metrics.json")
+    evaluate.add_argument(
+        "--out", required=True, help="folder for the report: metrics.json, rankings/results, example images"
+    )
+    evaluate.add_argument(
+        "--test-file",
+        help="an annotation file of the section's data_dir instead of its test_file(s), e.g. a shifted test set",
+    )
     evaluate.add_argument("--metrics", help="also write the metrics JSON here (for DVC)")
     evaluate.add_argument("--params", default="params.yaml")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -7,8 +7,10 @@ flow           DVC stages
 ``data``       ``synth``
 ``preprocess`` ``preprocess``
 ``pretrain``   ``unimodal``, ``pretrain``
-``finetune``   ``finetune_*`` (``finetune_retrieval``, ``finetune_vqa``)
-``evaluate``   ``evaluate_*`` (zero-shot and finetuned retrieval, VQA)
+``finetune``   ``finetune_*`` (retrieval, VQA, SNLI-VE, NLVR2, weakly supervised grounding; and
+               ``pretrain_nlvr``, the prerequisite of ``finetune_nlvr``)
+``evaluate``   ``evaluate_*`` (zero-shot, finetuned and shifted-test-set retrieval, VQA, SNLI-VE, NLVR2,
+               Grad-CAM grounding)
 ``register``   ``register``, ``register_*`` (one per task's model)
 =============  ================================================================
 
@@ -98,7 +100,8 @@ def finetune(
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Finetuning of the pretrained model for retrieval and VQA (DVC stages finetune_*)."""
+    """Finetuning of the pretrained model for retrieval, VQA, SNLI-VE, NLVR2 and weakly supervised grounding
+    (DVC stages finetune_*, with pretrain_nlvr before finetune_nlvr)."""
     return run_flow_stages("finetune", **locals())
 
 
@@ -115,7 +118,8 @@ def evaluate(
     retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Zero-shot and finetuned retrieval, and VQA evaluation (DVC stages evaluate_*)."""
+    """Zero-shot, finetuned and cross-dataset (shifted test set) retrieval, VQA, SNLI-VE, NLVR2 and Grad-CAM
+    grounding evaluation (DVC stages evaluate_*)."""
     return run_flow_stages("evaluate", **locals())
 
 

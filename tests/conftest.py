@@ -121,6 +121,7 @@ def tiny_data(tmp_path_factory):
             "ve_images": 0,
             "nlvr_pairs": 0,
             "grounding_images": 0,
+            "shifted_test_images": 0,
             "workers": 1,
         },
         "preprocess": {
@@ -313,8 +314,9 @@ def shrink_pipeline(params: dict, train: dict) -> dict:
     ``train`` (batch size, epochs, ...) goes into every training section; evaluation sections get tiny k."""
     params["model"] = TINY_MODEL
     params["unimodal"].update(vision_steps=20, text_steps=20, batch_size=8, warmup_steps=2)
-    for name in ("pretrain", "finetune_retrieval"):
-        params[name].update(train)
+    for name in ("pretrain", "finetune_retrieval", "finetune_grounding"):
+        if name in params:
+            params[name].update(train)
     no_k = {k: v for k, v in train.items() if k != "k_test"}
     for name in ("finetune_vqa", "finetune_ve", "pretrain_nlvr", "finetune_nlvr"):
         if name in params:
@@ -324,4 +326,6 @@ def shrink_pipeline(params: dict, train: dict) -> dict:
     params["evaluate"].update(k_test=4, num_workers=0, examples=2)
     if "evaluate_vqa" in params:
         params["evaluate_vqa"].update(k_test=4)
+    if "evaluate_grounding" in params:
+        params["evaluate_grounding"].update(batch_size=8, num_workers=0, examples=1)
     return params

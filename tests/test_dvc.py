@@ -25,6 +25,7 @@ TINY_SYNTH = {
     "ve_images": 8,
     "nlvr_pairs": 8,
     "grounding_images": 14,
+    "shifted_test_images": 4,
     "image_size": 64,
 }
 
@@ -176,6 +177,9 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
         "reports/ve/predictions.json",
         "reports/nlvr/predictions.json",
         "models/nlvr_ta/model.safetensors",
+        "models/grounding/model.safetensors",
+        "reports/grounding/results.json",
+        "reports/zeroshot_shifted/rankings.json",
     ):
         assert (project / path).is_file(), path
     retrieval = json.loads((project / "metrics" / "retrieval.json").read_text())
@@ -207,6 +211,9 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
             "register_vqa",
             "register_ve",
             "register_nlvr",
+            "evaluate_zeroshot_shifted",
+            "finetune_grounding",
+            "evaluate_grounding",
         ]
     )
     assert first["aliases"] == {"champion": "1", "challenger": "1"}

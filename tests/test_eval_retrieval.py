@@ -87,3 +87,50 @@ def test_whole_evaluation_on_a_dataset_equals_the_official_per_query_rankings(ti
     for t, query in enumerate(ranked["text_to_image"]):
         assert query["ground_truth"] == dataset.txt2img[t]
         assert query["top"][0][1] == pytest.approx(float(slow_t2i[t].max()), abs=1e-4)
+
+
+def test_evaluate_test_file_points_the_section_at_another_split(tiny_data, tiny_retrieval_model, tmp_path):
+    """``albef evaluate retrieval --test-file``: one ``evaluate`` section serves the in-domain test set and
+    the shifted one (evaluate_zeroshot_shifted); params are not modified in place; a missing file is an error
+    naming it."""
+    import json
+
+    import yaml
+
+    from albef.cli import main
+    from albef.tracking.stages import with_test_file
+
+    data = str(tiny_data / "data" / "processed")
+    params = {
+        "evaluate": {"data_dir": data, "k_test": 4, "max_tokens": 16, "num_workers": 0, "examples": 0},
+        "mlflow": {"enabled": False},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    model = str(tiny_retrieval_model)
+
+    def run(*extra: str) -> tuple[int, dict]:
+        out = tmp_path / f"out{len(extra)}"
+        argv = [
+            "evaluate",
+            "retrieval",
+            "--model",
+            model,
+            "--out",
+            str(out),
+            "--metrics",
+            str(out / "m.json"),
+        ]
+        rc = main([*argv, "--params", str(path), "--quiet", *extra])
+        return rc, json.loads((out / "m.json").read_text()) if rc == 0 else {}
+
+    rc, default = run()
+    assert rc == 0 and default["images"] == 6  # retrieval_test.json
+    rc, other = run("--test-file", "retrieval_val.json")
+    assert rc == 0 and other["images"] == 4 and other["texts"] == 20
+    changed = with_test_file(params, "retrieval", "x.json")
+    assert changed["evaluate"]["test_file"] == "x.json" and "test_file" not in params["evaluate"]
+    assert with_test_file({"evaluate_grounding": {}}, "grounding", "a.json")["evaluate_grounding"] == {
+        "test_files": ["a.json"]
+    }
+    assert run("--test-file", "nope.json")[0] == 2

@@ -240,6 +240,7 @@ def grounding_data(tmp_path_factory):
             "vqa_test_images",
             "ve_images",
             "nlvr_pairs",
+            "shifted_test_images",
         ),
         0,
     )
@@ -397,3 +398,143 @@ def test_params_yaml_section_is_valid() -> None:
     params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
     cfg = build_dataclass(GroundingEvalConfig, params["evaluate_grounding"], "evaluate_grounding")
     assert cfg.area_power == 0.5 and cfg.iou_threshold == 0.5 and cfg.layer is None
+
+
+# ----------------------------------------------------------------------------- the pipeline stages
+
+
+def _write_params(path, params: dict):
+    import yaml
+
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_grounding_train_dataset_numbers_images_by_file_name(grounding_data) -> None:
+    """The official grounding_dataset(mode='train'): idx = the image file name, so every expression of one
+    image is an ITC positive of the others and never a hard negative."""
+    from albef.data.datasets import GroundingTrainDataset, image_source
+    from albef.data.transforms import eval_transform
+
+    root, _ = grounding_data
+    data = root / "processed"
+    ds = GroundingTrainDataset(data / "refcoco+_train.json", image_source(data), eval_transform(48))
+    names = [r["image"].rsplit("/", 1)[1] for r in ds.records]
+    assert len(ds) == len(names) > len(set(names))  # several expressions per image
+    idx = [ds[i][2] for i in range(len(ds))]
+    assert sorted(set(idx)) == list(range(len(set(names))))
+    assert all((names[i] == names[j]) == (idx[i] == idx[j]) for i in range(len(ds)) for j in range(len(ds)))
+    image, text, _ = ds[0]
+    assert tuple(image.shape) == (3, 48, 48) and text == ds.records[0]["text"].lower().rstrip(".")
+
+
+def test_finetune_then_evaluate_grounding_through_the_cli(
+    grounding_data, tmp_path, mlflow_sqlite, monkeypatch
+):
+    """albef finetune grounding: the retrieval model and losses from a pretraining export, on the RefCOCO+
+    train expressions; albef evaluate grounding: metrics file and report, one MLflow run per stage."""
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from albef.checkpoint import read_config
+    from albef.cli import main
+    from albef.tokenizer import ALBEFTokenizer
+    from albef.train.stages import export_model
+
+    root, _ = grounding_data
+    data = str(root / "processed")
+    torch.manual_seed(1)
+    pre = build_model("pretrain", ModelConfig.from_dict(TINY_MODEL, prefix="model"))
+    init = export_model(
+        pre, tmp_path / "pretrain", ALBEFTokenizer.from_pretrained(root / "processed" / "tokenizer"), None, {}
+    )
+    params = {
+        "model": TINY_MODEL,
+        "finetune_grounding": {
+            "data_dir": data,
+            "train_file": "refcoco+_train.json",
+            "init": str(init),
+            "out": str(tmp_path / "models" / "grounding"),
+            "run_dir": str(tmp_path / "runs" / "grounding"),
+            "metrics": str(tmp_path / "metrics" / "finetune_grounding.json"),
+            "plots": str(tmp_path / "plots" / "grounding"),
+            "batch_size": 4,
+            "epochs": 1,
+            "lr": 1e-3,
+            "warmup_stair": 2,
+            "num_workers": 0,
+            "log_every": 1,
+            "hflip": False,
+            "augment": False,
+            "max_tokens": 16,
+        },
+        "evaluate_grounding": {"data_dir": data, "num_workers": 0, "batch_size": 8, "examples": 1},
+        "mlflow": {"experiment": "grounding", "spool_dir": str(tmp_path / "spool")},
+    }
+    path = _write_params(tmp_path / "params.yaml", params)
+    assert main(["finetune", "grounding", "--params", str(path), "--quiet"]) == 0
+
+    out = tmp_path / "models" / "grounding"
+    assert read_config(out)[0] == "retrieval"  # grounding exports the retrieval model (Grounding.py)
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["task"] == "grounding" and summary["stage"] == "finetune_grounding"
+    n_train = len(json.loads((root / "processed" / "refcoco+_train.json").read_text()))
+    metrics = json.loads((tmp_path / "metrics" / "finetune_grounding.json").read_text())
+    assert metrics["steps"] == n_train // 4 and metrics["epochs"] == 1
+    steps = metrics["steps"]
+    assert math.isfinite(metrics["loss_itc"]) and math.isfinite(metrics["loss_itm"])
+    # the retrieval model's text encoder drops the pretraining model's "bert." level (the official remap)
+    before = {
+        k.replace("text_encoder.bert.", "text_encoder."): v
+        for k, v in load_file(init / "model.safetensors").items()
+    }
+    after = load_file(out / "model.safetensors")
+    moved = [k for k in after if k in before and not torch.equal(before[k], after[k])]
+    assert any(k.startswith("text_encoder") for k in moved) and any(k.startswith("visual") for k in moved)
+
+    monkeypatch.setenv("DVC_STAGE", "evaluate_grounding")  # as under dvc repro: names the MLflow run
+    report, metrics_file = tmp_path / "reports" / "grounding", tmp_path / "metrics" / "grounding.json"
+    argv = [
+        "evaluate",
+        "grounding",
+        "--model",
+        str(out),
+        "--out",
+        str(report),
+        "--metrics",
+        str(metrics_file),
+    ]
+    assert main([*argv, "--params", str(path), "--quiet"]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert {"val_d", "testA_d", "testB_d"} <= set(metrics) and metrics["model_task"] == "retrieval"
+    assert json.loads((report / "metrics.json").read_text()) == metrics
+    assert len(list((report / "examples").glob("*.png"))) == 1
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("grounding")
+    runs = {r.data.tags.get("albef.stage"): r for r in client.search_runs([exp.experiment_id])}
+    assert {"finetune_grounding", "evaluate_grounding"} <= set(runs)
+    run = runs["evaluate_grounding"]
+    assert run.info.status == "FINISHED" and run.data.tags["albef.task"] == "grounding"
+    assert run.data.metrics["val_d"] == pytest.approx(metrics["val_d"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {
+        "report/results.json",
+        "report/examples",
+    }
+    assert len(client.list_artifacts(run.info.run_id, "report/examples")) == 1
+    assert runs["finetune_grounding"].data.metrics["steps"] == steps
+
+    # --test-file: the section evaluates that one file instead of its test_files
+    only_val = tmp_path / "val.json"
+    argv = [
+        "evaluate",
+        "grounding",
+        "--model",
+        str(out),
+        "--out",
+        str(tmp_path / "r2"),
+        "--metrics",
+        str(only_val),
+    ]
+    assert main([*argv, "--test-file", "refcoco+_val.json", "--params", str(path), "--quiet"]) == 0
+    assert "val_d" in json.loads(only_val.read_text()) and "testA_d" not in json.loads(only_val.read_text())

@@ -58,6 +58,45 @@ def test_stages_follow_dvc_yaml_order_whatever_the_order_asked(project: Path):
     ]
 
 
+def test_grounding_and_shifted_retrieval_stages_are_declared_with_valid_sections():
+    """dvc.yaml declares weakly supervised grounding (finetune + evaluate) and the cross-dataset zero-shot
+    retrieval evaluation; each names a params.yaml section the flows validate, and reads files preprocess
+    validates with the right schema."""
+    from albef.config import read_params
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    params = read_params(REPO / "params.yaml")
+    declared = list(spec)
+    expected = {
+        "finetune_grounding": ("finetune_grounding", "finetune"),
+        "evaluate_grounding": ("evaluate_grounding", "evaluate"),
+        "evaluate_zeroshot_shifted": ("evaluate", "evaluate"),
+    }
+    for stage, (section, flow) in expected.items():
+        assert spec[stage]["params"] == [section] and isinstance(params[section], dict), stage
+        assert flow_of(stage, declared) == flow, stage
+        assert declared.index(stage) > declared.index("pretrain"), stage
+    assert declared.index("finetune_grounding") < declared.index("evaluate_grounding")
+    assert "models/grounding" in spec["evaluate_grounding"]["deps"]
+    assert spec["evaluate_grounding"]["outs"] == ["reports/grounding"]  # metrics, results, heat-map PNGs
+    assert [next(iter(m)) for m in spec["evaluate_grounding"]["metrics"]] == ["metrics/grounding.json"]
+    files = params["preprocess"]["files"]
+    assert files[params["finetune_grounding"]["train_file"]] == "grounding_train"
+    assert params["finetune_grounding"]["init"] == "models/pretrain"
+    cmd = spec["evaluate_zeroshot_shifted"]["cmd"].split()
+    assert cmd[cmd.index("--model") + 1] == "models/retrieval"
+    assert files[cmd[cmd.index("--test-file") + 1]] == "retrieval_eval"
+    # the flows check overrides of both new sections with the loaders the stages use
+    merge_overrides(params, {"finetune_grounding.max_steps": 5, "evaluate_grounding.iou_threshold": 0.7})
+    for key, value in (
+        ("finetune_grounding.nope", 1),
+        ("finetune_grounding.epochs", 0),
+        ("evaluate_grounding.iou_threshold", 2),
+    ):
+        with pytest.raises(PlanError, match=key.split(".")[1]):
+            merge_overrides(params, {key: value})
+
+
 def test_a_stage_no_flow_names_runs_with_the_flow_it_prepares(tmp_path: Path):
     spec = {"stages": {name: {"cmd": "true"} for name in ("synth", "warm_start", "pretrain", "export_onnx")}}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

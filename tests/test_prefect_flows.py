@@ -46,6 +46,7 @@ TINY_SYNTH = {
     "ve_images": 8,
     "nlvr_pairs": 8,
     "grounding_images": 14,
+    "shifted_test_images": 4,
     "image_size": 64,
 }
 TINY_TRAIN = {

@@ -32,6 +32,7 @@ SMALL = {
     "ve_images": 20,
     "nlvr_pairs": 20,
     "grounding_images": 20,
+    "shifted_test_images": 12,
 }
 ANNOTATION_FILES = {  # file -> split of its images
     "pretrain.json": "pretrain",
@@ -49,6 +50,7 @@ ANNOTATION_FILES = {  # file -> split of its images
     "refcoco+_train.json": "grounding_train",
     "refcoco+_val.json": "grounding_val",
     "refcoco+_test.json": "grounding_test",
+    "shifted_test.json": "shifted_test",
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -663,7 +665,9 @@ def _labelled_texts(out: Path, name: str, split: str) -> list[tuple[str, str, bo
     return [(" ".join(r["images"]), r["sentence"], r["label"] == "True") for r in records]
 
 
-@pytest.mark.parametrize("name", [n for n in ANNOTATION_FILES if not n.startswith("refcoco")])
+@pytest.mark.parametrize(  # the shifted test set has no twins (a plain test set of another distribution)
+    "name", [n for n in ANNOTATION_FILES if not n.startswith(("refcoco", "shifted"))]
+)
 def test_near_miss_texts_in_every_split(out: Path, scenes: dict, name: str) -> None:
     split = ANNOTATION_FILES[name]
     items = _labelled_texts(out, name, split)
@@ -689,7 +693,7 @@ def test_near_miss_texts_in_every_split(out: Path, scenes: dict, name: str) -> N
 
 
 def test_twin_images_in_every_split(scenes: dict) -> None:
-    for split in synth.SPLITS:
+    for split in (s for s in synth.SPLITS if s not in synth.SHIFTED_SPLITS):  # a plain test set: no twins
         twins = [
             (a, s["twin"])
             for a, s in scenes.items()
@@ -835,3 +839,60 @@ def test_config_is_validated() -> None:
         SynthConfig(pretrain_images=-1)
     with pytest.raises(TypeError, match="image_size"):
         SynthConfig(image_size=96.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shifted retrieval test set (cross-dataset zero-shot transfer)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_shifted_test_set_is_a_valid_retrieval_split_of_another_distribution(out: Path, scenes: dict) -> None:
+    from albef.data.formats import record_problem
+
+    records = load(out, "shifted_test.json")
+    assert len(records) == SMALL["shifted_test_images"]
+    assert all(record_problem(r, "retrieval_eval") is None for r in records)
+    assert all(len(r["caption"]) == 5 and r["image"].startswith("images/shifted_test/") for r in records)
+    shifted = load(out, "scenes_shifted.json")
+    assert set(shifted) == {r["image"] for r in records}
+    # no other file (training or not) uses its images, and they are no other split's images re-encoded
+    others = {img for split, imgs in _referenced(out).items() if split != "shifted_test" for img in imgs}
+    assert not others & set(shifted) and not set(scenes) & set(shifted)
+    # busier scenes than in-domain ...
+    mean = lambda ss: sum(len(s["objects"]) for s in ss) / len(ss)  # noqa: E731
+    assert mean(list(shifted.values())) > mean(list(scenes.values())) + 0.5
+    # ... and a lower-contrast camera, yet every object keeps the colour its captions name
+    palette = {name: np.array(rgb, dtype=np.float32) for name, rgb in synth.COLORS.items()}
+    spread = {"in": [], "shifted": []}
+    for table, key in ((scenes, "in"), (shifted, "shifted")):
+        for rel, scene in table.items():
+            arr = np.asarray(Image.open(out / rel).convert("RGB"), dtype=np.float32)
+            spread[key].append(float(arr.std()))
+            if key == "shifted":
+                for o in scene["objects"]:
+                    px = arr[int(o["y"]), int(o["x"])]
+                    assert min(palette, key=lambda c: float(np.sum((palette[c] - px) ** 2))) == o["color"]
+    assert np.mean(spread["shifted"]) < 0.85 * np.mean(spread["in"])
+    # captions are true of the shifted scenes (the same independent reading as in-domain)
+    n = 0
+    for r in records:
+        objects = shifted[r["image"]]["objects"]
+        for caption in r["caption"]:
+            for m in COUNTED.finditer(caption):
+                assert count(objects, desc(m, "a")) == NUMBER_OF[m["num"]], (r["image"], caption)
+                n += 1
+    assert n > 0
+    card = load(out, "data_card.json")
+    assert card["images_per_split"]["shifted_test"] == len(records)
+    assert sum(card["shifted"]["objects_per_image"].values()) == len(records)
+
+
+def test_adding_the_shifted_split_leaves_every_other_file_unchanged(out: Path, tmp_path: Path) -> None:
+    """The rest of the pipeline's data (and its DVC digests) do not move when the shifted set is added."""
+    generate(SynthConfig(seed=0, workers=2, **{**SMALL, "shifted_test_images": 0}), tmp_path / "none", False)
+    with_shift, without = _files(out), _files(tmp_path / "none")
+    shifted = {"shifted_test.json", "scenes_shifted.json"}  # written empty when the split has no image
+    changed = sorted(n for n in without if with_shift.get(n) != without[n] and n not in shifted)
+    assert changed == ["data_card.json", "data_card.md"]  # it counts the new split
+    added = {n for n in with_shift if n not in without}
+    assert added and all(n.startswith("images/shifted_test/") for n in added)

@@ -69,12 +69,18 @@ class RetrievalTrainDataset(Dataset):
     """(image, caption, idx): ``idx`` numbers the ``image_id`` values in order of first appearance, so every
     caption of one image shares an id (the ITC positives and the hard-negative mask use it)."""
 
+    schema, text_key = "retrieval_train", "caption"
+
     def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 30):
-        self.records = load_annotations(ann_file, "retrieval_train")
+        self.records = load_annotations(ann_file, self.schema)
         self.images, self.transform, self.max_words = images, transform, max_words
         self.img_ids: dict[object, int] = {}
         for record in self.records:
-            self.img_ids.setdefault(record["image_id"], len(self.img_ids))
+            self.img_ids.setdefault(self.image_key(record), len(self.img_ids))
+
+    @staticmethod
+    def image_key(record: dict) -> object:
+        return record["image_id"]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -82,7 +88,19 @@ class RetrievalTrainDataset(Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         image = self.transform(self.images.open(record["image"]))
-        return image, pre_caption(record["caption"], self.max_words), self.img_ids[record["image_id"]]
+        return image, pre_caption(record[self.text_key], self.max_words), self.img_ids[self.image_key(record)]
+
+
+class GroundingTrainDataset(RetrievalTrainDataset):
+    """Weakly supervised grounding finetuning (the official ``grounding_dataset(mode='train')``): (image,
+    referring expression, idx) with no box; ``idx`` numbers the image file names, so every expression of one
+    image is a positive of the others (RefCOCO+ train records carry no image id)."""
+
+    schema, text_key = "grounding_train", "text"
+
+    @staticmethod
+    def image_key(record: dict) -> object:
+        return Path(record["image"]).name
 
 
 class RetrievalEvalDataset(Dataset):

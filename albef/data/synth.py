@@ -22,6 +22,13 @@ every split.
 Determinism: every image draws from ``numpy.random.default_rng([seed, split_code, index, stream])``, so any
 split of the work across processes gives the same bytes; JSON is written with sorted keys and fixed
 separators. ``workers`` does not change any output byte.
+
+Cross-dataset transfer (the paper's COCO-finetuned model evaluated zero-shot on Flickr30K): the split
+``shifted_test`` (``shifted_test.json``, the official retrieval_eval format) is drawn from another
+distribution than every other split, which no training stage reads: busier scenes (``SHIFT_N_OBJECTS_P``)
+photographed by another "camera" (lower contrast and a slight blur, ``SHIFT_CONTRAST``, ``SHIFT_BLUR``), with
+captions from the same grammar. Its scenes go to ``scenes_shifted.json``; adding it leaves every other file
+of the benchmark byte for byte as before except the data card, which counts it.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from albef.data.text import pre_caption
@@ -161,7 +168,14 @@ SPLITS: tuple[str, ...] = (  # the position of a split is its code in the per-im
     "grounding_train",
     "grounding_val",
     "grounding_test",
+    "shifted_test",  # the out-of-distribution retrieval test set (zero-shot transfer)
 )
+SHIFTED_SPLITS: tuple[str, ...] = ("shifted_test",)
+
+# The shifted split's distribution: more objects per scene and another "camera".
+SHIFT_N_OBJECTS_P = (0.0, 0.1, 0.4, 0.5)  # probability of 1, 2, 3, 4 objects (in-domain: N_OBJECTS_P)
+SHIFT_CONTRAST = (0.6, 0.8)  # contrast factor range (1: unchanged); colours stay nearest their names
+SHIFT_BLUR = (0.4, 0.8)  # Gaussian blur radius range, pixels
 
 VE_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 VQA_TYPES: tuple[str, ...] = ("color", "shape", "count", "existence", "relation")
@@ -359,6 +373,7 @@ def make_scene(
     image_size: int = 96,
     n_objects: int | None = None,
     include: Sequence[tuple[str, str, str]] = (),
+    n_objects_p: Sequence[float] = N_OBJECTS_P,
 ) -> Scene:
     """Sample a scene of 1-4 non-overlapping objects.
 
@@ -367,8 +382,9 @@ def make_scene(
         image_size: side of the square image in pixels.
         n_objects: number of objects (sampled from ``N_OBJECTS_P`` when None).
         include: ``(shape, color, size)`` specs that must appear (used to correlate NLVR2 pairs).
+        n_objects_p: probabilities of 1, 2, ... objects (the shifted split's differ).
     """
-    n = int(rng.choice(len(N_OBJECTS_P), p=N_OBJECTS_P)) + 1 if n_objects is None else n_objects
+    n = int(rng.choice(len(n_objects_p), p=n_objects_p)) + 1 if n_objects is None else n_objects
     n = max(n, len(include))
     for attempt in range(100):
         k = max(n - attempt // 10, 1)  # after repeated failures, fewer objects (``include`` is a hint)
@@ -484,6 +500,12 @@ def render(scene: Scene) -> Image.Image:
     small = np.asarray(canvas.reduce(2), dtype=np.int16)
     noise = rng.integers(-4, 5, size=small.shape, dtype=np.int16)  # uniform: much cheaper than normal
     return Image.fromarray(np.clip(small + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def render_shifted(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """The shifted split's "camera": :func:`render`, then lower contrast and a slight blur."""
+    image = ImageEnhance.Contrast(render(scene)).enhance(float(rng.uniform(*SHIFT_CONTRAST)))
+    return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(*SHIFT_BLUR))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1130,6 +1152,7 @@ class SynthConfig:
     ve_images: int = 600  # 3 hypotheses each (one per label)
     nlvr_pairs: int = 600  # 2 images and 2 statements (one true, one false) per pair
     grounding_images: int = 600
+    shifted_test_images: int = 150  # 5 captions each; another distribution (zero-shot transfer)
     twin_period: int = 4  # one image pair in every `twin_period` is an attribute-swapped twin pair
     workers: int = 2  # processes; does not change any output byte
 
@@ -1159,6 +1182,7 @@ class SynthConfig:
             "retrieval_test": self.retrieval_test_images,
             "vqa_train": self.vqa_train_images,
             "vqa_test": self.vqa_test_images,
+            "shifted_test": self.shifted_test_images,
         }
         for task, n, names in (
             ("ve", self.ve_images, ("train", "dev", "test")),
@@ -1210,6 +1234,8 @@ def _build_item(c: _Chunk, index: int) -> dict[str, Any]:
 
     if task == "nlvr":
         return _build_nlvr(c, index, rng)
+    if c.split in SHIFTED_SPLITS:
+        return _build_shifted(c, index, rng)
     pair = index // 2
     twin = pair % c.twin_period == 0 and 2 * pair + 1 < c.n
     near: tuple[Rel, Rel] | None = None
@@ -1255,6 +1281,19 @@ def _build_item(c: _Chunk, index: int) -> dict[str, Any]:
     else:  # pragma: no cover - SPLITS and the tasks above are kept in sync
         raise ValueError(f"no builder for split {c.split!r}")
     return item
+
+
+def _build_shifted(c: _Chunk, index: int, rng: Callable[..., np.random.Generator]) -> dict[str, Any]:
+    """A retrieval test image of the shifted distribution with 5 captions (no twins: a plain test set)."""
+    scene = make_scene(rng(index, 0), c.image_size, n_objects_p=SHIFT_N_OBJECTS_P)
+    rel = image_name(c.split, index)
+    _save(render_shifted(scene, rng(index, 6)), c.out_dir, rel)
+    return {
+        "image": rel,
+        "scene": scene.to_dict(),
+        "twin": None,
+        "captions": captions(scene, rng(index, 2), 5),
+    }
 
 
 def _build_nlvr(c: _Chunk, index: int, rng: Callable[..., np.random.Generator]) -> dict[str, Any]:
@@ -1308,8 +1347,9 @@ def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
 @dataclass
 class _Outputs:
     files: dict[str, Any] = field(default_factory=dict)  # annotation file name -> JSON object
-    texts: list[str] = field(default_factory=list)  # every text, for the vocabulary
+    texts: list[str] = field(default_factory=list)  # every in-domain text, for the vocabulary
     scenes: dict[str, Any] = field(default_factory=dict)
+    shifted_scenes: dict[str, Any] = field(default_factory=dict)  # scenes_shifted.json
     labels: dict[str, Counter[str]] = field(default_factory=dict)
     twins: Counter[str] = field(default_factory=Counter)
 
@@ -1322,7 +1362,9 @@ def _assemble(cfg: SynthConfig, items: dict[str, list[dict[str, Any]]]) -> _Outp
     out.labels = labels
     for split, its in items.items():
         for it in its:
-            if "scene" in it:
+            if split in SHIFTED_SPLITS:
+                out.shifted_scenes[it["image"]] = {**it["scene"], "twin": None}
+            elif "scene" in it:
                 out.scenes[it["image"]] = {**it["scene"], "twin": it["twin"]}
                 out.twins[split] += it["twin"] is not None
             else:
@@ -1341,6 +1383,10 @@ def _assemble(cfg: SynthConfig, items: dict[str, list[dict[str, Any]]]) -> _Outp
         for c in it["captions"]
     ]
     for split in ("retrieval_val", "retrieval_test"):
+        out.files[f"{split}.json"] = [
+            {"image": it["image"], "caption": it["captions"]} for it in items[split]
+        ]
+    for split in SHIFTED_SPLITS:  # kept out of texts and scenes: the in-domain card stays as it was
         out.files[f"{split}.json"] = [
             {"image": it["image"], "caption": it["captions"]} for it in items[split]
         ]
@@ -1475,7 +1521,7 @@ def _card(cfg: SynthConfig, out: _Outputs, counts: dict[str, int]) -> dict[str, 
         "seed": cfg.seed,
         "image_size": cfg.image_size,
         "config": config,
-        "images_total": len(out.scenes),
+        "images_total": len(out.scenes) + len(out.shifted_scenes),
         "images_per_split": counts,
         "twin_pairs_per_split": {s: out.twins.get(s, 0) for s in SPLITS},
         # lists: records; dicts: keys; instances.json: annotations (one per object)
@@ -1494,11 +1540,26 @@ def _card(cfg: SynthConfig, out: _Outputs, counts: dict[str, int]) -> dict[str, 
             "backgrounds": dict(sorted(Counter(s["background"] for s in out.scenes.values()).items())),
         },
         "vocabulary": {"size": len(vocab), "words": dict(sorted(vocab.items()))},
+        "shifted": _shifted_card(out.shifted_scenes),
         "semantics": (
             "relations compare object centres (left: x smaller; above: y smaller, image y grows downwards); every "
             f"pair of objects differs by >= {CRISP} x image size on both axes; indefinite statements are "
             "existential, definite ones ('the red circle') name exactly one object, counts are exact"
         ),
+    }
+
+
+def _shifted_card(scenes: dict[str, Any]) -> dict[str, Any]:
+    """What differs in the shifted split (its objects and texts are not in the in-domain counts)."""
+    return {
+        "splits": list(SHIFTED_SPLITS),
+        "objects_per_image": {
+            str(k): v for k, v in sorted(Counter(len(s["objects"]) for s in scenes.values()).items())
+        },
+        "object_count_p": list(SHIFT_N_OBJECTS_P),
+        "contrast": list(SHIFT_CONTRAST),
+        "blur_radius": list(SHIFT_BLUR),
+        "note": "read by no training stage; captions from the same grammar; scenes in scenes_shifted.json",
     }
 
 
@@ -1533,6 +1594,15 @@ def _card_markdown(card: dict[str, Any]) -> str:
         total = sum(counts.values()) or 1
         lines += ["", f"## Labels: {name}", "", "| label | count | share |", "|---|---:|---:|"]
         lines += [f"| {k} | {v} | {v / total:.1%} |" for k, v in counts.items()]
+    shifted = card["shifted"]
+    lines += [
+        "",
+        "## Shifted split (zero-shot transfer)",
+        "",
+        f"{', '.join(shifted['splits'])}: objects per image {shifted['objects_per_image']} (probabilities "
+        f"{shifted['object_count_p']} of 1-4), contrast x{shifted['contrast']}, blur radius "
+        f"{shifted['blur_radius']} px; {shifted['note']}.",
+    ]
     lines += ["", "## Objects", ""]
     for name, counts in card["objects"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -1625,6 +1695,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = True) -> di
         else:
             _write_json(out / name, obj)
     _write_json(out / "scenes.json", outputs.scenes)
+    _write_json(out / "scenes_shifted.json", outputs.shifted_scenes)
     counts = {s: n * (2 if s.startswith("nlvr") else 1) for s, n in sizes.items()}
     card = _card(cfg, outputs, counts)
     _write_json(out / "data_card.json", card, indent=2)

@@ -130,7 +130,8 @@ def _section_validator(name: str) -> Callable[[dict[str, Any]], Any] | None:
         from albef.train.unimodal import UnimodalConfig
 
         return lambda p: build_dataclass(UnimodalConfig, p["unimodal"], "unimodal")
-    if name in ("pretrain", "finetune_retrieval"):  # read as they are by albef.train.stages
+    # read as they are by albef.train.stages (grounding finetuning is retrieval training on other data)
+    if name in ("pretrain", "finetune_retrieval", "finetune_grounding"):
         from albef.train.stages import split_train_section
 
         return lambda p: split_train_section(p[name], name)
@@ -138,6 +139,10 @@ def _section_validator(name: str) -> Callable[[dict[str, Any]], Any] | None:
         from albef.train.stages import EvaluateConfig
 
         return lambda p: build_dataclass(EvaluateConfig, p["evaluate"], "evaluate")
+    if name == "evaluate_grounding":
+        from albef.eval.grounding import GroundingEvalConfig
+
+        return lambda p: build_dataclass(GroundingEvalConfig, p[name], name)
     if name == "mlflow" or name == "register" or name.startswith("register_"):
         try:  # the tracking sections' loaders (albef.tracking) where that package is present
             from albef.tracking import config as tracking

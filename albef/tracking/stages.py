@@ -79,6 +79,22 @@ def _training_summary(out: str | None) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def evaluate_section(task: str) -> str:
+    """The params.yaml section of ``evaluate <task>`` (retrieval keeps the historical name ``evaluate``)."""
+    return "evaluate" if task == "retrieval" else f"evaluate_{task}"
+
+
+def with_test_file(params: dict[str, Any], task: str, test_file: str) -> dict[str, Any]:
+    """``params`` with ``evaluate <task>`` pointed at another test file of its data_dir (``--test-file``):
+    one section serves several DVC stages, e.g. retrieval on the in-domain and on the shifted test set."""
+    name = evaluate_section(task)
+    values = dict(section(params, name))
+    # grounding evaluates a list of files (val and test); --test-file makes it that one file
+    key = "test_files" if task == "grounding" else "test_file"
+    values[key] = [test_file] if key == "test_files" else test_file
+    return {**params, name: values}
+
+
 def tracked_evaluate(
     params: dict[str, Any],
     model_dir: str | Path,
@@ -88,10 +104,10 @@ def tracked_evaluate(
     task: str = "retrieval",
 ) -> dict[str, Any]:
     """``evaluate <task>`` with its MLflow run: metrics and the report's files (rankings, example images,
-    answers)."""
+    answers, grounding heat maps)."""
     # Under DVC the stage name tells zero-shot from finetuned evaluation; elsewhere the output folder does.
     name = os.environ.get("DVC_STAGE") or f"evaluate_{Path(out_dir).name}"
-    settings_name = "evaluate" if task == "retrieval" else f"evaluate_{task}"
+    settings_name = evaluate_section(task)
     evaluate = section(params, settings_name)
     tags = {
         **_provenance_tags([evaluate.get("data_dir", "data/processed"), str(model_dir)]),
@@ -118,14 +134,20 @@ def tracked_evaluate(
                 params, task, model_dir, out_dir, metrics_path, progress=progress, name=settings_name
             )
             files = ("predictions.json",)
+        elif task == "grounding":
+            from albef.eval.grounding import evaluate_grounding_stage
+
+            metrics = evaluate_grounding_stage(params, model_dir, out_dir, metrics_path, progress=progress)
+            files = ("results.json", "examples")
         else:
             raise ValueError(f"no evaluation for task {task!r}")
         if run is not None:
             run.log_metrics(metrics)
             run.log_dict(metrics, "metrics.json")
             for file in files:
-                if (Path(out_dir) / file).is_file():
-                    run.log_artifact(Path(out_dir) / file, "report")
+                path = Path(out_dir) / file
+                # a folder's files go under report/<folder>, as in the report
+                run.log_artifact(path, f"report/{file}" if path.is_dir() else "report")
     return metrics
 
 

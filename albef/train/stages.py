@@ -2,6 +2,8 @@
 
 ``pretrain``            ITC + ITM + MLM with momentum distillation (``params.pretrain``)
 ``finetune retrieval``  ITC + ITM with same-image positives from a pretrained model (``params.finetune_retrieval``)
+``finetune grounding``  the same retrieval model and losses on RefCOCO+ train expressions paired with their whole
+                        image, no boxes: weakly supervised grounding (``params.finetune_grounding``)
 ``evaluate retrieval``  the official retrieval protocol on a test split (``params.evaluate``)
 
 The CLI, ``dvc.yaml`` and Prefect call these. Each works the same in one process and under ``torchrun`` or
@@ -144,7 +146,13 @@ _TASKS = {
     # task: (dataset class name, transform, forward, uses image ids)
     "pretrain": ("PretrainDataset", "pretrain", pretrain_forward, False),
     "retrieval": ("RetrievalTrainDataset", "train", retrieval_forward, True),
+    # the official Grounding.py: the retrieval model and training on (image, expression) pairs
+    "grounding": ("GroundingTrainDataset", "grounding_train", retrieval_forward, True),
 }
+#: the model a training task builds and exports (grounding finetunes and exports a retrieval model)
+MODEL_TASK = {"grounding": "retrieval"}
+#: transforms that crop at random (crop_scale applies); the grounding one resizes the whole image
+_CROPPING = ("pretrain", "train")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -323,15 +331,14 @@ def train_stage(
     world, device = init_distributed()
     try:
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
-        model, init_info = _initial_model(stage, task, params)
+        model, init_info = _initial_model(stage, MODEL_TASK.get(task, task), params)
         model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
         tokenizer = _tokenizer(tokenizer_dir, model.cfg)
         images = ds.image_source(stage.data_dir)
         size = model.cfg.vision.image_size
-        transform = build_transform(
-            transform_name, size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
-        )
+        crop = {"scale": stage.crop_scale} if transform_name in _CROPPING else {}
+        transform = build_transform(transform_name, size, hflip=stage.hflip, augment=stage.augment, **crop)
         train_file = Path(stage.data_dir) / stage.train_file
         dataset = getattr(ds, dataset_cls)(train_file, images, transform)
         if len(dataset) < train.batch_size * world.world_size:
@@ -438,8 +445,8 @@ def pretrain_stage(params: dict[str, Any], progress: bool = True, on_log=None) -
 
 
 def finetune_stage(params: dict[str, Any], task: str, progress: bool = True, on_log=None) -> dict[str, Any]:
-    if task not in ("retrieval",):
-        raise ConfigError(f"unknown finetuning task {task!r}; available: retrieval")
+    if task not in ("retrieval", "grounding"):
+        raise ConfigError(f"unknown finetuning task {task!r}; available: retrieval, grounding")
     return train_stage(params, f"finetune_{task}", task, progress, on_log)
 
 
