@@ -11,7 +11,7 @@ from pathlib import Path
 # albef.checkpoint.TASKS, listed here so the CLI starts without importing torch
 MODEL_TASKS = ["pretrain", "retrieval", "vqa", "ve", "nlvr", "nlvr_ta"]
 # albef.tracking.config.REGISTER_SECTIONS: the tasks with a registered model
-REGISTER_TASKS = ["retrieval", "vqa", "ve", "nlvr"]
+REGISTER_TASKS = ["retrieval", "vqa", "ve", "nlvr", "grounding"]
 
 
 def _convert_official(args: argparse.Namespace) -> int:

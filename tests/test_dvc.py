@@ -211,13 +211,19 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
             "register_vqa",
             "register_ve",
             "register_nlvr",
+            "register_grounding",
             "evaluate_zeroshot_shifted",
             "finetune_grounding",
             "evaluate_grounding",
         ]
     )
     assert first["aliases"] == {"champion": "1", "challenger": "1"}
-    for task in ("vqa", "ve", "nlvr"):  # every downstream task's model is registered, gated on accuracy
+    for task in (
+        "vqa",
+        "ve",
+        "nlvr",
+        "grounding",
+    ):  # every downstream task's model is registered, gated on accuracy
         outcome = json.loads((project / "metrics" / f"register_{task}.json").read_text())
         assert outcome["model_name"] == f"albef-{task}" and outcome["gate_metric"] == "accuracy", outcome
         assert outcome["version"] == 1 and outcome["promoted"], outcome

@@ -143,11 +143,12 @@ def test_register_config_per_task_and_its_errors():
     from albef.config import read_params
     from albef.orchestration.pipeline import PlanError, merge_overrides, select_stages
     from albef.tracking.config import REGISTER_SECTIONS, register_config
+    from albef.tracking.registry import DESCRIPTIONS
 
-    assert list(REGISTER_SECTIONS) == REGISTER_TASKS
+    assert list(REGISTER_SECTIONS) == REGISTER_TASKS and set(DESCRIPTIONS) == set(REGISTER_SECTIONS)
     repo = Path(__file__).resolve().parents[1]
     params = read_params(repo / "params.yaml")
-    for task in ("vqa", "ve", "nlvr"):
+    for task in ("vqa", "ve", "nlvr", "grounding"):
         cfg = register_config(params, task)
         assert (cfg.model_name, cfg.model_dir, cfg.metrics) == (
             f"albef-{task}",
@@ -162,10 +163,16 @@ def test_register_config_per_task_and_its_errors():
         register_config({"register_nlvr": {"gate": {"direction": "up"}}}, "nlvr")
     with pytest.raises(ConfigError, match=r"register_vqa\.task: this section registers vqa"):
         register_config({"register_vqa": {"task": "ve"}}, "vqa")
-    with pytest.raises(ConfigError, match="no registration for task 'grounding'"):
-        register_config({}, "grounding")
+    with pytest.raises(ConfigError, match="no registration for task 'nlvr_ta'"):
+        register_config({}, "nlvr_ta")
     # the register flow runs every register stage; overrides of the new sections are validated
-    assert select_stages(repo, ["register"]) == ["register", "register_vqa", "register_ve", "register_nlvr"]
+    assert select_stages(repo, ["register"]) == [
+        "register",
+        "register_vqa",
+        "register_ve",
+        "register_grounding",
+        "register_nlvr",
+    ]
     with pytest.raises(PlanError, match=r"register_ve\.model_name"):
         merge_overrides(params, {"register_ve.model_name": "albef/ve"})
 

@@ -159,7 +159,7 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
     ``evaluate_vqa``, ``evaluate_<task>``), so the registered model answers as it was evaluated."""
     from albef.data.stages import build_dataclass
 
-    if task == "retrieval":
+    if task in ("retrieval", "grounding"):  # the grounding model is a retrieval model: its pyfunc ranks pairs
         return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}
     if task == "vqa":
         from albef.train.vqa import VQAEvalConfig
@@ -176,7 +176,7 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
 def log_task_model(task: str, model_dir: str | Path, name: str = "model", **settings: Any):
     """Log the exported ``task`` model in ``model_dir`` as its pyfunc (retrieval: :class:`RetrievalModel`) with
     ``settings`` as its model config. Returns MLflow's ``ModelInfo``."""
-    if task == "retrieval":
+    if task in ("retrieval", "grounding"):
         return log_retrieval_model(model_dir, name=name, **settings)
     from albef.train.vqa import ANSWER_LIST_FILE
 

@@ -28,6 +28,7 @@ REGISTER_SECTIONS = {
     "vqa": "register_vqa",
     "ve": "register_ve",
     "nlvr": "register_nlvr",
+    "grounding": "register_grounding",  # a retrieval model finetuned for Grad-CAM grounding
 }
 # What each task's finetune and evaluate stages write, and the headline metric of its evaluation (the key
 # albef.eval.vqa.score_predictions / albef.eval.classify.accuracy_metrics put in metrics/<task>.json).
@@ -40,7 +41,7 @@ _REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
             "metrics": f"metrics/{task}.json",
             "gate": {"metric": "accuracy"},
         }
-        for task in ("vqa", "ve", "nlvr")
+        for task in ("vqa", "ve", "nlvr", "grounding")  # albef.eval.grounding writes "accuracy" too
     },
 }
 

@@ -31,6 +31,7 @@ DESCRIPTIONS = {
     "vqa": "visual question answering",
     "ve": "visual entailment (SNLI-VE)",
     "nlvr": "visual reasoning on image pairs (NLVR2)",
+    "grounding": "weakly supervised grounding (Grad-CAM over a retrieval model)",
 }
 
 
