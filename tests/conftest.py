@@ -309,6 +309,22 @@ def tiny_retrieval_model(tiny_data, tmp_path_factory):
     return export_model(model, out, tokenizer, None, {"stage": "test"})
 
 
+# The synthetic benchmark at the smallest sizes every stage of the whole pipeline still runs on.
+TINY_SYNTH = {
+    "pretrain_images": 16,
+    "retrieval_train_images": 8,
+    "retrieval_val_images": 4,
+    "retrieval_test_images": 4,
+    "vqa_train_images": 4,
+    "vqa_test_images": 4,
+    "ve_images": 8,
+    "nlvr_pairs": 8,
+    "grounding_images": 14,
+    "shifted_test_images": 4,
+    "image_size": 64,
+}
+
+
 def shrink_pipeline(params: dict, train: dict) -> dict:
     """The project's params.yaml shrunk so every dvc.yaml stage runs in seconds on tiny synthetic data:
     ``train`` (batch size, epochs, ...) goes into every training section; evaluation sections get tiny k."""

@@ -13,21 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_SYNTH
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_SYNTH = {
-    "pretrain_images": 16,
-    "retrieval_train_images": 8,
-    "retrieval_val_images": 4,
-    "retrieval_test_images": 4,
-    "vqa_train_images": 4,
-    "vqa_test_images": 4,
-    "ve_images": 8,
-    "nlvr_pairs": 8,
-    "grounding_images": 14,
-    "shifted_test_images": 4,
-    "image_size": 64,
-}
 
 
 def _env() -> dict[str, str]:

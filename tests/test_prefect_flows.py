@@ -31,24 +31,12 @@ from uuid import UUID
 import psutil
 import pytest
 import yaml
+from conftest import TINY_SYNTH
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY_SYNTH = {
-    "pretrain_images": 16,
-    "retrieval_train_images": 8,
-    "retrieval_val_images": 4,
-    "retrieval_test_images": 4,
-    "vqa_train_images": 4,
-    "vqa_test_images": 4,
-    "ve_images": 8,
-    "nlvr_pairs": 8,
-    "grounding_images": 14,
-    "shifted_test_images": 4,
-    "image_size": 64,
-}
 TINY_TRAIN = {
     "batch_size": 4,
     "epochs": 2,
