@@ -1,7 +1,7 @@
 """What ALBEF pretraining buys each downstream task: every task finetuned and evaluated twice with the
 pipeline's own settings, once from the pretrained model (``models/pretrain``, as ``dvc repro`` does) and once
-from the same encoders without vision-language pretraining (the unimodal warm start only: ``init: null`` with
-``init_bert`` / ``init_deit``), next to each metric's chance level.
+from the same encoders without vision-language pretraining (the unimodal warm start only: ``pretrain.init_bert`` /
+``init_deit`` packed as a pretraining export, :func:`unimodal_export`), next to each metric's chance level.
 
 Run it in a project where ``dvc repro`` has produced ``models/pretrain`` and ``models/unimodal``:
 
@@ -50,6 +50,22 @@ def _redirect(section: dict[str, Any], root: Path, name: str) -> dict[str, Any]:
     return out
 
 
+def unimodal_export(params: dict[str, Any], root: Path) -> Path:
+    """An albef pretraining folder holding the very encoders ALBEF pretraining starts from (``pretrain.init_bert``
+    / ``init_deit``) and nothing learnt from image-text pairs: every task loads it with its own key remapping
+    (NLVR2's duplicated fusion layers, the VQA decoder), exactly as it loads ``models/pretrain``."""
+    from albef.checkpoint import build_model, save_pretrained
+    from albef.config import ModelConfig
+    from albef.pretrained import init_from_pretrained
+
+    out = root / "models" / "unimodal_init"
+    if not (out / "config.json").exists():
+        model = build_model("pretrain", ModelConfig.from_dict(params["model"], prefix="model"))
+        init_from_pretrained(model, params["pretrain"]["init_bert"], params["pretrain"]["init_deit"])
+        save_pretrained(model, out, task="pretrain")
+    return out
+
+
 def run_side(params: dict[str, Any], task: str, pretrained: bool, root: Path) -> dict[str, Any]:
     """Finetune and evaluate ``task`` from the pretrained model or from the unimodal encoders only."""
     finetune = LAYOUT[task][0]
@@ -63,8 +79,7 @@ def run_side(params: dict[str, Any], task: str, pretrained: bool, root: Path) ->
         tracked_train(p, "pretrain_nlvr", "nlvr_ta", progress=True)
         section["init"] = p["pretrain_nlvr"]["out"]
     elif not pretrained:
-        # the very encoders ALBEF pretraining itself started from
-        section.update(init=None, init_bert=p["pretrain"]["init_bert"], init_deit=p["pretrain"]["init_deit"])
+        section.update(init=str(unimodal_export(p, root)))
     p[finetune] = section
     start = time.perf_counter()
     tracked_train(p, finetune, task, progress=True)
@@ -107,7 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     params = read_params(args.params)
     root = Path(args.out)
-    results: dict[str, Any] = {}
+    saved = root / "gain.json"  # tasks measured before (a run for a subset adds to them)
+    results: dict[str, Any] = json.loads(saved.read_text()) if saved.exists() else {}
     for task in args.tasks:
         pipeline_metrics = Path(LAYOUT[task][1])
         if args.reuse_pipeline and pipeline_metrics.exists():
@@ -128,7 +144,7 @@ def main() -> None:
         (root / "gain.json").write_text(json.dumps(results, indent=2) + "\n")  # kept as each task ends
     print("| task | metric | chance | without pretraining | with pretraining |")
     print("|---|---|---|---|---|")
-    for task, r in results.items():
+    for task, r in sorted(results.items(), key=lambda item: TASKS.index(item[0])):
         for metric in LAYOUT[task][2]:
             print(
                 f"| {task} | {metric} | {r['chance'].get(metric, '')} | {r['no_pretraining'][metric]} "
