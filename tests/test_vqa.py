@@ -387,3 +387,36 @@ def test_finetune_evaluate_and_predict_vqa(vqa_data, tmp_path, capsys):
     assert (
         len(top) == 2 and top[0]["answer"] in answer_list and top[0]["probability"] >= top[1]["probability"]
     )
+
+
+@pytest.mark.parametrize(
+    "answer, normalized",
+    [
+        ("Two", "2"),
+        ("two.", "2"),
+        ("none", "0"),
+        ("a dog", "dog"),
+        ("The red one", "red 1"),
+        ("dont know", "don't know"),
+        ("yes!", "yes"),
+        ("black-and-white", "black and white"),
+        ("black - white", "black white"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("  Tennis\tracket\n", "tennis racket"),
+        ("(left)", "left"),
+    ],
+)
+def test_answers_are_normalised_as_the_vqa_evaluation_server_does(answer, normalized):
+    from albef.eval.vqa_answers import normalize_answer
+
+    assert normalize_answer(answer) == normalized
+    assert normalize_answer(normalized) == normalized  # idempotent: normalised human answers stay as they are
+
+
+def test_vqa_accuracy_compares_normalised_answers():
+    from albef.eval.vqa import vqa_accuracy
+
+    assert vqa_accuracy("Two", ["2", "2", "two", "3"]) == 1.0  # three humans said "2", one way or another
+    assert vqa_accuracy("a dog.", ["dog", "the dog"]) == pytest.approx(2 / 3)
+    assert vqa_accuracy("2", ["twenty"]) == 0.0  # only number words up to ten become digits

@@ -1,14 +1,12 @@
 """VQA evaluation: answer every test question from the answer list (official two-stage ranking) and score
 with the VQA accuracy ``min(#humans who gave the answer / 3, 1)``.
 
-Answers are compared after a light normalisation (lowercase, surrounding spaces stripped, inner whitespace
-collapsed). The official evaluation server's full normalisation (vqaEval: punctuation, number words,
-articles, contractions) is not reproduced here; on answers drawn from the answer list it rarely matters.
+Answers are compared after the evaluation server's normalisation (:mod:`albef.eval.vqa_answers`:
+punctuation, number words, articles, contractions), applied to the prediction and to every human answer.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from albef.data.vqa import tokenize_answers
-
-
-def normalize_answer(answer: str) -> str:
-    return re.sub(r"\s+", " ", answer.strip().lower())
+from albef.eval.vqa_answers import normalize_answer
 
 
 def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
