@@ -475,3 +475,31 @@ def test_an_unreachable_tracking_server_costs_no_pipeline(tmp_path: Path, monkey
     assert ml.open_parent_run(cfg, "flow-run-1", "prefect-test") is None
     assert ml.find_stage_run(cfg, "parent", "pretrain") is None
     assert time.monotonic() - started < 60
+
+
+def test_overrides_of_the_downstream_task_sections_are_checked_by_the_stages_own_readers():
+    from albef.config import read_params
+    from albef.orchestration.pipeline import merge_overrides
+
+    params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    merged = merge_overrides(
+        params,
+        {
+            "finetune_vqa.epochs": 3,
+            "evaluate_vqa.k_test": 8,
+            "finetune_ve.max_words": 20,  # a key the section does not spell out but the stage reads
+            "pretrain_nlvr.max_steps": 10,
+            "evaluate_nlvr.batch_size": 8,
+        },
+    )
+    assert merged.params["finetune_vqa"]["epochs"] == 3 and merged.params["finetune_ve"]["max_words"] == 20
+    for key, value, named in (
+        ("finetune_vqa.batch_size", "big", "finetune_vqa.batch_size"),
+        ("finetune_vqa.val_file", "vqa_test.json", "finetune_vqa.val_file"),
+        ("evaluate_vqa.k_tset", 8, "k_tset"),
+        ("finetune_ve.epochs", 0, "finetune_ve.epochs"),
+        ("pretrain_nlvr.batch_size", 2, "pretrain_nlvr.batch_size"),
+        ("evaluate_nlvr.bacth_size", 8, "bacth_size"),
+    ):
+        with pytest.raises(PlanError, match=named):
+            merge_overrides(params, {key: value})

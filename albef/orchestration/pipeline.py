@@ -152,6 +152,23 @@ def _section_validator(name: str) -> Callable[[dict[str, Any]], Any] | None:
             return tracking.tracking_config
         task = {section: task for task, section in tracking.REGISTER_SECTIONS.items()}.get(name)
         return None if task is None else lambda p: tracking.register_config(p, task)
+    if name in ("finetune_vqa", "evaluate_vqa"):  # read as albef.train.vqa reads them
+        from albef.train import vqa
+
+        read = vqa.vqa_train_settings if name == "finetune_vqa" else vqa.vqa_eval_settings
+        return lambda p: read(p, name)
+    from albef.train.classify import EVAL_SECTIONS, TRAIN_SECTIONS
+
+    train_task = {section: task for task, section in TRAIN_SECTIONS.items()}.get(name)
+    if train_task is not None:
+        from albef.train.classify import classifier_train_settings
+
+        return lambda p: classifier_train_settings(p, train_task)
+    eval_task = {section: task for task, section in EVAL_SECTIONS.items()}.get(name)
+    if eval_task is not None:
+        from albef.train.classify import classifier_eval_settings
+
+        return lambda p: classifier_eval_settings(p, eval_task)
     return None
 
 

@@ -153,16 +153,9 @@ def _accuracy_validator(val_set, collate, batch_size: int, device, precision: st
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def finetune_classifier_stage(
-    params: dict[str, Any], task: str, progress: bool = True, on_log=None, name: str | None = None
-) -> dict[str, Any]:
-    """Train ``task`` (``ve``, ``nlvr`` or ``nlvr_ta``) with the settings of ``params[name]`` (default
-    :data:`TRAIN_SECTIONS`); returns the metrics written for DVC."""
-    from albef.data import datasets as ds
-    from albef.data.classify import ClassificationCollate, ClassificationDataset
-    from albef.data.transforms import build_transform, eval_transform
-    from albef.train.stages import Collate
-
+def classifier_train_settings(params: dict[str, Any], task: str, name: str | None = None):
+    """``params[name]`` (default :data:`TRAIN_SECTIONS`) read as :func:`finetune_classifier_stage` reads it:
+    (stage config, train config, word limit, missing-image policy). Bad values fail with the key named."""
     _check_task(task, TRAIN_SECTIONS)
     name = name or TRAIN_SECTIONS[task]
     values = section(params, name)
@@ -177,6 +170,31 @@ def finetune_classifier_stage(
         raise ConfigError(f"{name}.val_file: text-assignment pretraining has no validation (as the official)")
     if task == "nlvr_ta" and train.batch_size < 3:
         raise ConfigError(f"{name}.batch_size: text assignment needs at least 3 images per batch")
+    return stage, train, max_words, missing_images
+
+
+def classifier_eval_settings(
+    params: dict[str, Any], task: str, name: str | None = None
+) -> ClassifierEvalConfig:
+    _check_task(task, EVAL_SECTIONS)
+    name = name or EVAL_SECTIONS[task]
+    values = section(params, name)
+    values.setdefault("test_file", f"{task}_test.json")
+    return build_dataclass(ClassifierEvalConfig, values, name)
+
+
+def finetune_classifier_stage(
+    params: dict[str, Any], task: str, progress: bool = True, on_log=None, name: str | None = None
+) -> dict[str, Any]:
+    """Train ``task`` (``ve``, ``nlvr`` or ``nlvr_ta``) with the settings of ``params[name]`` (default
+    :data:`TRAIN_SECTIONS`); returns the metrics written for DVC."""
+    from albef.data import datasets as ds
+    from albef.data.classify import ClassificationCollate, ClassificationDataset
+    from albef.data.transforms import build_transform, eval_transform
+    from albef.train.stages import Collate
+
+    stage, train, max_words, missing_images = classifier_train_settings(params, task, name)
+    name = name or TRAIN_SECTIONS[task]
     world, device = init_distributed()
     try:
         torch.manual_seed(train.seed)  # the same initial weights on every rank
@@ -300,11 +318,8 @@ def evaluate_classifier_stage(
     from albef.data.transforms import eval_transform
     from albef.eval.classify import accuracy_metrics, classify
 
-    _check_task(task, EVAL_SECTIONS)
+    cfg = classifier_eval_settings(params, task, name)
     name = name or EVAL_SECTIONS[task]
-    values = section(params, name)
-    values.setdefault("test_file", f"{task}_test.json")
-    cfg = build_dataclass(ClassifierEvalConfig, values, name)
     world, device = init_distributed()
     try:
         model, tokenizer = load_task_model(model_dir, task, cfg.tokenizer, cfg.data_dir)

@@ -72,6 +72,27 @@ def vqa_forward(model, batch, alpha, choices):
     )
 
 
+def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa"):
+    """``params[name]`` read as :func:`finetune_vqa_stage` reads it: (stage config, train config, answer list
+    file name, answer token limit). Bad values fail with the key named (the flows check overrides with it)."""
+    values = section(params, name)
+    answer_list_name = values.pop("answer_list", ANSWER_LIST_FILE)
+    max_answer_tokens = int(values.pop("max_answer_tokens", 32))
+    values.setdefault("train_file", "vqa_train.json")
+    values.setdefault("out", "models/vqa")
+    values.setdefault("run_dir", "runs/vqa")
+    values.setdefault("max_tokens", 25)  # official question length for training
+    values.setdefault("crop_scale", (0.5, 1.0))
+    stage, train = split_train_section(values, name)
+    if stage.val_file:
+        raise ConfigError(f"{name}.val_file: VQA trains without validation (evaluate with evaluate_vqa)")
+    return stage, train, answer_list_name, max_answer_tokens
+
+
+def vqa_eval_settings(params: dict[str, Any], name: str = "evaluate_vqa") -> VQAEvalConfig:
+    return build_dataclass(VQAEvalConfig, section(params, name), name)
+
+
 def finetune_vqa_stage(
     params: dict[str, Any], progress: bool = True, on_log=None, name: str = "finetune_vqa"
 ) -> dict[str, Any]:
@@ -84,17 +105,7 @@ def finetune_vqa_stage(
     from albef.data.transforms import build_transform
     from albef.data.vqa import VQACollate, VQATrainDataset, read_answer_list
 
-    values = section(params, name)
-    answer_list_name = values.pop("answer_list", ANSWER_LIST_FILE)
-    max_answer_tokens = int(values.pop("max_answer_tokens", 32))
-    values.setdefault("train_file", "vqa_train.json")
-    values.setdefault("out", "models/vqa")
-    values.setdefault("run_dir", "runs/vqa")
-    values.setdefault("max_tokens", 25)  # official question length for training
-    values.setdefault("crop_scale", (0.5, 1.0))
-    stage, train = split_train_section(values, name)
-    if stage.val_file:
-        raise ConfigError(f"{name}.val_file: VQA trains without validation (evaluate with evaluate_vqa)")
+    stage, train, answer_list_name, max_answer_tokens = vqa_train_settings(params, name)
     world, device = init_distributed()
     try:
         torch.manual_seed(train.seed)
@@ -191,7 +202,7 @@ def evaluate_vqa_stage(
     from albef.data.vqa import VQATestDataset, read_answer_list
     from albef.eval.vqa import answer_questions, score_predictions
 
-    cfg = build_dataclass(VQAEvalConfig, section(params, name), name)
+    cfg = vqa_eval_settings(params, name)
     world, device = init_distributed()
     try:
         model, tokenizer = load_task_model(model_dir, "vqa", cfg.tokenizer, cfg.data_dir)
