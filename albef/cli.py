@@ -140,11 +140,16 @@ def _finetune(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from albef.tracking.stages import tracked_evaluate, with_test_file
 
-    params = _load_params(args)
-    if args.test_file:
-        params = with_test_file(params, args.task, args.test_file)
+    as_read = _load_params(args)
+    params = with_test_file(as_read, args.task, args.test_file) if args.test_file else as_read
     metrics = tracked_evaluate(
-        params, args.model, args.out, args.metrics, progress=not args.quiet, task=args.task
+        params,
+        args.model,
+        args.out,
+        args.metrics,
+        progress=not args.quiet,
+        task=args.task,
+        pipeline_params=as_read,  # --test-file adjusts a copy; the pipeline run is named by the file
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0

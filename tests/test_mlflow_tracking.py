@@ -254,3 +254,24 @@ def test_names_mlflow_would_refuse_are_made_safe_and_nothing_is_set_aside(mlflow
     assert stored.params["preprocess.files.refcoco__train.json"] == "grounding_train"
     assert stored.params["preprocess.files.pretrain.json"] == "pretrain"
     assert stored.metrics["split.refcoco_.acc"] == 0.5
+
+
+def test_a_stage_on_an_adjusted_copy_of_params_nests_under_the_same_pipeline_run(mlflow_sqlite, tmp_path):
+    # `albef evaluate retrieval --test-file shifted_test.json` runs on a copy of params.yaml with another
+    # test file; its run must join the parent of the other stages of the same `dvc repro`
+    from albef.tracking.stages import with_test_file
+
+    params = {
+        "mlflow": {"experiment": "adjusted", "spool_dir": str(tmp_path / "spool")},
+        "evaluate": {"test_file": "retrieval_test.json"},
+    }
+    first = start_stage_run(params, "evaluate_retrieval")
+    assert first.finish() is True
+    adjusted = with_test_file(params, "retrieval", "shifted_test.json")
+    shifted = start_stage_run(adjusted, "evaluate_zeroshot_shifted", pipeline_params=params)
+    assert shifted.finish() is True
+    parent = {_client().get_run(r.run_id).data.tags["mlflow.parentRunId"] for r in (first, shifted)}
+    assert len(parent) == 1
+    alone = start_stage_run(adjusted, "evaluate_other")  # without it, the copy names another pipeline run
+    assert alone.finish() is True
+    assert _client().get_run(alone.run_id).data.tags["mlflow.parentRunId"] not in parent

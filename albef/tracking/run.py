@@ -238,8 +238,12 @@ def start_stage_run(
     run_name: str | None = None,
     tags: dict[str, Any] | None = None,
     log_params: dict[str, Any] | None = None,
+    pipeline_params: dict[str, Any] | None = None,
 ) -> StageRun | None:
-    """Open the MLflow run of ``stage`` (None when tracking is off or this is not the main process)."""
+    """Open the MLflow run of ``stage`` (None when tracking is off or this is not the main process).
+
+    ``pipeline_params``: the params that name the pipeline run (default ``params``), for a stage that runs on
+    an adjusted copy of params.yaml (``--test-file``) and must still nest under the pipeline's parent run."""
     cfg = tracking_config(params)
     if not cfg.enabled or not _is_main_process():
         return None
@@ -250,7 +254,7 @@ def start_stage_run(
     run = StageRun(cfg, stage, uri, journal)
     git = git_state()
     parent_id = os.environ.get(PARENT_ENV)
-    key = pipeline_key(params)
+    key = pipeline_key(params if pipeline_params is None else pipeline_params)
     start = now_ms()
     journal.append(
         {

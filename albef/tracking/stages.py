@@ -102,9 +102,11 @@ def tracked_evaluate(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     task: str = "retrieval",
+    pipeline_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``evaluate <task>`` with its MLflow run: metrics and the report's files (rankings, example images,
-    answers, grounding heat maps)."""
+    answers, grounding heat maps). ``pipeline_params``: params.yaml as read, when ``params`` is an adjusted
+    copy (:func:`with_test_file`), so the run nests under the same pipeline run as the other stages."""
     # Under DVC the stage name tells zero-shot from finetuned evaluation; elsewhere the output folder does.
     name = os.environ.get("DVC_STAGE") or f"evaluate_{Path(out_dir).name}"
     settings_name = evaluate_section(task)
@@ -115,7 +117,11 @@ def tracked_evaluate(
         "albef.task": task,
     }
     with stage_run(
-        params, name, tags=tags, log_params={settings_name: evaluate, "model_dir": str(model_dir)}
+        params,
+        name,
+        tags=tags,
+        log_params={settings_name: evaluate, "model_dir": str(model_dir)},
+        pipeline_params=pipeline_params,
     ) as run:
         if task == "retrieval":
             from albef.train.stages import evaluate_stage
