@@ -19,6 +19,7 @@ The model's settings (``model_config``) are the ones its evaluation used (:func:
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def read_rows(frame, columns: tuple[str, ...]) -> dict[str, list]:
     return out
 
 
-class TaskModel(mlflow.pyfunc.PythonModel):
+class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
     """A task's pyfunc: the predictor of :mod:`albef.serving.predict` on the ``albef_model`` artifact."""
 
     task: str = ""
@@ -86,8 +87,9 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         except (InvalidModelInput, BadInput) as exc:
             raise _bad_input(str(exc)) from exc
 
+    @abc.abstractmethod
     def answer(self, columns: dict[str, list]):
-        raise NotImplementedError
+        """The output frame for the request's decoded ``columns`` (each task's pyfunc answers its own way)."""
 
 
 class VQAModel(TaskModel):
