@@ -345,3 +345,24 @@ def shrink_pipeline(params: dict, train: dict) -> dict:
     if "evaluate_grounding" in params:
         params["evaluate_grounding"].update(batch_size=8, num_workers=0, examples=1)
     return params
+
+
+def load_in_fresh_python(script: str, request_file, tracking_uri: str, cwd, timeout: int = 300):
+    """Run ``script`` (given ``request_file`` as argv[1]) in a new interpreter without PYTHONPATH, so a
+    registered model must bring albef's code itself (code_paths); its last stdout line parsed as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(request_file)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

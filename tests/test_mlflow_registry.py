@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_in_fresh_python
 
 from albef.config import ConfigError
 from albef.tracking.config import GateConfig, RegisterConfig
@@ -209,18 +207,7 @@ def test_the_pyfunc_loads_in_a_fresh_process_and_ranks(registered, tiny_data, ml
         "out = model.predict(pd.DataFrame(json.load(open(sys.argv[1]))))\n"
         "print(json.dumps(out))\n"
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_sqlite}
-    env.pop("PYTHONPATH", None)  # the model must bring albef's code itself (code_paths)
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "request.json")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = load_in_fresh_python(script, tmp_path / "request.json", mlflow_sqlite, tmp_path, timeout=180)
     assert len(out["itc"]) == 3 and len(out["itc"][0]) == 3  # 3 images, 3 non-empty texts
     assert len(out["itm"]) == 3 and all(len(row) == 3 for row in out["itm"])
     assert all(sorted(r) == [0, 1, 2] for r in out["image_to_text"] + out["text_to_image"])

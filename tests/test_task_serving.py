@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, load_in_fresh_python
 
 from albef.config import ConfigError
 
@@ -244,18 +241,7 @@ def test_register_each_task_gate_and_a_fresh_process_answers(
         "    out[task] = model.predict(pd.DataFrame(request)).to_dict(orient='list')\n"
         "print(json.dumps(out))\n"
     )
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_sqlite}
-    env.pop("PYTHONPATH", None)  # the models must bring albef's code themselves (code_paths)
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "requests.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = load_in_fresh_python(script, tmp_path / "requests.json", mlflow_sqlite, tmp_path, timeout=300)
     vqa = out["vqa"]
     assert len(vqa["answer"]) == 2 and all(a in ANSWERS for row in vqa["answers"] for a in row)
     # evaluate_vqa.k_test (4) candidates re-ranked, as the evaluation did: the top 5 has 4 answers
