@@ -30,6 +30,12 @@ from albef.orchestration.process import failure, run_supervised
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_SECONDS = 30.0
 
+# Why earlier attempts of a task run failed, keyed by task run id. Prefect retries a task in the same
+# process, and its state history keeps no message, so the successful attempt's artifact says here why the
+# retries happened: a record that does not depend on log lines, which Prefect ships in the background and
+# may drop under load.
+_FAILED_ATTEMPTS: dict[str, list[str]] = {}
+
 
 def _retry_unless_reported(task, task_run, state) -> bool:
     """Retry crashes, kills and deadlines; not errors the stage reported itself (they would recur)."""
@@ -106,9 +112,12 @@ def repro_stage(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         deadline_s=deadline,
         on_line=_log_line(logger),
     )
+    run_key = str(context.task_run.id) if context and context.task_run else ""
     if run.status != 0:
         error = failure(stage, run, deadline)
         logger.error("%s", error)
+        reason = str(error).splitlines()[-1] if str(error) else f"exit status {run.status}"
+        _FAILED_ATTEMPTS.setdefault(run_key, []).append(f"attempt {attempt}: {reason}")
         raise error
     files = report.stage_files(project, stage)
     metrics = report.read_metrics(project, files.metrics)
@@ -118,6 +127,7 @@ def repro_stage(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
         "resumed_from_step": run.resumed_from_step,
         "up_to_date": any("didn't change, skipping" in line for line in run.tail),
+        "earlier_failures": "; ".join(_FAILED_ATTEMPTS.pop(run_key, [])) or None,
         "metrics_files": files.metrics,
         "images": [p for p in files.images if (project / p).is_file()],
     }
@@ -135,7 +145,9 @@ def publish(
     logger,
 ) -> None:
     """The stage's Prefect artifacts: its metrics table, the link to its MLflow run, its images."""
-    shown = {k: summary[k] for k in ("attempt", "seconds", "resumed_from_step", "up_to_date")}
+    shown = {
+        k: summary[k] for k in ("attempt", "seconds", "resumed_from_step", "up_to_date", "earlier_failures")
+    }
     create_markdown_artifact(
         markdown=report.metrics_markdown(stage, metrics, shown),
         key=report.artifact_key(stage, "metrics"),

@@ -456,28 +456,19 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(
     (task,) = [t for t in _task_runs([flow_run_id]) if t.name == "dvc repro pretrain"]
     assert task.state.type.value == "COMPLETED" and task.run_count == 2
 
-    def killed_line(line: str) -> bool:
-        return "failed" in line.lower() and "-9" in line
-
-    logs = _logs_when(
-        task.id,
-        killed_line,
-        lambda line: "resumed from" in line,
-        lambda line: not _tracking_on(project) or "continuing MLflow run" in line,
-    )
-    assert any(killed_line(line) for line in logs), logs[-20:]
-    resumed = [line for line in logs if "resumed from" in line]
-    assert resumed, logs[-30:]
-    first_step = int(resumed[-1].split("(step ")[1].split(",")[0])
-    assert first_step > 0  # the retry's first step continues the killed run's checkpoint
+    # The evidence comes from the artifact the successful attempt published, not from log lines: Prefect
+    # ships logs in the background and, on a loaded machine, has dropped the first attempt's batch.
+    artifact = _artifacts([flow_run_id])["pretrain-metrics"].data
+    assert "**attempt**: 2" in artifact, artifact[:600]
+    (failures,) = [line for line in artifact.splitlines() if line.startswith("- **earlier_failures**")]
+    assert "attempt 1:" in failures and "exited with -9" in failures, failures
+    first_step = int(artifact.split("**resumed_from_step**: ")[1].split()[0])
+    assert first_step >= 3  # the retry's first step continues the killed run's checkpoint
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 24
     history = (project / "runs" / "pretrain" / "history.csv").read_text().splitlines()
     steps = [int(float(row.split(",")[0])) for row in history[1:]]
     assert steps == list(range(1, 25))  # resumed, not restarted: one row per step, no gap, no repeat
-    artifact = _artifacts([flow_run_id])["pretrain-metrics"].data
-    assert f"**resumed_from_step**: {first_step}" in artifact and "**attempt**: 2" in artifact
     if _tracking_on(project):  # the retry continued the killed attempt's MLflow run: one run, finished
-        assert any("continuing MLflow run" in line for line in logs)
         _, nested = _mlflow_runs(project, flow_run_id)
         # (the flow also runs unimodal, which is up to date unless this test runs alone)
         pretrain_runs = [r for r in nested if r.data.tags["albef.stage"] == "pretrain"]
