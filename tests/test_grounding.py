@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from albef.checkpoint import build_model
 from albef.config import ConfigError, ModelConfig
@@ -306,6 +307,8 @@ def test_evaluate_grounding_stage_on_tiny_data(grounding_data, tmp_path) -> None
     assert metrics["accuracy"] == pytest.approx(100 * correct / len(scored), abs=1e-3)
     pngs = sorted((tmp_path / "out" / "examples").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    sheet, parts = Image.open(tmp_path / "out" / "examples.png"), [Image.open(p) for p in pngs]
+    assert sheet.height == sum(p.height for p in parts) and sheet.width == max(p.width for p in parts)
 
 
 def test_bad_box_policy(grounding_data, tmp_path) -> None:
@@ -520,6 +523,7 @@ def test_finetune_then_evaluate_grounding_through_the_cli(
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {
         "report/results.json",
         "report/examples",
+        "report/examples.png",
     }
     assert len(client.list_artifacts(run.info.run_id, "report/examples")) == 1
     assert runs["finetune_grounding"].data.metrics["steps"] == steps

@@ -362,6 +362,7 @@ def test_stage_files_come_from_dvc_yaml_and_metrics_render_as_a_table(tmp_path: 
     assert files.metrics == ["metrics/retrieval.json"] and files.images == ["reports/retrieval/examples.png"]
     assert report.stage_files(REPO, "pretrain").images == ["plots/pretrain/curves.png"]
     assert report.stage_files(REPO, "synth").images == []
+    assert report.stage_files(REPO, "evaluate_grounding").images == ["reports/grounding/examples.png"]
     (tmp_path / "m.json").write_text(json.dumps({"r_mean": 12.5, "itc": {"txt_r1": 3.0}, "steps": 8}))
     markdown = report.metrics_markdown(
         "evaluate_retrieval", report.read_metrics(tmp_path, ["m.json", "gone.json"])

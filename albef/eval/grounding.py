@@ -579,23 +579,27 @@ def evaluate_grounding_stage(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", {"results": results})
+    drawn: list[Path] = []
     for n, r in enumerate(pick_examples(results, cfg.examples)):
         record = dataset.records[r["index"]]
         picture = images.open(record["image"])
         size = (assets.boxes[r["ref_id"]][1], assets.boxes[r["ref_id"]][2])
         verdict = "correct" if r["correct"] else "wrong"
+        drawn.append(out / "examples" / f"{n:02d}_ref{r['ref_id']}.png")
         explain_image(
             model,
             tokenizer,
             picture,
             record["text"],
-            out / "examples" / f"{n:02d}_ref{r['ref_id']}.png",
+            drawn[-1],
             metrics["layer"],
             title=f"ref {r['ref_id']} ({r['split']}): {r['text']!r}  IoU {r['iou']:.2f} {verdict}",
             boxes={"truth": r["gt_box"], "pred": r["pred_box"]},
             max_words=cfg.max_words,
             size=size,
         )
+    if drawn:  # one sheet at a fixed path: a DVC plot, a Prefect artifact, an MLflow image
+        stack_pngs(drawn, out / "examples.png")
     _write_json(out / "metrics.json", metrics)
     if metrics_path:
         _write_json(metrics_path, metrics)
@@ -608,6 +612,22 @@ def evaluate_grounding_stage(
         metrics["eval_seconds"],
     )
     return metrics
+
+
+def stack_pngs(pngs: Sequence[str | Path], path: str | Path) -> Path:
+    """The PNGs one under the other on a white sheet (narrower ones centred)."""
+    from albef.io import atomic_write
+
+    images = [Image.open(p).convert("RGB") for p in pngs]
+    width = max(im.width for im in images)
+    sheet = Image.new("RGB", (width, sum(im.height for im in images)), "white")
+    top = 0
+    for im in images:
+        sheet.paste(im, ((width - im.width) // 2, top))
+        top += im.height
+    path = Path(path)
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="png"))
+    return path
 
 
 def pick_examples(results: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

@@ -144,7 +144,7 @@ def tracked_evaluate(
             from albef.eval.grounding import evaluate_grounding_stage
 
             metrics = evaluate_grounding_stage(params, model_dir, out_dir, metrics_path, progress=progress)
-            files = ("results.json", "examples")
+            files = ("results.json", "examples", "examples.png")
         else:
             raise ValueError(f"no evaluation for task {task!r}")
         if run is not None:
@@ -152,6 +152,8 @@ def tracked_evaluate(
             run.log_dict(metrics, "metrics.json")
             for file in files:
                 path = Path(out_dir) / file
+                if not path.exists():  # (examples: 0 draws none)
+                    continue
                 # a folder's files go under report/<folder>, as in the report
                 run.log_artifact(path, f"report/{file}" if path.is_dir() else "report")
     return metrics
