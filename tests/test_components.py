@@ -189,3 +189,39 @@ def test_mlm_loss_on_hand_made_values():
     zero = mlm_loss(logits, torch.full((1, 3), -100), teacher, 0.4)
     assert zero.item() == 0.0
     zero.backward()
+
+
+def test_hard_negative_gathering_is_reproducible_across_processes():
+    """An image or text drawn as the negative of many rows repeats in the gather index. Its gradient must be
+    summed in a fixed order: x[idx]'s backward (index_put with accumulate) sums in a thread-dependent order
+    on a multi-threaded CPU, and two runs of one seed drifted apart. The fixed-order sum equals PyTorch's
+    deterministic mode, bit for bit."""
+    from albef.config import tiny_config
+    from albef.models.pretrain import ALBEFPretrain
+
+    torch.manual_seed(0)
+    model = ALBEFPretrain(tiny_config()).eval()  # no dropout: both passes see the same function
+    bs, image_tokens = 256, 5  # tiny ViT: (32 / 16) ** 2 patches + [CLS]
+    image = torch.randn(bs, image_tokens, 32)
+    text = torch.randn(bs, 12, 32)
+    mask = torch.ones(bs, 12, dtype=torch.long)
+    positive = torch.eye(bs, dtype=torch.bool)
+    # every text takes one of 3 images as its negative, every image one of 3 texts: many repeats
+    choices = RecordedChoices(
+        neg_image_idx_for_text=(torch.arange(bs) % 3 + 1) % bs,
+        neg_text_idx_for_image=torch.arange(bs) % 3 + 4,
+    )
+    sim = torch.zeros(bs, bs)
+
+    def grads() -> tuple[torch.Tensor, torch.Tensor]:
+        img, txt = image.clone().requires_grad_(), text.clone().requires_grad_()
+        model.itm(img, txt, mask, sim, sim, positive, choices).loss.backward()
+        return img.grad, txt.grad
+
+    fast = grads()
+    torch.use_deterministic_algorithms(True)
+    try:
+        reference = grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(fast[0], reference[0]) and torch.equal(fast[1], reference[1])

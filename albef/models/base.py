@@ -254,11 +254,18 @@ class ContrastiveModel(nn.Module):
         # One fusion pass over [positives ; (text, hard negative image) ; (hard negative text, image)]: the
         # official code runs the positives and the negatives separately, with identical per-row results.
         # Rows with no valid negative (batch of one, all captions of one image) contribute no negative.
-        text_all = torch.cat([text_embeds, text_embeds[has_img], text_embeds[neg_txt[has_txt]]], dim=0)
-        mask_all = torch.cat(
-            [attention_mask, attention_mask[has_img], attention_mask[neg_txt[has_txt]]], dim=0
+        # Negatives are gathered with index_select, not x[idx]: an image or text drawn as the negative of
+        # several rows repeats in idx, and the backward of x[idx] (index_put with accumulate) sums those
+        # rows in an order that varies between processes on a multi-threaded CPU, so two runs of one seed
+        # drifted apart; index_select's backward (index_add) sums them in index order.
+        neg_txt_rows, neg_img_rows = neg_txt[has_txt], neg_img[has_img]
+        text_all = torch.cat(
+            [text_embeds, text_embeds[has_img], text_embeds.index_select(0, neg_txt_rows)], dim=0
         )
-        image_all = torch.cat([image_embeds, image_embeds[neg_img[has_img]], image_embeds[has_txt]], dim=0)
+        mask_all = torch.cat([attention_mask, attention_mask[has_img], attention_mask[neg_txt_rows]], dim=0)
+        image_all = torch.cat(
+            [image_embeds, image_embeds.index_select(0, neg_img_rows), image_embeds[has_txt]], dim=0
+        )
         fused = self.fuse(text_all, mask_all, image_all)[:, 0, :]
         logits = self.itm_head(fused)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
