@@ -201,9 +201,10 @@ class ALBEFTextAssignment(nn.Module):
         image_embeds = self.visual_encoder(images)
         weights = self.sampling_weights(image_embeds)
         left, right, labels = (choices or RandomAssignment()).assign(weights)
-        hidden = self.text_encoder(
-            input_ids, attention_mask, [image_embeds[left], image_embeds[right]], mode=Mode.MULTIMODAL
-        )
+        # index_select, not image_embeds[left]: an image drawn for several captions repeats in the index, and
+        # x[idx]'s backward sums its rows in a thread-dependent order on CPU (see ContrastiveModel.itm)
+        pair = [image_embeds.index_select(0, left), image_embeds.index_select(0, right)]
+        hidden = self.text_encoder(input_ids, attention_mask, pair, mode=Mode.MULTIMODAL)
         logits = self.ta_head(hidden[:, 0, :])
         loss = F.cross_entropy(logits, labels)
         return TAOutput(loss=loss, logits=logits.detach(), labels=labels, left=left, right=right)
