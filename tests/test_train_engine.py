@@ -91,6 +91,21 @@ def test_changed_settings_do_not_resume_another_runs_checkpoints(tiny_data, tmp_
     assert list_checkpoints(root / "runs" / "pretrain" / "checkpoints.previous")
 
 
+def test_changed_code_does_not_resume_the_old_runs_checkpoints(tiny_data, tmp_path, monkeypatch):
+    """DVC re-runs a training stage when albef's code changes; the stage must train afresh, not resume the old
+    run's final checkpoint and export the old weights."""
+    import albef.train.engine as engine
+
+    root = _copy_data(tiny_data, tmp_path)
+    params = tiny_train_params(root, **{"pretrain.val_file": None, "pretrain.epochs": 1})
+    pretrain_stage(params, progress=False)
+    assert pretrain_stage(params, progress=False)["steps"] == 12  # same code: resumes the finished run
+    assert not (root / "runs" / "pretrain" / "checkpoints.previous").exists()
+    monkeypatch.setattr(engine, "code_digest", lambda: "edited-code")
+    pretrain_stage(params, progress=False)
+    assert list_checkpoints(root / "runs" / "pretrain" / "checkpoints.previous")
+
+
 def test_non_finite_loss_stops_with_the_step_and_terms_and_keeps_the_last_checkpoint(
     tiny_data, tmp_path, monkeypatch
 ):

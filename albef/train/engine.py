@@ -15,7 +15,7 @@ What it guarantees:
   are functions of ``(seed, epoch, index)`` (:mod:`albef.train.sampler`), so a run killed at any moment
   and resumed with ``resume: auto`` reaches the same weights as an uninterrupted one (exactly, on CPU).
 * **Only matching checkpoints resume.** A checkpoint folder carries the fingerprint of the run that wrote
-  it (training settings, model config, data, initial weights). After a change it is moved aside to
+  it (training settings, model config, data, initial weights, albef's code). After a change it is moved aside to
   ``checkpoints.previous`` and training starts afresh, instead of silently continuing another run.
 * **Stops loudly.** A non-finite loss stops the run with the step, the epoch, the batch and every loss
   term, keeping the last good checkpoint; a failed checkpoint write (disk full) leaves the previous one.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -154,6 +155,18 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@functools.cache
+def code_digest() -> str:
+    """sha256 of albef's own source files. Part of every run's fingerprint: DVC re-runs a training stage when
+    its code changes, and without this the stage would resume the old run's final checkpoint and export
+    the old weights."""
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def file_digest(path: str | Path, limit: int = 64 << 20) -> str:
     """sha256 of a file (its first ``limit`` bytes plus its size, so multi-GB weights hash quickly)."""
     path = Path(path)
@@ -249,7 +262,7 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, device
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.run_fingerprint = run_fingerprint
+        self.run_fingerprint = fingerprint(run_fingerprint, code_digest())
         self.validate, self.on_log = validate, on_log
         self.progress, self.name = progress, name
         self.history = HistoryLog(self.run_dir / "history.csv", world.is_main)
@@ -315,7 +328,7 @@ class Trainer:
                 shutil.rmtree(previous, ignore_errors=True)
                 self.ckpt_dir.rename(previous)
                 log.warning(
-                    "%s: checkpoints in %s belong to another run (settings, data or initial weights changed); "
+                    "%s: checkpoints in %s belong to another run (settings, data, initial weights or code changed); "
                     "moved to %s, starting afresh",
                     self.name,
                     self.ckpt_dir,
