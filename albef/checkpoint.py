@@ -437,7 +437,7 @@ def load_official(model: ALBEFModel, source: str | Path | dict[str, Any], strict
 
 def save_pretrained(model: ALBEFModel, directory: str | Path, task: str | None = None) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (each atomically) into ``directory``."""
-    from safetensors.torch import save_model
+    from safetensors.torch import _remove_duplicate_names, save_file
 
     task = task or next(name for name, cls in TASKS.items() if type(model) is cls)
     out = Path(directory)
@@ -448,7 +448,15 @@ def save_pretrained(model: ALBEFModel, directory: str | Path, task: str | None =
         "task": task,
         "model": model.cfg.to_dict(),
     }
-    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_model(model, tmp, metadata={"task": task}))
+    # What safetensors' save_model writes, less its map of tied names in the metadata: safetensors writes
+    # metadata in hash-map order, so with several entries the same weights gave different bytes each save
+    # (and DVC saw a new file). Loading (safetensors' load_model) re-ties from the model, not the metadata.
+    state = model.state_dict()
+    for tied in _remove_duplicate_names(state).values():
+        for name in tied:
+            del state[name]
+    tensors = {name: tensor.contiguous() for name, tensor in state.items()}
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"task": task}))
     atomic_write(
         out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True))
     )

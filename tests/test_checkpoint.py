@@ -153,6 +153,11 @@ def test_own_format_roundtrip_is_strict_and_exact(tmp_path):
     )
     with pytest.raises(CheckpointError, match="holds a 'pretrain' model, not 'retrieval'"):
         load_pretrained(tmp_path / "p", task="retrieval")
+    # the same weights give the same bytes (DVC hashes the file): no hash-map-ordered metadata
+    save_pretrained(pre, tmp_path / "p2")
+    assert (tmp_path / "p" / "model.safetensors").read_bytes() == (
+        tmp_path / "p2" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_own_format_refuses_a_mismatched_or_broken_directory(tmp_path):
