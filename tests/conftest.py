@@ -50,6 +50,16 @@ TINY_MODEL = {
 }
 
 
+def under_deterministic_algorithms(compute):
+    """``compute()`` with PyTorch's deterministic algorithms on: the reference for gradients that must be
+    summed in a fixed order, whatever the thread timing."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        return compute()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def tiny_train_params(root, **overrides) -> dict:
     """params.yaml sections for pretrain -> finetune -> evaluate on the tiny data under ``root``."""
     import copy

@@ -196,6 +196,8 @@ def test_hard_negative_gathering_is_reproducible_across_processes():
     summed in a fixed order: x[idx]'s backward (index_put with accumulate) sums in a thread-dependent order
     on a multi-threaded CPU, and two runs of one seed drifted apart. The fixed-order sum equals PyTorch's
     deterministic mode, bit for bit."""
+    from conftest import under_deterministic_algorithms
+
     from albef.config import tiny_config
     from albef.models.pretrain import ALBEFPretrain
 
@@ -218,10 +220,5 @@ def test_hard_negative_gathering_is_reproducible_across_processes():
         model.itm(img, txt, mask, sim, sim, positive, choices).loss.backward()
         return img.grad, txt.grad
 
-    fast = grads()
-    torch.use_deterministic_algorithms(True)
-    try:
-        reference = grads()
-    finally:
-        torch.use_deterministic_algorithms(False)
+    fast, reference = grads(), under_deterministic_algorithms(grads)
     assert torch.equal(fast[0], reference[0]) and torch.equal(fast[1], reference[1])

@@ -280,6 +280,8 @@ def test_cli_task_list_matches_the_registry():
 def test_text_assignment_gradients_do_not_depend_on_thread_timing():
     """An image drawn for many captions repeats in the left/right index: its gradient is summed in a fixed
     order (equal, bit for bit, to PyTorch's deterministic mode), so two runs of one seed stay identical."""
+    from conftest import under_deterministic_algorithms
+
     torch.manual_seed(0)
     model = ALBEFTextAssignment(tiny_config()).eval()  # no dropout: both passes see the same function
     bs = 256
@@ -294,10 +296,5 @@ def test_text_assignment_gradients_do_not_depend_on_thread_timing():
         model(images, ids, mask, choices).loss.backward()
         return {n: p.grad.clone() for n, p in model.visual_encoder.named_parameters() if p.grad is not None}
 
-    fast = grads()
-    torch.use_deterministic_algorithms(True)
-    try:
-        reference = grads()
-    finally:
-        torch.use_deterministic_algorithms(False)
+    fast, reference = grads(), under_deterministic_algorithms(grads)
     assert fast.keys() == reference.keys() and all(torch.equal(fast[n], reference[n]) for n in fast)
