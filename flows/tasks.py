@@ -116,8 +116,8 @@ def repro_stage(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     if run.status != 0:
         error = failure(stage, run, deadline)
         logger.error("%s", error)
-        reason = str(error).splitlines()[-1] if str(error) else f"exit status {run.status}"
-        _FAILED_ATTEMPTS.setdefault(run_key, []).append(f"attempt {attempt}: {reason}")
+        # the last line of the stage's failure message: its own last error line ("... exited with -9")
+        _FAILED_ATTEMPTS.setdefault(run_key, []).append(f"attempt {attempt}: {str(error).splitlines()[-1]}")
         raise error
     files = report.stage_files(project, stage)
     metrics = report.read_metrics(project, files.metrics)

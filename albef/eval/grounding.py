@@ -585,19 +585,20 @@ def evaluate_grounding_stage(
         picture = images.open(record["image"])
         size = (assets.boxes[r["ref_id"]][1], assets.boxes[r["ref_id"]][2])
         verdict = "correct" if r["correct"] else "wrong"
-        drawn.append(out / "examples" / f"{n:02d}_ref{r['ref_id']}.png")
+        path = out / "examples" / f"{n:02d}_ref{r['ref_id']}.png"
         explain_image(
             model,
             tokenizer,
             picture,
             record["text"],
-            drawn[-1],
+            path,
             metrics["layer"],
             title=f"ref {r['ref_id']} ({r['split']}): {r['text']!r}  IoU {r['iou']:.2f} {verdict}",
             boxes={"truth": r["gt_box"], "pred": r["pred_box"]},
             max_words=cfg.max_words,
             size=size,
         )
+        drawn.append(path)
     if drawn:  # one sheet at a fixed path: a DVC plot, a Prefect artifact, an MLflow image
         stack_pngs(drawn, out / "examples.png")
     _write_json(out / "metrics.json", metrics)
