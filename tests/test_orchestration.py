@@ -340,8 +340,19 @@ def test_a_failed_stage_reports_its_own_error_and_is_final():
     error = failure("pretrain", run, None)
     assert "fewer than one global batch" in str(error) and "exit status 255" in str(error)
     assert not error.retryable
-    killed = failure("pretrain", StageRun(255, 1.0, ["ERROR: failed to run: ... exited with -9"]), None)
-    assert killed.retryable and "exited with -9" in str(killed)
+    for status in ("-9", "137"):  # the stage killed directly, or under a shell that stayed in between
+        killed = failure(
+            "pretrain", StageRun(255, 1.0, [f"ERROR: failed to run: ... exited with {status}"]), None
+        )
+        assert killed.retryable and f"exited with {status}" in str(killed)
+        last_line = str(killed).splitlines()[-1]  # what the Prefect task records for a retried attempt
+        assert (
+            f"exited with {status} (the stage's process was killed by SIGKILL, as the kernel's" in last_line
+        )
+    crashed = failure("pretrain", StageRun(255, 1.0, ["ERROR: failed to run: ... exited with 139"]), None)
+    assert "killed by SIGSEGV; a retry resumes a training stage" in str(crashed)
+    plain = failure("pretrain", StageRun(255, 1.0, ["ERROR: failed to run: ... exited with 1"]), None)
+    assert "killed by" not in str(plain)
 
 
 def test_resume_step_is_read_from_the_engine_log_as_it_streams(tmp_path: Path):

@@ -465,6 +465,7 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(
     # DVC reports the SIGKILL as -9 when its shell exec'd the stage command, and as 137 (128 + 9) when the
     # shell stayed in between (as on CI): either way it was the kill.
     assert "attempt 1:" in failures and re.search(r"exited with (-9|137)\b", failures), failures
+    assert "killed by SIGKILL, as the kernel's out-of-memory killer does" in failures, failures
     first_step = int(artifact.split("**resumed_from_step**: ")[1].split()[0])
     assert first_step >= 3  # the retry's first step continues the killed run's checkpoint
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 24

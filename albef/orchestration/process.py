@@ -29,6 +29,9 @@ _ERROR_LINE = re.compile(r"(^ERROR\b|\berror:|Error\b|^Traceback|exited with|fai
 # a deterministic failure the stage reported itself (bad settings, a diverged run): retrying cannot help
 _REPORTED_ERROR = re.compile(r"^albef [\w-]+: error: ")
 _RESUMED = re.compile(r"resumed from \S+ \(step (\d+)")
+# DVC's line for a stage command killed by a signal: "-9" when its shell exec'd the command, "137" (128 + 9)
+# when the shell stayed in between
+_KILLED = re.compile(r"exited with (?:-(\d+)|(129|1[3-5]\d))\b")
 
 
 class StageFailed(RuntimeError):
@@ -154,8 +157,30 @@ def failure(name: str, run: StageRun, deadline_s: float | None) -> StageFailed:
     reported = [line for line in run.tail if _REPORTED_ERROR.search(line)]
     shown = (reported or errors or run.tail)[-8:]
     detail = "\n".join(shown) if shown else "(no output)"
+    hint = _kill_hint(errors)
+    if hint and not reported:  # on the same line, which summaries of a failure keep
+        detail += f" ({hint})"
     return StageFailed(
         f"stage {name} failed (exit status {run.status}):\n{detail}",
         run.status,
         retryable=not reported,
     )
+
+
+def _kill_hint(error_lines: list[str]) -> str | None:
+    """What a signal in DVC's "exited with" line means, for a user reading a failed run in the UI."""
+    for line in reversed(error_lines):
+        match = _KILLED.search(line)
+        if not match:
+            continue
+        number = int(match[1]) if match[1] else int(match[2]) - 128
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        hint = f"the stage's process was killed by {name}"
+        if number == signal.SIGKILL:
+            # nothing in the stage sends SIGKILL; the kernel does when the machine runs out of memory
+            hint += ", as the kernel's out-of-memory killer does: check `dmesg` and the batch size"
+        return hint + "; a retry resumes a training stage from its newest checkpoint"
+    return None
