@@ -69,7 +69,8 @@ def test_resume_mid_epoch_reaches_the_same_weights(tiny_data, tmp_path):
     params = tiny_train_params(
         resumed, **{"pretrain.val_file": None, "pretrain.max_steps": 7, "pretrain.checkpoint_every": 3}
     )
-    assert pretrain_stage(params, progress=False)["steps"] == 7
+    stopped = pretrain_stage(params, progress=False)
+    assert stopped["steps"] == 7 and stopped["epochs"] == round(7 / 12, 3)  # stopped inside the first epoch
     params["pretrain"]["max_steps"] = 0
     metrics = pretrain_stage(params, progress=False)
     assert metrics["steps"] == 24

@@ -401,7 +401,8 @@ def train_stage(
 def _train_metrics(result: FitResult, trainer: Trainer) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "steps": result.step,
-        "epochs": result.epochs_completed,
+        # epochs trained, fractional when max_steps stopped the run inside an epoch
+        "epochs": round(result.step / trainer.steps_per_epoch, 3),
         "train_seconds": round(result.seconds, 2),
         "samples_per_s": round(result.samples_per_second, 2),
     }
