@@ -154,6 +154,47 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+# ----------------------------------------------------------------------------- several processes
+
+_CALL_SCRIPT = """\
+import importlib, json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+module, name = sys.argv[1].split(":")
+getattr(importlib.import_module(module), name)(**json.loads(sys.argv[2]))
+"""
+
+
+def call_under_torchrun(function: str, kwargs: dict, workdir, nproc: int = 2, timeout: int = 300) -> str:
+    """Call ``function`` ("package.module:name") with the JSON-able ``kwargs`` in ``nproc`` CPU processes
+    started by torchrun (gloo on loopback), the way ``ALBEF_NPROC_PER_NODE`` runs a stage; returns their
+    combined log, which names each rank's share."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(workdir) / "call_under_torchrun.py"
+    script.write_text(_CALL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += [str(script), function, json.dumps(kwargs, default=str)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default for several workers, made explicit
+    done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
+
+
+def with_one_thread(compute):
+    """``compute()`` on one intra-op thread, as each torchrun worker runs (torchrun sets OMP_NUM_THREADS=1),
+    so that results compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return compute()
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- MLflow on loopback
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, call_under_torchrun, with_one_thread
 
 SMALL = {"batch_size": 4, "epochs": 1, "num_workers": 0, "log_every": 1, "warmup_stair": 1, "hflip": False}
 
@@ -164,6 +164,42 @@ def test_ve_from_pretraining_and_evaluate(cls_data, tmp_path):
     assert sum(sum(row.values()) for row in result["confusion"].values()) == 3
     rows = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in rows)
+
+
+def test_two_processes_share_the_ve_evaluation_and_rank_0_writes_what_one_process_writes(cls_data, tmp_path):
+    from albef.checkpoint import build_model
+    from albef.config import ModelConfig
+    from albef.tokenizer import ALBEFTokenizer
+    from albef.train.classify import evaluate_classifier_stage
+    from albef.train.stages import export_model
+
+    root = cls_data
+    torch.manual_seed(1)
+    model = build_model("ve", ModelConfig.from_dict(TINY_MODEL, prefix="model"))
+    tokenizer = ALBEFTokenizer.from_pretrained(root / "processed" / "tokenizer")
+    model_dir = export_model(model, tmp_path / "ve", tokenizer, None, {"stage": "test"})
+    params = _params(root, evaluate_ve={"batch_size": 1})  # batches of one: equal work on any rank
+    with_one_thread(
+        lambda: evaluate_classifier_stage(params, "ve", model_dir, tmp_path / "one", progress=False)
+    )
+    log = call_under_torchrun(
+        "albef.train.classify:evaluate_classifier_stage",
+        {
+            "params": params,
+            "task": "ve",
+            "model_dir": model_dir,
+            "out_dir": tmp_path / "two",
+            "progress": False,
+        },
+        tmp_path,
+    )
+    assert "rank 0 of 2 evaluates records 0-1 of 3" in log and "rank 1 of 2 evaluates records 2-2 of 3" in log
+    for name in ("predictions.json", "metrics.json"):
+        one_file, two_file = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        if name == "metrics.json":
+            assert one_file.pop("eval_seconds") >= 0 and two_file.pop("eval_seconds") >= 0
+            assert one_file["records"] == 3
+        assert two_file == one_file, name
 
 
 def test_missing_nlvr_image_is_an_error_naming_the_record_or_a_counted_skip(cls_data, tmp_path):

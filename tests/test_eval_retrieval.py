@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_batch
+from conftest import call_under_torchrun, make_batch, with_one_thread
 
 from albef.config import tiny_config
 from albef.eval.retrieval import candidate_pairs, recall_metrics, score_matrices, score_matrices_per_query
@@ -134,3 +134,35 @@ def test_evaluate_test_file_points_the_section_at_another_split(tiny_data, tiny_
         "test_files": ["a.json"]
     }
     assert run("--test-file", "nope.json")[0] == 2
+
+
+def test_two_processes_share_the_retrieval_evaluation_and_rank_0_writes_what_one_process_writes(
+    tiny_data, tiny_retrieval_model, tmp_path
+):
+    import json
+
+    from albef.train.stages import evaluate_stage
+
+    data = str(tiny_data / "data" / "processed")
+    params = {"evaluate": {"data_dir": data, "k_test": 4, "image_batch": 1, "pair_batch": 1, "examples": 0}}
+    with_one_thread(lambda: evaluate_stage(params, tiny_retrieval_model, tmp_path / "one", progress=False))
+    log = call_under_torchrun(
+        "albef.train.stages:evaluate_stage",
+        {"params": params, "model_dir": tiny_retrieval_model, "out_dir": tmp_path / "two", "progress": False},
+        tmp_path,
+    )
+    # 6 test images with 5 captions each; each rank encodes half and re-ranks half of the candidate pairs
+    assert (
+        "rank 0 of 2 evaluates texts 0-14 of 30" in log and "rank 1 of 2 evaluates texts 15-29 of 30" in log
+    )
+    assert "rank 0 of 2 evaluates images 0-2 of 6" in log and "rank 1 of 2 evaluates images 3-5 of 6" in log
+    assert "rank 1 of 2 evaluates candidate pairs" in log
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one.pop("eval_seconds") >= 0 and two.pop("eval_seconds") >= 0
+    assert two == one
+    one, two = (json.loads((tmp_path / d / "rankings.json").read_text()) for d in ("one", "two"))
+    assert one["texts"] == two["texts"]
+    for direction in ("image_to_text", "text_to_image"):
+        for a, b in zip(one[direction], two[direction], strict=True):
+            assert a["rank"] == b["rank"] and [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
+            np.testing.assert_allclose([s for _, s in a["top"]], [s for _, s in b["top"]], atol=2e-4)

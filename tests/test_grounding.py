@@ -25,7 +25,7 @@ from albef.eval.grounding import (
     upsample_map,
 )
 from albef.models.xbert import Mode
-from tests.conftest import TINY_MODEL, make_batch
+from tests.conftest import TINY_MODEL, call_under_torchrun, make_batch, with_one_thread
 
 # ----------------------------------------------------------------------------- Grad-CAM
 
@@ -309,6 +309,36 @@ def test_evaluate_grounding_stage_on_tiny_data(grounding_data, tmp_path) -> None
     assert len(pngs) == 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
     sheet, parts = Image.open(tmp_path / "out" / "examples.png"), [Image.open(p) for p in pngs]
     assert sheet.height == sum(p.height for p in parts) and sheet.width == max(p.width for p in parts)
+
+
+def test_two_processes_share_the_grounding_evaluation_and_rank_0_writes_what_one_process_writes(
+    grounding_data, tmp_path
+) -> None:
+    from albef.eval.grounding import evaluate_grounding_stage
+
+    root, model_dir = grounding_data
+    # batches of one: every expression is computed alike whichever rank and batch it falls in
+    params = {"evaluate_grounding": {"data_dir": str(root / "processed"), "batch_size": 1, "examples": 1}}
+    one = with_one_thread(
+        lambda: evaluate_grounding_stage(params, model_dir, tmp_path / "one", progress=False)
+    )
+    log = call_under_torchrun(
+        "albef.eval.grounding:evaluate_grounding_stage",
+        {"params": params, "model_dir": model_dir, "out_dir": tmp_path / "two", "progress": False},
+        tmp_path,
+    )
+    n = one["expressions"] + sum(one["skipped"].values())
+    half = (n + 1) // 2
+    assert f"rank 0 of 2 evaluates expressions 0-{half - 1} of {n}" in log, log[-2000:]
+    assert f"rank 1 of 2 evaluates expressions {half}-{n - 1} of {n}" in log, log[-2000:]
+    results = {d: json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("one", "two")}
+    assert [r["index"] for r in results["two"]] == list(range(n))
+    assert results["two"] == results["one"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert {k: v for k, v in two.items() if k != "eval_seconds"} == {
+        k: v for k, v in one.items() if k != "eval_seconds"
+    }
+    assert (tmp_path / "two" / "examples.png").is_file()
 
 
 def test_bad_box_policy(grounding_data, tmp_path) -> None:

@@ -389,6 +389,45 @@ def test_finetune_evaluate_and_predict_vqa(vqa_data, tmp_path, capsys):
     )
 
 
+def test_two_processes_share_the_vqa_evaluation_and_rank_0_writes_what_one_process_writes(vqa_data, tmp_path):
+    import json
+
+    from albef.config import ModelConfig
+    from albef.tokenizer import ALBEFTokenizer
+    from albef.train.stages import export_model
+    from albef.train.vqa import evaluate_vqa_stage
+    from tests.conftest import call_under_torchrun, with_one_thread
+
+    tokenizer = ALBEFTokenizer.from_pretrained(vqa_data / "tokenizer")
+    torch.manual_seed(2)
+    text = {
+        "vocab_size": max(tokenizer.vocab_size, 300),
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+    }
+    cfg = ModelConfig.from_dict({"preset": "tiny", "text": {**text, "decoder_layers": 1}}, prefix="model")
+    model_dir = export_model(build_model("vqa", cfg), tmp_path / "vqa", tokenizer, None, {"stage": "test"})
+    # batches of one: every question is computed alike whichever rank and batch it falls in
+    params = {"evaluate_vqa": {"data_dir": str(vqa_data), "k_test": 4, "batch_size": 1}}
+    with_one_thread(lambda: evaluate_vqa_stage(params, model_dir, tmp_path / "one", progress=False))
+    log = call_under_torchrun(
+        "albef.train.vqa:evaluate_vqa_stage",
+        {"params": params, "model_dir": model_dir, "out_dir": tmp_path / "two", "progress": False},
+        tmp_path,
+    )
+    n = len(json.loads((vqa_data / "vqa_test.json").read_text()))
+    half = (n + 1) // 2
+    assert f"rank 0 of 2 evaluates questions 0-{half - 1} of {n}" in log, log[-2000:]
+    assert f"rank 1 of 2 evaluates questions {half}-{n - 1} of {n}" in log, log[-2000:]
+    for name in ("vqa_result.json", "top_answers.json", "metrics.json"):
+        one, two = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        if name == "metrics.json":
+            assert one.pop("eval_seconds") >= 0 and two.pop("eval_seconds") >= 0
+            assert one["questions"] == n
+        assert two == one, name
+
+
 @pytest.mark.parametrize(
     "answer, normalized",
     [

@@ -8,8 +8,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
+
+from albef.train.distributed import evaluation_share, gather_objects
 
 
 @dataclass
@@ -33,12 +35,17 @@ def classify(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> ClassifyResult:
-    """The class logits of every record of ``dataset`` (the official ``train=False`` forward, eval mode)."""
+    """The class logits of every record of ``dataset`` (the official ``train=False`` forward, eval mode).
+
+    Under a process group each rank classifies a contiguous share and every rank returns all the logits, in
+    dataset order; every rank must call it.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
+    mine = Subset(dataset, evaluation_share(len(dataset), "records"))
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
+        mine, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
     )
     autocast = (
         torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -56,7 +63,9 @@ def classify(
             chunks.append(logits.float().cpu())
     finally:
         model.train(was_training)
-    return ClassifyResult(torch.cat(chunks), time.perf_counter() - started)
+    # a share may be empty when there are fewer records than ranks
+    shares = [share for share in gather_objects(torch.cat(chunks) if chunks else None) if share is not None]
+    return ClassifyResult(torch.cat(shares), time.perf_counter() - started)
 
 
 def accuracy_metrics(labels: list[int], predictions: list[int], names: list[str]) -> dict:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from albef.config import ConfigError, ModelConfig
 from albef.data.grounding import REFS_FILE, GroundingAssets, load_refs
@@ -295,22 +295,32 @@ def evaluate_grounding(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, one result per expression) of the grounding evaluation of ``dataset``."""
+    """(metrics, one result per expression) of the grounding evaluation of ``dataset``.
+
+    Under a process group each rank explains a contiguous share of the expressions and every rank returns
+    every result, in dataset order; every rank must call it.
+    """
     from tqdm import tqdm
+
+    from albef.train.distributed import evaluation_share, gather_objects
 
     device = torch.device(device)
     layer = check_layer(model.cfg, cfg.layer, "evaluate_grounding.layer")
     max_tokens = cfg.max_tokens or model.cfg.text.max_positions
     start = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, shuffle=False)
+    mine = evaluation_share(len(dataset), "expressions")
+    loader = DataLoader(
+        Subset(dataset, mine), batch_size=cfg.batch_size, num_workers=cfg.num_workers, shuffle=False
+    )
     results: list[dict[str, Any]] = []
-    index = 0
+    index = mine.start  # the expression's index in the whole dataset
     for images, texts, ref_ids in tqdm(loader, desc="grounding", disable=not progress, leave=False):
         tokens = tokenizer(list(texts), max_length=max_tokens).to(device)
         cam = gradcam_itm(model, images.to(device), tokens.input_ids, tokens.attention_mask, layer)
         for row, ref_id in enumerate(ref_ids.tolist()):
             results.append(_result(index, ref_id, texts[row], cam, row, assets, cfg))
             index += 1
+    results = [r for share in gather_objects(results) for r in share]
     metrics = grounding_metrics(results, cfg.iou_threshold)
     metrics.update(
         layer=layer,
@@ -549,15 +559,35 @@ def evaluate_grounding_stage(
 ) -> dict[str, Any]:
     """Evaluate weakly supervised grounding of the model in ``model_dir`` (any task with an ITM head:
     pretrain, retrieval) on ``params.evaluate_grounding.test_files``: ``metrics.json``, ``results.json``
-    (one entry per expression) and ``examples/*.png`` (heat maps per word) in ``out_dir``. One process."""
+    (one entry per expression) and ``examples/*.png`` (heat maps per word) in ``out_dir``. Under torchrun
+    the ranks share the expressions and rank 0 writes."""
+    from albef.data.stages import build_dataclass, section
+    from albef.train.distributed import cleanup_distributed, init_distributed
+
+    cfg = build_dataclass(GroundingEvalConfig, section(params, "evaluate_grounding"), "evaluate_grounding")
+    world, device = init_distributed()
+    try:
+        return _evaluate_and_write(
+            cfg, model_dir, out_dir, metrics_path, device, progress and world.is_main, world.is_main
+        )
+    finally:
+        cleanup_distributed()
+
+
+def _evaluate_and_write(
+    cfg: GroundingEvalConfig,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path | None,
+    device: torch.device,
+    progress: bool,
+    writes: bool,  # rank 0 writes; the other ranks only share the evaluation
+) -> dict[str, Any]:
     from albef.checkpoint import load_pretrained, read_config
     from albef.data import datasets as ds
-    from albef.data.stages import build_dataclass, section
     from albef.data.transforms import eval_transform
     from albef.train.stages import _tokenizer, _write_json
 
-    cfg = build_dataclass(GroundingEvalConfig, section(params, "evaluate_grounding"), "evaluate_grounding")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task, _ = read_config(model_dir)
     model = load_pretrained(model_dir).to(device)
     if not hasattr(model, "itm_head"):
@@ -576,6 +606,8 @@ def evaluate_grounding_stage(
     )
     metrics, results = evaluate_grounding(model, dataset, tokenizer, assets, cfg, device, progress)
     metrics["model_task"] = task
+    if not writes:
+        return metrics
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", {"results": results})

@@ -26,7 +26,7 @@ from albef.io import atomic_write
 from albef.models.base import ContrastiveModel
 from albef.models.retrieval import itm_scores, text_features
 from albef.tokenizer import ALBEFTokenizer
-from albef.train.distributed import gather_rows, shard_range
+from albef.train.distributed import evaluation_share, gather_rows
 
 UNSCORED = -100.0  # the official fill value for pairs outside the top-k lists
 
@@ -189,7 +189,7 @@ def evaluate_retrieval(
     start = time.perf_counter()
 
     tokens = tokenizer(dataset.texts, max_length=max_tokens)
-    mine = shard_range(len(dataset.texts))
+    mine = evaluation_share(len(dataset.texts), "texts")
     with _autocast(device, amp_dtype):
         t_embeds, t_feats = text_features(
             model,
@@ -200,7 +200,7 @@ def evaluate_retrieval(
     text_embeds, text_feats = gather_rows(t_embeds), gather_rows(t_feats.float())
     text_mask = tokens.attention_mask.to(device)
 
-    mine = shard_range(len(dataset))
+    mine = evaluation_share(len(dataset), "images")
     loader = DataLoader(
         Subset(dataset, list(mine)), batch_size=image_batch, num_workers=num_workers, shuffle=False
     )
@@ -218,7 +218,9 @@ def evaluate_retrieval(
     start_itm = time.perf_counter()
     sims = image_feats @ text_feats.t()
     top_i2t, top_t2i, pairs = candidate_pairs(sims, k_test)
-    mine = shard_range(len(pairs))  # pairs are in image-major order: contiguous shares keep images together
+    mine = evaluation_share(
+        len(pairs), "candidate pairs"
+    )  # pairs are in image-major order: contiguous shares keep images together
     my_pairs = pairs[mine.start : mine.stop]
     chunk = max(pair_batch * 16, 1)
     parts = []

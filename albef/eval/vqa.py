@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from albef.data.vqa import tokenize_answers
 from albef.eval.vqa_answers import normalize_answer
+from albef.train.distributed import evaluation_share, gather_objects
 
 
 def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
@@ -45,7 +46,12 @@ def answer_questions(
     amp_dtype: torch.dtype | None = None,
     keep_top: int = 5,
 ) -> VQAResult:
-    """The official ``train=False`` pass over a :class:`~albef.data.vqa.VQATestDataset`."""
+    """The official ``train=False`` pass over a :class:`~albef.data.vqa.VQATestDataset`.
+
+    Under a process group each rank answers a contiguous share of the questions and every rank returns all
+    the answers, in dataset order (the official script writes per-rank files that rank 0 merges); every rank
+    must call it.
+    """
     start = time.perf_counter()
     device = torch.device(device)
     model.eval().to(device)
@@ -58,7 +64,8 @@ def answer_questions(
         q = tokenizer([s[1] for s in samples], max_length=model.cfg.text.max_positions)
         return images, q.input_ids, q.attention_mask, [s[2] for s in samples]
 
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    mine = Subset(dataset, evaluation_share(len(dataset), "questions"))
+    loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     result = VQAResult(predictions=[])
     for images, q_ids, q_mask, qids in loader:
         ctx = (
@@ -73,6 +80,9 @@ def answer_questions(
         for qid, row_ids, row_probs in zip(qids, ids.tolist(), probs.float().tolist(), strict=True):
             result.predictions.append({"question_id": qid, "answer": answer_list[row_ids[0]]})
             result.top[qid] = [(answer_list[i], round(p, 5)) for i, p in zip(row_ids, row_probs)][:keep_top]
+    shares = gather_objects((result.predictions, result.top))
+    result.predictions = [p for predictions, _ in shares for p in predictions]
+    result.top = {qid: top for _, tops in shares for qid, top in tops.items()}
     result.seconds = time.perf_counter() - start
     return result
 

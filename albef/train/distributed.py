@@ -10,12 +10,16 @@ minutes, not the days some codebases set, so a dead rank stops the job instead o
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,26 @@ def shard_range(n: int, rank: int | None = None, world_size: int | None = None) 
     per, extra = divmod(n, world_size)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (1 if rank < extra else 0))
+
+
+def evaluation_share(n: int, what: str) -> range:
+    """This rank's contiguous share of ``n`` evaluation items (:func:`shard_range`); with several ranks each
+    logs which items it takes, so a slow or stuck rank can be told apart."""
+    share = shard_range(n)
+    if _group_size() > 1:
+        items = f"{share.start}-{share.stop - 1}" if len(share) else "none"
+        log.info("rank %d of %d evaluates %s %s of %d", dist.get_rank(), _group_size(), what, items, n)
+    return share
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group)."""
+    world_size = _group_size()
+    if world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 @torch.no_grad()
