@@ -190,13 +190,15 @@ def evaluate_retrieval(
 
     tokens = tokenizer(dataset.texts, max_length=max_tokens)
     mine = evaluation_share(len(dataset.texts), "texts")
-    with _autocast(device, amp_dtype):
-        t_embeds, t_feats = text_features(
-            model,
-            tokens.input_ids[mine.start : mine.stop].to(device),
-            tokens.attention_mask[mine.start : mine.stop].to(device),
-            text_batch,
-        )
+    t_embeds = t_feats = torch.empty(0, device=device)  # a rank with no texts (more ranks than texts)
+    if len(mine):
+        with _autocast(device, amp_dtype):
+            t_embeds, t_feats = text_features(
+                model,
+                tokens.input_ids[mine.start : mine.stop].to(device),
+                tokens.attention_mask[mine.start : mine.stop].to(device),
+                text_batch,
+            )
     text_embeds, text_feats = gather_rows(t_embeds), gather_rows(t_feats.float())
     text_mask = tokens.attention_mask.to(device)
 

@@ -129,17 +129,23 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, in rank order, when ranks hold different row counts.
 
     Identity without a process group. Rows are padded to the longest share for the collective and trimmed
-    afterwards.
+    afterwards. A rank with no rows (more ranks than items) may pass any empty tensor: it takes its shape
+    and dtype from the ranks that have rows.
     """
     world_size = _group_size()
     if world_size == 1:
         return tensor
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size)]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
-    counts = [int(s.item()) for s in sizes]
+    # shapes travel as objects: a rank that computed nothing cannot know the trailing dimensions
+    shapes = gather_objects((tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
+    counts = [shape[0] if shape else 0 for shape, _ in shapes]
+    filled = [(shape, dtype) for shape, dtype in shapes if shape and shape[0] > 0]
+    if not filled:
+        return tensor
+    trailing, dtype = filled[0][0][1:], getattr(torch, filled[0][1])
     longest = max(counts)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
+    padded = torch.zeros((longest, *trailing), dtype=dtype, device=tensor.device)
+    if tensor.numel():
+        padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded.contiguous())
+    dist.all_gather(parts, padded)
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
