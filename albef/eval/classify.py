@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from albef.train.distributed import evaluation_share, gather_objects
+from albef.train.distributed import evaluation_share, gather_rows
 
 
 @dataclass
@@ -60,12 +60,12 @@ def classify(
                     batch["input_ids"].to(device),
                     batch["attention_mask"].to(device),
                 )
-            chunks.append(logits.float().cpu())
+            chunks.append(logits.float())
     finally:
         model.train(was_training)
-    # a share may be empty when there are fewer records than ranks
-    shares = [share for share in gather_objects(torch.cat(chunks) if chunks else None) if share is not None]
-    return ClassifyResult(torch.cat(shares), time.perf_counter() - started)
+    # gathered on the device (NCCL gathers CUDA tensors); a share is empty when there are more ranks than records
+    logits = gather_rows(torch.cat(chunks) if chunks else torch.empty(0, device=device))
+    return ClassifyResult(logits.cpu(), time.perf_counter() - started)
 
 
 def accuracy_metrics(labels: list[int], predictions: list[int], names: list[str]) -> dict:

@@ -220,9 +220,8 @@ def evaluate_retrieval(
     start_itm = time.perf_counter()
     sims = image_feats @ text_feats.t()
     top_i2t, top_t2i, pairs = candidate_pairs(sims, k_test)
-    mine = evaluation_share(
-        len(pairs), "candidate pairs"
-    )  # pairs are in image-major order: contiguous shares keep images together
+    # pairs are in image-major order: contiguous shares keep each image's pairs together
+    mine = evaluation_share(len(pairs), "candidate pairs")
     my_pairs = pairs[mine.start : mine.stop]
     chunk = max(pair_batch * 16, 1)
     parts = []

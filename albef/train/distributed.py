@@ -137,8 +137,8 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     # shapes travel as objects: a rank that computed nothing cannot know the trailing dimensions
     shapes = gather_objects((tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
-    counts = [shape[0] if shape else 0 for shape, _ in shapes]
-    filled = [(shape, dtype) for shape, dtype in shapes if shape and shape[0] > 0]
+    counts = [shape[0] for shape, _ in shapes]
+    filled = [(shape, dtype) for shape, dtype in shapes if shape[0] > 0]
     if not filled:
         return tensor
     trailing, dtype = filled[0][0][1:], getattr(torch, filled[0][1])
