@@ -184,6 +184,29 @@ def call_under_torchrun(function: str, kwargs: dict, workdir, nproc: int = 2, ti
     return log
 
 
+def assert_halves_logged(log: str, what: str, n: int) -> None:
+    """Two ranks split ``n`` evaluation items as ``shard_range`` does, and each logged its half."""
+    half = (n + 1) // 2
+    assert f"rank 0 of 2 evaluates {what} 0-{half - 1} of {n}" in log, log[-2000:]
+    assert f"rank 1 of 2 evaluates {what} {half}-{n - 1} of {n}" in log, log[-2000:]
+
+
+def same_json_outputs(one, two, names) -> dict:
+    """Assert that the files ``names`` hold equal JSON in folders ``one`` and ``two``, timing aside (a
+    ``metrics.json`` must carry a non-negative ``eval_seconds``); returns ``one``'s contents by name."""
+    import json
+    from pathlib import Path
+
+    contents = {}
+    for name in names:
+        a, b = (json.loads((Path(folder) / name).read_text()) for folder in (one, two))
+        if name == "metrics.json":
+            assert a.pop("eval_seconds") >= 0 and b.pop("eval_seconds") >= 0
+        assert b == a, name
+        contents[name] = a
+    return contents
+
+
 def with_one_thread(compute):
     """``compute()`` on one intra-op thread, as each torchrun worker runs (torchrun sets OMP_NUM_THREADS=1),
     so that results compare bit for bit."""
