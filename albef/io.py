@@ -30,3 +30,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def can_draw(path: str | Path) -> bool:
+    """Whether matplotlib is installed to draw ``path``. A machine without it (a bare GPU machine) skips the
+    figure with a warning instead of failing a stage after its work is done."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    logging.getLogger(__name__).warning("matplotlib is not installed: %s is not drawn", path)
+    return False

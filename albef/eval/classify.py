@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from albef.device import autocast
 from albef.train.distributed import evaluation_share, gather_rows
 
 
@@ -47,14 +47,11 @@ def classify(
     loader = DataLoader(
         mine, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
     )
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    )
     started = time.perf_counter()
     chunks = []
     try:
         for batch in tqdm(loader, desc="classify", unit="batch", disable=not progress, dynamic_ncols=True):
-            with autocast:
+            with autocast(device, amp_dtype):
                 logits = model.logits(
                     batch["images"].to(device),
                     batch["input_ids"].to(device),

@@ -44,6 +44,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from albef.config import ConfigError, ModelConfig
 from albef.data.grounding import REFS_FILE, GroundingAssets, load_refs
+from albef.device import check_device, resolve_device
+from albef.io import can_draw
 from albef.models.xbert import AttentionBlock, Mode
 
 log = logging.getLogger(__name__)
@@ -219,6 +221,7 @@ class GroundingEvalConfig:
     max_tokens: int | None = None  # null: the model's positions (the official grounding eval never truncates)
     batch_size: int = 32
     num_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     bad_box: str = "skip"  # an expression without a usable ground-truth box: skip (counted) | error
     examples: int = 4  # expressions drawn with a heat map per word (examples/*.png)
 
@@ -231,6 +234,7 @@ class GroundingEvalConfig:
             raise ConfigError(f"evaluate_grounding.iou_threshold: expected (0, 1], got {self.iou_threshold}")
         if self.batch_size < 1:
             raise ConfigError(f"evaluate_grounding.batch_size: expected >= 1, got {self.batch_size}")
+        check_device(self.device, "evaluate_grounding.device")
 
 
 class GroundingEvalDataset(Dataset):
@@ -536,13 +540,16 @@ def explain(
     out: str | Path,
     layer: int | None = None,
     tokenizer: str | Path | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """``albef explain``: a PNG of the Grad-CAM heat map of every word of ``text`` on ``image``."""
+    """``albef explain``: a PNG of the Grad-CAM heat map of every word of ``text`` on ``image``, computed on
+    ``device`` (``--device``: auto, cpu, cuda or cuda:N)."""
     from albef.checkpoint import load_pretrained
     from albef.data.images import open_rgb
     from albef.train.stages import _tokenizer
 
-    model = load_pretrained(model_dir)
+    placed = resolve_device(device, "--device")
+    model = load_pretrained(model_dir).to(placed)
     layer = check_layer(model.cfg, layer, "--layer")
     tok_dir = tokenizer or Path(model_dir) / "tokenizer"
     tok = _tokenizer(tok_dir, model.cfg)
@@ -565,7 +572,7 @@ def evaluate_grounding_stage(
     from albef.train.distributed import cleanup_distributed, init_distributed
 
     cfg = build_dataclass(GroundingEvalConfig, section(params, "evaluate_grounding"), "evaluate_grounding")
-    world, device = init_distributed()
+    world, device = init_distributed(cfg.device, "evaluate_grounding.device")
     try:
         return _evaluate_and_write(
             cfg, model_dir, out_dir, metrics_path, device, progress and world.is_main, world.is_main
@@ -612,7 +619,8 @@ def _evaluate_and_write(
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", {"results": results})
     drawn: list[Path] = []
-    for n, r in enumerate(pick_examples(results, cfg.examples)):
+    examples = pick_examples(results, cfg.examples) if can_draw(out / "examples") else []
+    for n, r in enumerate(examples):
         record = dataset.records[r["index"]]
         picture = images.open(record["image"])
         size = (assets.boxes[r["ref_id"]][1], assets.boxes[r["ref_id"]][2])

@@ -10,7 +10,6 @@ fusion forwards.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from albef.data.datasets import RetrievalEvalDataset
+from albef.device import autocast
 from albef.io import atomic_write
 from albef.models.base import ContrastiveModel
 from albef.models.retrieval import itm_scores, text_features
@@ -97,12 +97,12 @@ def score_matrices_per_query(
     """The official algorithm as written: one fusion pass of k pairs per query. For tests and benchmarks."""
     sims = image_feats @ text_feats.t()
     n_img, n_txt = sims.shape
-    score_i2t = torch.full((n_img, n_txt), UNSCORED)
+    score_i2t = torch.full((n_img, n_txt), UNSCORED, device=sims.device)  # on the GPU, as the official
     for i in range(n_img):
         top = sims[i].topk(min(k_test, n_txt)).indices
         logits = model.itm_logits(text_embeds[top], text_mask[top], image_embeds[i].repeat(len(top), 1, 1))
         score_i2t[i, top] = logits[:, 1].float()
-    score_t2i = torch.full((n_txt, n_img), UNSCORED)
+    score_t2i = torch.full((n_txt, n_img), UNSCORED, device=sims.device)
     for t in range(n_txt):
         top = sims[:, t].topk(min(k_test, n_img)).indices
         logits = model.itm_logits(
@@ -151,12 +151,6 @@ class RetrievalResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 @torch.no_grad()
 def evaluate_retrieval(
     model: ContrastiveModel,
@@ -192,7 +186,7 @@ def evaluate_retrieval(
     mine = evaluation_share(len(dataset.texts), "texts")
     t_embeds = t_feats = torch.empty(0, device=device)  # a rank with no texts (more ranks than texts)
     if len(mine):
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             t_embeds, t_feats = text_features(
                 model,
                 tokens.input_ids[mine.start : mine.stop].to(device),
@@ -208,13 +202,14 @@ def evaluate_retrieval(
     )
     i_embeds, i_feats = [], []
     for images, _ in tqdm(loader, desc="encode images", disable=not show, leave=False):
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             e, f = model.encode_image(images.to(device, non_blocking=True))
         i_embeds.append(e)
         i_feats.append(f.float())
     empty = torch.empty(0, device=device)
     image_embeds = gather_rows(torch.cat(i_embeds) if i_embeds else empty)
     image_feats = gather_rows(torch.cat(i_feats) if i_feats else empty)
+    _synchronize(device)  # GPU work is queued: the clock reads after it is done
     times["features"] = time.perf_counter() - start
 
     start_itm = time.perf_counter()
@@ -223,15 +218,17 @@ def evaluate_retrieval(
     # pairs are in image-major order: contiguous shares keep each image's pairs together
     mine = evaluation_share(len(pairs), "candidate pairs")
     my_pairs = pairs[mine.start : mine.stop]
-    chunk = max(pair_batch * 16, 1)
+    # at most 16 calls (progress steps): each call runs the first fusion self-attention of all texts again
+    chunk = max(pair_batch * 16, -(-len(my_pairs) // 16), 1)
     parts = []
     for lo in tqdm(range(0, len(my_pairs), chunk), desc="ITM re-rank", disable=not show, leave=False):
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             parts.append(
                 itm_scores(model, image_embeds, text_embeds, text_mask, my_pairs[lo : lo + chunk], pair_batch)
             )
     scores = gather_rows(torch.cat(parts) if parts else torch.empty(0, device=device))
     score_i2t, score_t2i = scatter_scores(sims.shape, top_i2t, top_t2i, pairs, scores)
+    _synchronize(device)
     times["itm"] = time.perf_counter() - start_itm
     times["total"] = time.perf_counter() - start
     model.train(was_training)
@@ -248,6 +245,11 @@ def evaluate_retrieval(
         pairs_scored=len(pairs),
         seconds=times,
     )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _is_main() -> bool:

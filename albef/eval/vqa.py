@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from albef.data.vqa import tokenize_answers
+from albef.device import autocast
 from albef.eval.vqa_answers import normalize_answer
 from albef.train.distributed import evaluation_share, gather_objects
 
@@ -68,12 +69,7 @@ def answer_questions(
     loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     result = VQAResult(predictions=[])
     for images, q_ids, q_mask, qids in loader:
-        ctx = (
-            torch.autocast(device_type=device.type, dtype=amp_dtype)
-            if amp_dtype is not None
-            else torch.autocast(device_type=device.type, enabled=False)
-        )
-        with ctx:
+        with autocast(device, amp_dtype):
             ids, probs = model.predict(
                 images.to(device), q_ids.to(device), q_mask.to(device), a_ids, a_mask, k=k_test
             )

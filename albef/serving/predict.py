@@ -4,6 +4,8 @@ A predictor loads an exported model folder once (weights, tokenizer, the evaluat
 answer list exported with it) and answers batches of already decoded images and texts, with the same text
 cleaning as the task's evaluation (``pre_question`` / ``pre_caption``). The ``albef predict`` commands call the
 ``predict_*`` functions below; the MLflow pyfunc models (:mod:`albef.serving.tasks`) keep one predictor each.
+A predictor computes on the device :func:`albef.device.resolve_device` gives its ``device`` setting (``auto``:
+this machine's GPU if it has one; the pyfuncs always use ``auto``).
 """
 
 from __future__ import annotations
@@ -13,13 +15,11 @@ from typing import Any
 
 import torch
 
+from albef.device import resolve_device
+
 
 class BadInput(ValueError):
     """A request the model cannot answer (an empty text, an image that is not one); the message says which."""
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_text(value: Any, what: str) -> str:
@@ -46,7 +46,7 @@ def open_image(path: str | Path, what: str = "image"):
 
 class TaskPredictor:
     """The model of ``task`` (default: the class's) in ``model_dir``, its tokenizer and evaluation transform,
-    in eval mode."""
+    in eval mode, on ``device``: a setting of :mod:`albef.device` (None: ``auto``) or a device already resolved."""
 
     task: str = ""
 
@@ -58,7 +58,9 @@ class TaskPredictor:
 
         self.task = task or self.task
         self.model_dir = Path(model_dir)
-        self.device = _device(device)
+        self.device = (
+            device if isinstance(device, torch.device) else resolve_device(device or "auto", "device")
+        )
         model, self.tokenizer = load_task_model(self.model_dir, self.task)
         self.model = model.to(self.device).eval()
         self.transform = eval_transform(model.cfg.vision.image_size)
@@ -190,23 +192,31 @@ def predict_vqa(
     answer_list: str | Path | None = None,
     k: int = 128,
     top: int = 5,
+    device: str = "auto",
 ) -> list[tuple[str, float]]:
     """The ``top`` answers (and their re-ranked probabilities) to ``question`` about ``image``; the answer list
     defaults to the one exported with the model."""
+    placed = resolve_device(device, "--device")
     check_text(question, "question")
     picture = open_image(image, "--image")
-    return VQAPredictor(model_dir, answer_list, k=k, top=top)([picture], [question])[0]
+    return VQAPredictor(model_dir, answer_list, k=k, top=top, device=placed)([picture], [question])[0]
 
 
-def predict_ve(model_dir: str | Path, image: str | Path, hypothesis: str) -> dict[str, Any]:
+def predict_ve(
+    model_dir: str | Path, image: str | Path, hypothesis: str, device: str = "auto"
+) -> dict[str, Any]:
     """Entailment, neutral or contradiction of ``hypothesis`` given ``image``, with the class probabilities."""
+    placed = resolve_device(device, "--device")
     check_text(hypothesis, "hypothesis")
     picture = open_image(image, "--image")
-    return VEPredictor(model_dir)([(picture,)], [hypothesis])[0]
+    return VEPredictor(model_dir, device=placed)([(picture,)], [hypothesis])[0]
 
 
-def predict_nlvr(model_dir: str | Path, left: str | Path, right: str | Path, text: str) -> dict[str, Any]:
+def predict_nlvr(
+    model_dir: str | Path, left: str | Path, right: str | Path, text: str, device: str = "auto"
+) -> dict[str, Any]:
     """Whether ``text`` holds for the image pair (label ``True`` / ``False``), with the class probabilities."""
+    placed = resolve_device(device, "--device")
     check_text(text, "text")
     pair = (open_image(left, "--left"), open_image(right, "--right"))
-    return NLVRPredictor(model_dir)([pair], [text])[0]
+    return NLVRPredictor(model_dir, device=placed)([pair], [text])[0]

@@ -133,6 +133,7 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
 
         config = dict(context.model_config or {})
         self.max_tokens = int(config.get("max_tokens", 30))
+        # a served model has no params.yaml section: it computes on the device rule's auto (the GPU if any)
         self.loaded = TaskPredictor(Path(context.artifacts[MODEL_ARTIFACT]), task="retrieval")
         self.model, self.device = self.loaded.model, self.loaded.device
 

@@ -34,8 +34,9 @@ import torch
 
 from albef.config import ConfigError
 from albef.data.stages import build_dataclass, section
+from albef.device import check_device, check_precision, resolve_precision
 from albef.train.distributed import cleanup_distributed, init_distributed
-from albef.train.engine import Trainer, fingerprint, resolve_precision
+from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
     _data_digest,
     _initial_model,
@@ -103,6 +104,7 @@ class ClassifierEvalConfig:
     tokenizer: str | None = None  # default: the model's tokenizer, else <data_dir>/tokenizer
     batch_size: int = 64
     num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     precision: str = "auto"
     max_tokens: int = 40
     max_words: int = 30  # sentence words kept (official 30)
@@ -180,7 +182,10 @@ def classifier_eval_settings(
     name = name or EVAL_SECTIONS[task]
     values = section(params, name)
     values.setdefault("test_file", f"{task}_test.json")
-    return build_dataclass(ClassifierEvalConfig, values, name)
+    cfg = build_dataclass(ClassifierEvalConfig, values, name)
+    check_device(cfg.device, f"{name}.device")
+    check_precision(cfg.precision, f"{name}.precision")
+    return cfg
 
 
 def finetune_classifier_stage(
@@ -195,8 +200,10 @@ def finetune_classifier_stage(
 
     stage, train, max_words, missing_images = classifier_train_settings(params, task, name)
     name = name or TRAIN_SECTIONS[task]
-    world, device = init_distributed()
+    world, device = init_distributed(train.device, f"{name}.device")
     try:
+        # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
+        resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank
         model, init_info = _initial_model(stage, task, params)
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
@@ -320,8 +327,9 @@ def evaluate_classifier_stage(
 
     cfg = classifier_eval_settings(params, task, name)
     name = name or EVAL_SECTIONS[task]
-    world, device = init_distributed()
+    world, device = init_distributed(cfg.device, f"{name}.device")
     try:
+        amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")
         model, tokenizer = load_task_model(model_dir, task, cfg.tokenizer, cfg.data_dir)
         test_path = Path(cfg.data_dir) / cfg.test_file
         dataset = ClassificationDataset(
@@ -339,7 +347,7 @@ def evaluate_classifier_stage(
             batch_size=cfg.batch_size,
             device=device,
             num_workers=cfg.num_workers,
-            amp_dtype=resolve_precision(cfg.precision, device),
+            amp_dtype=amp_dtype,
             progress=progress and world.is_main,
         )
         names = LABEL_NAMES[task]

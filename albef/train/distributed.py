@@ -3,8 +3,10 @@
 ``torchrun`` sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``); under SLURM
 (``srun python -m albef ...``) the same facts come from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``
 and the first host of ``SLURM_JOB_NODELIST``. Without either, the run is one process with no process group,
-and every collective in albef is a no-op. NCCL is used on GPUs, gloo on CPUs, and the collective timeout is
-minutes, not the days some codebases set, so a dead rank stops the job instead of hanging it.
+and every collective in albef is a no-op. Each process computes on the device its section's ``device`` setting
+names (:func:`albef.device.resolve_device`: ``auto`` is ``cuda:LOCAL_RANK`` where CUDA is available); NCCL
+is used between GPUs, gloo between CPUs, and the collective timeout is minutes, not the days some codebases
+set, so a dead rank stops the job instead of hanging it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from albef.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +66,29 @@ def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:
 
 
 def init_distributed(
-    timeout_minutes: float = 30.0, backend: str | None = None
+    device: str = "auto", key: str = "device", timeout_minutes: float = 30.0, backend: str | None = None
 ) -> tuple[WorldInfo, torch.device]:
-    """Join the process group described by the environment (if any); return the world and this rank's device."""
+    """Join the process group described by the environment (if any); return the world and this rank's device,
+    the one ``device`` (the setting ``key``, e.g. ``pretrain.device``) names for this rank. A device this
+    machine does not have is a ConfigError naming ``key``, before any process group is joined."""
     info = world_info_from_env()
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    placed = resolve_device(device, key, local_rank=info.local_rank, world_size=info.world_size)
+    if placed.type == "cuda":
+        torch.cuda.set_device(placed)
     if not info.distributed or dist.is_initialized():
-        return info, device
+        return info, placed
     if info.source == "slurm":
         os.environ.setdefault(
             "MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         )
         os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(
-        backend=backend or ("nccl" if use_cuda else "gloo"),
+        backend=backend or ("nccl" if placed.type == "cuda" else "gloo"),
         rank=info.rank,
         world_size=info.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
-    return info, device
+    return info, placed
 
 
 def cleanup_distributed() -> None:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from albef.config import ConfigError
+from albef.device import PRECISIONS, autocast, resolve_precision
 from albef.io import atomic_write_text
 from albef.models.components import RandomChoices
 from albef.schedule import LRSchedule, alpha_ramp, set_lr
@@ -62,8 +63,6 @@ from albef.train.optim import build_optimizer
 from albef.train.sampler import EpochSampler, SeededSamples, preserved_rng
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -86,8 +85,11 @@ class TrainConfig:
     precision: str = (
         "auto"  # auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | fp32 | bf16 | fp16
     )
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: where this process computes (albef.device)
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (a GPU speed-up; checked before any work)
     num_workers: int = 2
+    prefetch_factor: int = 2  # batches each worker loads ahead (with num_workers > 0)
     checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto: newest matching checkpoint | never | path to a checkpoint file
@@ -98,7 +100,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "batch_size", "grad_accum", "warmup_stair", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "warmup_stair", "log_every", "prefetch_factor"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("warmup_epochs", "num_workers", "checkpoint_every", "keep_checkpoints", "max_steps"):
@@ -113,7 +115,16 @@ class TrainConfig:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that change the numbers a run produces (not logging, workers or checkpointing)."""
-        ignore = {"num_workers", "checkpoint_every", "keep_checkpoints", "resume", "log_every", "max_steps"}
+        ignore = {
+            "num_workers",
+            "prefetch_factor",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "resume",
+            "log_every",
+            "max_steps",
+            "device",  # how, not what, a run computes: a checkpoint resumes on another device
+        }
         return {k: v for k, v in asdict(self).items() if k not in ignore}
 
 
@@ -126,11 +137,12 @@ class CheckpointWriteError(RuntimeError):
 
 
 class Step(Protocol):
-    """What a task's forward returns: ``loss`` with its graph, and ``loss_terms()`` as floats."""
+    """What a task's forward returns: ``loss`` with its graph, and ``loss_terms()``: detached scalar tensors on
+    the model's device (floats would make the host wait for the GPU at every step)."""
 
     loss: torch.Tensor
 
-    def loss_terms(self) -> dict[str, float]: ...
+    def loss_terms(self) -> dict[str, torch.Tensor]: ...
 
 
 ForwardFn = Callable[[nn.Module, dict[str, torch.Tensor], float, RandomChoices], Step]
@@ -176,15 +188,34 @@ def file_digest(path: str | Path, limit: int = 64 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (``None``: fp32, no autocast)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        raise ConfigError(f"precision {precision!r} needs a GPU; this run is on {device.type} (use fp32)")
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+def compile_model(model: nn.Module) -> int:
+    """``torch.compile`` every transformer block of ``model`` in place (ViT blocks, BERT/fusion layers, the VQA
+    decoder's layers); returns how many. Blocks, not whole encoders: a block's graph is the same in every
+    layer and every mode (text, fusion, momentum), so it compiles once and recompiles little when the text
+    length changes; in place, so state-dict keys and checkpoints are unchanged."""
+    from timm.models.vision_transformer import Block
+
+    from albef.models.xbert import FusionLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, (Block, FusionLayer))]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def check_compiler(device: torch.device, setting: str) -> None:
+    """Compile and run a tiny block on ``device`` now, so a machine where torch.compile cannot work (no C++
+    compiler, no Triton, an unsupported GPU) fails before any work with the setting's name, not at step 1."""
+    probe = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8)).to(device)
+    try:
+        out = torch.compile(probe)(torch.randn(4, 8, device=device, requires_grad=True))
+        out.sum().backward()
+    except Exception as exc:  # the compiler raises many kinds (BackendCompilerFailed, OSError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{setting}: true, but torch.compile does not work on this machine ({type(exc).__name__}: {first}); "
+            f"set {setting}: false"
+        ) from exc
 
 
 def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -300,6 +331,9 @@ class Trainer:
         model.to(device)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)  # type: ignore[operator]
+        if cfg.compile:
+            check_compiler(device, f"{name}.compile")
+            compile_model(model)
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
         self.choices_gen = torch.Generator(device=device)
         self.choices = RandomChoices(self.choices_gen)
@@ -316,6 +350,8 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.best: dict[str, float] | None = None
         self.resumed_from: str | None = None
+        # Each step's finiteness flag and loss terms since the last check, on the device (_optimisation_step).
+        self._unchecked: list[tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]] = []
 
     # ------------------------------------------------------------------------------------------- resume
     def _check_fingerprint(self) -> None:
@@ -411,6 +447,7 @@ class Trainer:
         return gathered
 
     def save(self) -> Path | None:
+        self._check_finite()
         ranks = self._gather_rank_states()
         path = None
         if self.world.is_main:
@@ -447,25 +484,35 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- training
     def _loader(self) -> DataLoader:
+        """One loader for the whole run. Its workers persist from epoch to epoch: starting them afresh
+        stalled every epoch's first steps (samples/s 80 then 1,400 on a GPU). The sampler runs in this
+        process, so :meth:`EpochSampler.set_epoch` before each ``iter()`` still picks the epoch's order."""
+        workers = self.cfg.num_workers
         return DataLoader(
             SeededSamples(self.dataset, self.cfg.seed),
             batch_size=self.cfg.batch_size,
             sampler=self.sampler,
-            num_workers=self.cfg.num_workers,
+            num_workers=workers,
             collate_fn=self.collate,
             pin_memory=self.device.type == "cuda",
             # Its own generator, so creating the iterator never draws from the global stream.
             generator=torch.Generator(),
-            persistent_workers=False,
+            persistent_workers=workers > 0,
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
         )
+
+    @staticmethod
+    def _stop_workers(loader: DataLoader) -> None:
+        """Stop persistent workers now: an exception's traceback keeps the loader, and so its worker
+        processes, alive long after ``fit`` has failed."""
+        iterator = getattr(loader, "_iterator", None)
+        loader._iterator = None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _run_validation(self) -> dict[str, float] | None:
         if self.validate is None:
@@ -521,10 +568,11 @@ class Trainer:
         last_log: dict[str, float] = {}
         micro_per_epoch = self.steps_per_epoch * cfg.grad_accum
         global_batch = cfg.batch_size * self.world.world_size * cfg.grad_accum
+        loader = self._loader()
         try:
             while self.step < self.total_steps and self.epoch < cfg.epochs:
-                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-                batches = iter(self._loader())
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)  # before iter(): it fixes the order
+                batches = iter(loader)  # the same workers; batches left over by grad_accum are dropped
                 while self.batch_in_epoch < micro_per_epoch and self.step < self.total_steps:
                     terms = self._optimisation_step(batches)
                     self.step += 1
@@ -538,9 +586,11 @@ class Trainer:
                         window, window_steps, window_start = {}, 0, time.perf_counter()
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if periodic and self.batch_in_epoch < micro_per_epoch:  # epoch ends save below
+                        paused = time.perf_counter()
                         self.save()
-                del batches
+                        window_start += time.perf_counter() - paused  # samples_per_s counts training only
                 if self.batch_in_epoch >= micro_per_epoch:
+                    paused = time.perf_counter()
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     due = cfg.validate_every and (
@@ -551,10 +601,12 @@ class Trainer:
                         if metrics is not None:
                             validations.append(metrics)
                     self.save()
+                    window_start += time.perf_counter() - paused
                 elif self.step >= self.total_steps:
                     self.save()  # max_steps reached mid-epoch
         finally:
             bar.close()
+            self._stop_workers(loader)
         seconds = time.perf_counter() - started
         done = self.step - start_step
         return FitResult(
@@ -568,38 +620,34 @@ class Trainer:
             best=self.best,
         )
 
-    def _optimisation_step(self, batches: Iterable) -> dict[str, float]:
+    def _optimisation_step(self, batches: Iterable) -> dict[str, torch.Tensor | float]:
+        """One optimisation step. Nothing in it reads a GPU value on the host: the loss terms stay on the
+        device until :meth:`_log` averages them, and a non-finite loss is recorded on the device and raised
+        by :meth:`_check_finite` at the next log row or checkpoint (before anything is saved)."""
         cfg = self.cfg
         set_lr(self.optimizer, self.schedule(self.step, self.steps_per_epoch))
         alpha = alpha_ramp(self.step, self.steps_per_epoch, cfg.alpha, cfg.alpha_ramp_epochs)
-        terms: dict[str, float] = {}
-        finite = True
+        terms: dict[str, torch.Tensor | float] = {}
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for micro in range(cfg.grad_accum):
             batch = self._to_device(next(batches))  # type: ignore[call-overload]
             self.batch_in_epoch += 1
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.world.distributed else self.ddp.no_sync()  # type: ignore[operator]
-            with sync:
-                with self._autocast():
+            with sync, self._out_of_memory_hint():
+                with autocast(self.device, self.amp_dtype):
                     out = self.forward(self.ddp, batch, alpha, self.choices)
                 loss = out.loss / cfg.grad_accum
                 for k, v in out.loss_terms().items():
+                    # tensors keep the step free of host synchronisation; floats are accepted too
+                    v = v.float() if isinstance(v, torch.Tensor) else float(v)
                     terms[k] = terms.get(k, 0.0) + v / cfg.grad_accum
-                finite = finite and bool(torch.isfinite(out.loss.detach()))
+                finite = finite & torch.isfinite(out.loss.detach())
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-        flag = _all_reduce(torch.tensor([1.0 if finite else 0.0], device=self.device), dist.ReduceOp.MIN)
-        if flag.item() < 1:
-            latest = latest_checkpoint(self.ckpt_dir)
-            where = "on this process" if not finite else "on another process"
-            raise TrainingDiverged(
-                f"{self.name}: non-finite loss at step {self.step + 1} (epoch {self.epoch}, "
-                f"batch {self.batch_in_epoch}) {where}: {_short(terms)}; "
-                f"lr={self.optimizer.param_groups[0]['lr']:.3g}, alpha={alpha:.3g}. Nothing was saved after "
-                f"the last good checkpoint: {latest}"
-            )
+        self._record_divergence(finite, terms, alpha)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip:
@@ -614,14 +662,72 @@ class Trainer:
         terms["alpha"] = alpha
         temp = getattr(self.model, "temp", None)
         if isinstance(temp, torch.Tensor):
-            terms["temp"] = float(temp.detach())
+            terms["temp"] = temp.detach().float().clone()
         return terms
+
+    @contextlib.contextmanager
+    def _out_of_memory_hint(self):
+        """A GPU out-of-memory error names the batch size and the two settings that trade speed for memory."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as exc:
+            cfg = self.cfg
+            raise torch.cuda.OutOfMemoryError(
+                f"{self.name}: the GPU ran out of memory at batch_size {cfg.batch_size} per process "
+                f"(grad_accum {cfg.grad_accum}, grad_checkpointing {str(cfg.grad_checkpointing).lower()}). "
+                f"Lower {self.name}.batch_size and raise {self.name}.grad_accum by the same factor (same "
+                f"optimisation, less memory), or set {self.name}.grad_checkpointing: true. {exc}"
+            ) from exc
+
+    def _record_divergence(self, finite: torch.Tensor, terms: dict[str, Any], alpha: float) -> None:
+        """Keep this step's finiteness flag and loss terms (device tensors) until the next check."""
+        context = {"step": self.step + 1, "epoch": self.epoch, "batch": self.batch_in_epoch, "alpha": alpha}
+        context["lr"] = self.optimizer.param_groups[0]["lr"]
+        losses = {k: v for k, v in terms.items() if isinstance(v, torch.Tensor)}
+        self._unchecked.append((context, finite, losses))
+
+    def _check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` when any rank saw a non-finite loss since the last check. Called
+        before every log row and every checkpoint, so nothing is saved after a bad step."""
+        if not self._unchecked:
+            bad = math.inf
+        else:
+            flags = torch.stack([finite for _, finite, _ in self._unchecked]).tolist()  # the one host read
+            bad = next((i for i, ok in enumerate(flags) if not ok), math.inf)
+        steps = [context["step"] for context, _, _ in self._unchecked]
+        mine = steps[bad] if math.isfinite(bad) else math.inf
+        # The earliest bad step over all ranks (inf when none).
+        earliest = float(
+            _all_reduce(
+                torch.tensor([mine], dtype=torch.float64, device=self.device), dist.ReduceOp.MIN
+            ).item()
+        )
+        if not math.isfinite(earliest):
+            self._unchecked.clear()
+            return
+        if math.isfinite(mine):
+            context, _, losses = self._unchecked[bad]
+            terms = {k: float(v) for k, v in losses.items()}
+            where = (
+                f"(epoch {context['epoch']}, batch {context['batch']}) on this process: {_short(terms)}; "
+                f"lr={context['lr']:.3g}, alpha={context['alpha']:.3g}"
+            )
+        else:
+            where = "on another process"
+        raise TrainingDiverged(
+            f"{self.name}: non-finite loss at step {int(earliest)} {where} (found at step {self.step}). Nothing "
+            f"was saved after the last good checkpoint: {latest_checkpoint(self.ckpt_dir)}"
+        )
 
     def _log(
         self, window: dict[str, float], steps: int, started: float, global_batch: int
     ) -> dict[str, float]:
+        self._check_finite()
         keys = sorted(window)
-        values = torch.tensor([window[k] / steps for k in keys], dtype=torch.float64, device=self.device)
+        # The loss terms are device tensors summed over the window: this is the step's only read of them.
+        values = torch.stack(
+            [torch.as_tensor(window[k], device=self.device).to(torch.float64) / steps for k in keys]
+        )
         values = _all_reduce(values) / self.world.world_size
         row = dict(zip(keys, values.tolist(), strict=True))
         elapsed = max(time.perf_counter() - started, 1e-9)

@@ -34,9 +34,10 @@ from albef.checkpoint import (
 )
 from albef.config import ConfigError, ModelConfig
 from albef.data.stages import section
-from albef.io import atomic_write_text
+from albef.device import check_device, check_precision, resolve_precision
+from albef.io import atomic_write_text, can_draw
 from albef.train.distributed import WorldInfo, cleanup_distributed, init_distributed
-from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint, resolve_precision
+from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
 
 log = logging.getLogger(__name__)
 # DataLoader workers tokenize in forked processes; the Rust tokenizer's own threads must not be inherited.
@@ -78,9 +79,14 @@ class EvaluateConfig:
     image_batch: int = 64
     pair_batch: int = 256
     num_workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     precision: str = "auto"
     examples: int = 4  # example queries drawn in examples.png
     top: int = 10  # results kept per query in rankings.json
+
+    def __post_init__(self) -> None:
+        check_device(self.device, "evaluate.device")
+        check_precision(self.precision, "evaluate.precision")
 
 
 _TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
@@ -106,6 +112,7 @@ def split_train_section(values: dict[str, Any], name: str) -> tuple[TrainStageCo
         train = TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_KEYS})
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
+    check_device(train.device, f"{name}.device")
     return TrainStageConfig(**stage_values), train
 
 
@@ -269,7 +276,7 @@ def write_curves(run_dir: Path, plots_dir: str | Path | None, title: str) -> Non
             target = plots / ("train.csv" if name == "history" else "validation.csv")
             shutil.copyfile(src, target)
             curves[name] = target
-    if "history" in curves:
+    if "history" in curves and can_draw(plots / "curves.png"):
         _plot_curves(curves, plots / "curves.png", title)
 
 
@@ -328,8 +335,10 @@ def train_stage(
 
     stage, train = split_train_section(section(params, name), name)
     dataset_cls, transform_name, forward, with_idx = _TASKS[task]
-    world, device = init_distributed()
+    world, device = init_distributed(train.device, f"{name}.device")
     try:
+        # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
+        resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
         model, init_info = _initial_model(stage, MODEL_TASK.get(task, task), params)
         model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
@@ -467,8 +476,9 @@ def evaluate_stage(
     from albef.eval.retrieval import evaluate_retrieval, plot_examples, rankings
 
     cfg = build_dataclass(EvaluateConfig, section(params, "evaluate"), "evaluate")
-    world, device = init_distributed()
+    world, device = init_distributed(cfg.device, "evaluate.device")
     try:
+        amp_dtype = resolve_precision(cfg.precision, device, "evaluate.precision")
         task, _ = read_config(model_dir)
         model = load_pretrained(model_dir).to(device)
         tok_dir = cfg.tokenizer or (
@@ -491,7 +501,7 @@ def evaluate_stage(
             image_batch=cfg.image_batch,
             pair_batch=cfg.pair_batch,
             num_workers=cfg.num_workers,
-            amp_dtype=resolve_precision(cfg.precision, device),
+            amp_dtype=amp_dtype,
             progress=progress,
         )
         metrics: dict[str, Any] = {k: round(v, 3) for k, v in result.metrics.items()}
@@ -509,7 +519,7 @@ def evaluate_stage(
             out.mkdir(parents=True, exist_ok=True)
             ranked = rankings(result, dataset, top=cfg.top)
             _write_json(out / "rankings.json", ranked)
-            if cfg.examples:
+            if cfg.examples and can_draw(out / "examples.png"):
                 plot_examples(ranked, dataset, out / "examples.png", queries=cfg.examples)
             _write_json(out / "metrics.json", metrics)
             if metrics_path:

@@ -35,6 +35,7 @@ from albef.config import ConfigError, ModelConfig
 from albef.data.datasets import image_source
 from albef.data.stages import build_dataclass, section
 from albef.data.transforms import eval_transform
+from albef.device import check_device, resolve_device
 from albef.models.components import MaskSpec, RandomChoices
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import hf_bert_config
@@ -66,6 +67,7 @@ class UnimodalConfig:
     max_tokens: int = 30
     heldout_fraction: float = 0.1  # images / captions kept out of training to measure what was learnt
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device); the draws are the same on every device
 
     def __post_init__(self) -> None:
         for name in ("vision_steps", "text_steps", "batch_size"):
@@ -73,6 +75,7 @@ class UnimodalConfig:
                 raise ConfigError(f"unimodal.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ConfigError(f"unimodal.heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+        check_device(self.device, "unimodal.device")
 
 
 class SceneLabels:
@@ -147,8 +150,13 @@ def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.T
 
 
 def train_image_encoder(
-    cfg: UnimodalConfig, model_cfg: ModelConfig, progress: bool
+    cfg: UnimodalConfig, model_cfg: ModelConfig, progress: bool, device: torch.device | None = None
 ) -> tuple[ImageEncoder, dict]:
+    """The ViT trained with a linear head on the scenes' attribute labels, on ``device`` (default: the CPU).
+
+    Every random draw (split, batches) comes from a CPU generator and only the drawn indices move to the
+    device, so a GPU run trains on the same batches as a CPU run."""
+    device = device or torch.device("cpu")
     scenes_path = Path(cfg.scenes)
     if not scenes_path.is_file():
         raise FileNotFoundError(f"unimodal.scenes: {scenes_path} does not exist (run `albef data synth`)")
@@ -160,18 +168,19 @@ def train_image_encoder(
     transform = eval_transform(model_cfg.vision.image_size)
     keys = sorted(scenes)
     # A few thousand 48-px images fit in memory: decode once instead of every step.
-    pixels = torch.stack([transform(images.open(k)) for k in keys])
-    targets = torch.stack([labels(scenes[k]) for k in keys])
+    pixels = torch.stack([transform(images.open(k)) for k in keys]).to(device)
+    targets = torch.stack([labels(scenes[k]) for k in keys]).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     train, heldout = _split(len(keys), cfg.heldout_fraction, gen)
 
     torch.manual_seed(cfg.seed)
-    encoder = ImageEncoder(model_cfg.vision)
-    head = nn.Linear(model_cfg.vision.width, targets.shape[1])
+    encoder = ImageEncoder(model_cfg.vision).to(device)  # initialised on the CPU: the same weights everywhere
+    head = nn.Linear(model_cfg.vision.width, targets.shape[1]).to(device)
     params = [*encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
 
     def loss_on(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index.to(device)
         logits = head(encoder(pixels[index])[:, 0])
         return F.binary_cross_entropy_with_logits(logits, targets[index]), logits
 
@@ -192,10 +201,10 @@ def train_image_encoder(
     with torch.no_grad():
         train_loss, _ = loss_on(train)
         loss, logits = loss_on(heldout)
-        truth = targets[heldout]
+        truth = targets[heldout.to(device)]
         accuracy = ((logits > 0).float() == truth).float().mean().item()
         # Predicting every label's training frequency is the floor a useless encoder reaches.
-        prior = targets[train].mean(0).clamp(1e-4, 1 - 1e-4)
+        prior = targets[train.to(device)].mean(0).clamp(1e-4, 1 - 1e-4)
         floor = F.binary_cross_entropy(prior.expand_as(truth), truth).item()
     encoder.train()
     return encoder, {
@@ -208,9 +217,17 @@ def train_image_encoder(
 
 
 def train_text_encoder(
-    cfg: UnimodalConfig, model_cfg: ModelConfig, tokenizer: ALBEFTokenizer, progress: bool
+    cfg: UnimodalConfig,
+    model_cfg: ModelConfig,
+    tokenizer: ALBEFTokenizer,
+    progress: bool,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, dict]:
+    """A BERT trained with MLM on the captions, on ``device`` (default: the CPU); batches and masks are drawn on
+    the CPU, as for the image encoder."""
     from transformers import BertForMaskedLM
+
+    device = device or torch.device("cpu")
 
     path = Path(cfg.data_dir) / cfg.text_file
     if not path.is_file():
@@ -232,13 +249,14 @@ def train_text_encoder(
     choices = RandomChoices(gen)
 
     torch.manual_seed(cfg.seed + 1)
-    bert = BertForMaskedLM(hf_bert_config(model_cfg))
+    bert = BertForMaskedLM(hf_bert_config(model_cfg)).to(device)
     opt = torch.optim.AdamW(bert.parameters(), lr=cfg.text_lr, weight_decay=0.01)
 
     def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, float]:
         tokens = tokenizer([captions[i] for i in index.tolist()], max_length=cfg.max_tokens)
         ids, labels = choices.mlm_mask(tokens.input_ids, spec)
-        out = bert(input_ids=ids, attention_mask=tokens.attention_mask, labels=labels)
+        ids, labels, mask = ids.to(device), labels.to(device), tokens.attention_mask.to(device)
+        out = bert(input_ids=ids, attention_mask=mask, labels=labels)
         picked = labels != -100
         correct = (out.logits.argmax(-1)[picked] == labels[picked]).float().mean().item()
         return out.loss, correct
@@ -268,11 +286,16 @@ def train_text_encoder(
 def unimodal_stage(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Train both encoders and write ``out/deit.pth`` and ``out/bert/`` (all or nothing)."""
     cfg = build_dataclass(UnimodalConfig, section(params, "unimodal"), "unimodal")
+    # one process: `albef unimodal` is not among the commands that run under torchrun
+    device = resolve_device(cfg.device, "unimodal.device")
     model_cfg = ModelConfig.from_dict(section(params, "model"))
     tokenizer = ALBEFTokenizer.from_pretrained(Path(cfg.data_dir) / "tokenizer")
     tokenizer.check_compatible(model_cfg.text)
-    encoder, image_metrics = train_image_encoder(cfg, model_cfg, progress)
-    bert, text_metrics = train_text_encoder(cfg, model_cfg, tokenizer, progress)
+    encoder, image_metrics = train_image_encoder(cfg, model_cfg, progress, device)
+    bert, text_metrics = train_text_encoder(cfg, model_cfg, tokenizer, progress, device)
+    # written from the CPU, so the files load on any machine (pretrain.init_deit / init_bert)
+    encoder.cpu()
+    bert.cpu()
 
     out = Path(cfg.out)
     partial = out.with_name(out.name + ".partial")

@@ -23,8 +23,9 @@ import torch
 
 from albef.config import ConfigError
 from albef.data.stages import build_dataclass, section
+from albef.device import check_device, check_precision, resolve_precision
 from albef.train.distributed import cleanup_distributed, init_distributed
-from albef.train.engine import Trainer, fingerprint, resolve_precision
+from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
     _data_digest,
     _initial_model,
@@ -54,6 +55,7 @@ class VQAEvalConfig:
     k_test: int = 128  # candidates re-ranked per question (official 128)
     batch_size: int = 32
     num_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     precision: str = "auto"
     max_words: int = 50  # question words kept at test time (official 50)
 
@@ -90,7 +92,10 @@ def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa"):
 
 
 def vqa_eval_settings(params: dict[str, Any], name: str = "evaluate_vqa") -> VQAEvalConfig:
-    return build_dataclass(VQAEvalConfig, section(params, name), name)
+    cfg = build_dataclass(VQAEvalConfig, section(params, name), name)
+    check_device(cfg.device, f"{name}.device")
+    check_precision(cfg.precision, f"{name}.precision")
+    return cfg
 
 
 def finetune_vqa_stage(
@@ -106,8 +111,10 @@ def finetune_vqa_stage(
     from albef.data.vqa import VQACollate, VQATrainDataset, read_answer_list
 
     stage, train, answer_list_name, max_answer_tokens = vqa_train_settings(params, name)
-    world, device = init_distributed()
+    world, device = init_distributed(train.device, f"{name}.device")
     try:
+        # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
+        resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)
         model, init_info = _initial_model(stage, "vqa", params)
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
@@ -203,8 +210,9 @@ def evaluate_vqa_stage(
     from albef.eval.vqa import answer_questions, score_predictions
 
     cfg = vqa_eval_settings(params, name)
-    world, device = init_distributed()
+    world, device = init_distributed(cfg.device, f"{name}.device")
     try:
+        amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")
         model, tokenizer = load_task_model(model_dir, "vqa", cfg.tokenizer, cfg.data_dir)
         answer_list = read_answer_list(Path(cfg.data_dir) / cfg.answer_list)
         dataset = VQATestDataset(
@@ -222,7 +230,7 @@ def evaluate_vqa_stage(
             batch_size=cfg.batch_size,
             device=device,
             num_workers=cfg.num_workers,
-            amp_dtype=resolve_precision(cfg.precision, device),
+            amp_dtype=amp_dtype,
         )
         metrics: dict[str, Any] = {"questions": len(dataset), "answer_list": len(answer_list)}
         if cfg.test_answers:
