@@ -58,8 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from albef.config import PRESETS, ModelConfig
+from albef.config import PRESETS, ModelConfig, load_model_config
 from albef.models.pretrain import ALBEFPretrain
 from albef.train.optim import build_optimizer
 
@@ -160,6 +161,10 @@ class Row:
     warmup: int = 0
     step_times_s: list[float] = field(default_factory=list)
     final_loss: float = math.nan
+    gflop_per_sample: float = math.nan  # counted (torch.utils.flop_counter) over forward + backward
+    achieved_tflops: float = math.nan  # gflop_per_sample x samples/s
+    peak_share: float = math.nan  # achieved / the device's measured matmul peak in this dtype
+    host_syncs: str = "-"  # CUDA: "none" when a step runs under torch.cuda.set_sync_debug_mode("error")
     status: str = "ok"  # ok | OOM | error: ...
 
 
@@ -174,6 +179,10 @@ COLUMNS: list[tuple[str, int, Callable[[Row], str]]] = [
     ("min s", 8, lambda r: _fmt(r.min_sec_per_step, ".4f")),
     ("samples/s", 9, lambda r: _fmt(r.samples_per_s, ".4g")),
     ("peak MiB", 8, lambda r: _fmt(r.peak_mem_mib, ".0f")),
+    ("GFLOP/smp", 9, lambda r: _fmt(r.gflop_per_sample, ".4g")),
+    ("TFLOP/s", 7, lambda r: _fmt(r.achieved_tflops, ".2f")),
+    ("of peak", 7, lambda r: _fmt(100 * r.peak_share, ".1f") + ("%" if math.isfinite(r.peak_share) else "")),
+    ("syncs", 5, lambda r: r.host_syncs),
     ("status", 6, lambda r: r.status),
 ]
 
@@ -253,8 +262,17 @@ def run_row(
     grad_checkpointing: bool,
     cpu_mem: CpuPeakMemory,
     optimizer_kind: str = "fused",
+    image_size: int | None = None,
+    queue_size: int | None = None,
+    compile_model: bool = False,
+    peak_tflops: float | None = None,
+    model_params: Path | None = None,
 ) -> Row:
-    cfg = PRESETS[preset]()
+    cfg = load_model_config(model_params) if model_params else PRESETS[preset]()
+    if image_size:
+        cfg.vision.image_size = image_size
+    if queue_size:
+        cfg.queue_size = queue_size
     if cfg.queue_size % batch:  # the queue is a ring buffer advanced by the batch
         cfg.queue_size = batch * math.ceil(cfg.queue_size / batch)
     row = Row(
@@ -275,7 +293,19 @@ def run_row(
             torch.cuda.reset_peak_memory_stats(device)
         else:
             cpu_mem.start()
-        _measure(row, cfg, DTYPES[dtype_name], device, seed, grad_checkpointing, state, optimizer_kind)
+        _measure(
+            row,
+            cfg,
+            DTYPES[dtype_name],
+            device,
+            seed,
+            grad_checkpointing,
+            state,
+            optimizer_kind,
+            compile_model,
+        )
+        if peak_tflops and math.isfinite(row.achieved_tflops):
+            row.peak_share = row.achieved_tflops / peak_tflops
         if device.type == "cuda":
             row.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
         else:
@@ -300,10 +330,13 @@ def _measure(
     grad_checkpointing: bool,
     state: dict[str, Any],
     optimizer_kind: str,
+    compile_model: bool = False,
 ) -> None:
     seed_everything(seed)
     model = ALBEFPretrain(cfg).to(device).train()
     model.set_grad_checkpointing(grad_checkpointing)
+    if compile_model:
+        compile_encoders(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, optimizer_kind)
     state.update(model=model, optimizer=optimizer)
@@ -314,7 +347,7 @@ def _measure(
 
     def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type="cuda", dtype=dtype, enabled=use_autocast):
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast):
             out = model(images, input_ids, attention_mask, alpha=ALPHA)
         out.loss.backward()
         optimizer.step()
@@ -338,6 +371,45 @@ def _measure(
         row.samples_per_s = row.batch / row.sec_per_step
     if not math.isfinite(row.final_loss):
         row.status = "non-finite loss"
+    # FLOPs are counted on one more step (not timed): matmuls, convolutions and attention, forward + backward.
+    with FlopCounterMode(display=False) as counter:
+        step()
+    row.gflop_per_sample = counter.get_total_flops() / row.batch / 1e9
+    row.achieved_tflops = row.gflop_per_sample * row.samples_per_s / 1e3
+    if device.type == "cuda":
+        # One more step with any host synchronisation turned into an error: the step must not wait for the GPU.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+            row.host_syncs = "none"
+        except RuntimeError as exc:
+            row.host_syncs = "yes"
+            print(f"  host synchronisation inside the step: {str(exc).splitlines()[0]}", file=sys.stderr)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def compile_encoders(model: torch.nn.Module) -> None:
+    """What ``compile: true`` does in training (albef.train.engine): each encoder compiled in place."""
+    from albef.train.engine import compile_model
+
+    compile_model(model)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's attainable dense matmul rate in ``dtype`` (TFLOP/s), measured: the best of a few large
+    square matmuls. The share of peak is against this, not a datasheet figure."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(3 if device.type == "cpu" else 10):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
 
 
 # ---------------------------------------------------------------------- command line
@@ -354,7 +426,7 @@ def parse_per_preset(
     for item in text.split(","):
         name, _, value = item.partition("=")
         name = name.strip()
-        if name not in PRESETS:
+        if name not in PRESETS and name != "params":
             raise ValueError(f"{what}: unknown preset {name!r}; choose from {sorted(PRESETS)}")
         values[name] = _positive_int(value, what, allow_zero)
     return values
@@ -405,6 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
     )
     parser.add_argument("--grad-checkpointing", action="store_true", help="enable activation checkpointing")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoders (as compile: true)"
+    )
+    parser.add_argument(
+        "--model-params",
+        type=Path,
+        default=None,
+        help="take the model from this params file's model section (e.g. one written by albef profile gpu "
+        "--write) instead of --presets; the row is named 'params'",
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="override the presets' image size")
+    parser.add_argument("--queue-size", type=int, default=None, help="override the presets' queue size")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak in TFLOP/s for the share-of-peak column (default: measured per dtype with a "
+        "large matmul; the datasheet figure is higher)",
+    )
     parser.add_argument(
         "--optimizer",
         choices=["fused", "loop"],
@@ -457,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    unknown = [p for p in presets if p not in PRESETS]
+    if args.model_params:
+        presets = ["params"]
+    unknown = [p for p in presets if p not in PRESETS and not args.model_params]
     if unknown or not presets:
         parser.error(f"--presets: unknown {unknown}; choose from {sorted(PRESETS)}")
     if args.device == "auto":
@@ -494,12 +587,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     for key, value in env.items():
         print(f"  {key:<22} {value}")
+
+    peaks: dict[str, float] = {}
+    for dtype_name in dtypes:
+        peaks[dtype_name] = args.peak_tflops or matmul_peak_tflops(device, DTYPES[dtype_name])
+        how = "given" if args.peak_tflops else "measured, large matmul"
+        print(f"  {dtype_name} peak ({how}): {peaks[dtype_name]:.1f} TFLOP/s")
+    env["peak_tflops"] = peaks
     print()
     print(table_header(), flush=True)
 
     rows: list[Row] = []
     for preset in presets:
-        default_batch, cpu_steps, cpu_warmup = DEFAULTS[preset]
+        default_batch, cpu_steps, cpu_warmup = DEFAULTS.get(preset, DEFAULTS["small"])
         on_cuda = device.type == "cuda"
         for dtype_name in dtypes:
             row = run_row(
@@ -513,15 +613,24 @@ def main(argv: list[str] | None = None) -> int:
                 grad_checkpointing=args.grad_checkpointing,
                 cpu_mem=cpu_mem,
                 optimizer_kind=args.optimizer,
+                image_size=args.image_size,
+                queue_size=args.queue_size,
+                compile_model=args.compile,
+                peak_tflops=peaks[dtype_name],
+                model_params=args.model_params,
             )
             rows.append(row)
             print(table_row(row), flush=True)
     print(f"\ns/step: median over timed steps; samples/s: batch / median; peak MiB: {memory_method}")
+    print(
+        "GFLOP/smp: counted by torch.utils.flop_counter (forward + backward); of peak: against the measured peak"
+    )
 
     if args.json is not None:
         payload = {
             "environment": env,
             "grad_checkpointing": args.grad_checkpointing,
+            "compile": args.compile,
             "rows": [asdict(r) for r in rows],
         }
         args.json.write_text(json.dumps(_json_safe(payload), indent=2, default=str, allow_nan=False) + "\n")

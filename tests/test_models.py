@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_batch
 
 from albef.config import tiny_config
@@ -81,12 +82,15 @@ def test_batch_of_one_and_shared_image_ids_do_not_crash():
     cfg1 = tiny_config()
     cfg1.queue_size = 31  # divisible by a batch of one
     out = ALBEFPretrain(cfg1)(images, ids, mask)
-    assert torch.isfinite(out.loss) and out.itm_logits.shape == (1, 2)
+    assert torch.isfinite(out.loss) and out.itm_logits[out.itm_valid].shape == (1, 2)
     images, ids, mask = make_batch(cfg, 4, 8)
     retrieval = ALBEFRetrieval(cfg)
     out = retrieval(images, ids, mask, torch.tensor([7, 7, 7, 7]))
     assert torch.isfinite(out.loss)
-    assert out.neg_image_idx_for_text.tolist() == [-1] * 4 and out.itm_logits.shape == (4, 2)
+    assert out.neg_image_idx_for_text.tolist() == [-1] * 4 and out.itm_logits[out.itm_valid].shape == (4, 2)
+    # rows without a negative are left out of the loss: it is the cross-entropy of the positives alone
+    valid = out.itm_valid
+    torch.testing.assert_close(out.loss_itm, F.cross_entropy(out.itm_logits[valid], out.itm_labels[valid]))
     out = retrieval(images, ids, mask, torch.tensor([1, 1, 2, 2]))
     ids_ = torch.tensor([1, 1, 2, 2])
     assert (ids_[out.neg_image_idx_for_text] != ids_).all() and (
@@ -273,3 +277,17 @@ def test_projected_image_keys_and_values_give_the_same_fusion():
     torch.testing.assert_close(
         model.fuse(txt_embeds, mask, projected.select(which)), model.fuse(txt_embeds, mask, img_embeds[which])
     )
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_a_training_forward_and_backward_never_wait_for_the_device(task):
+    """On the meta device every tensor has a shape and no value, so anything that reads a value on the host
+    (``.item()``, ``bool(t)``, a boolean index, ``.tolist()``) raises: the forward and backward of a training
+    step are free of the host synchronisations that stall a GPU at every step."""
+    cfg = tiny_config()
+    model = (ALBEFPretrain if task == "pretrain" else ALBEFRetrieval)(cfg).to("meta").train()
+    images, ids, mask = (t.to("meta") for t in make_batch(cfg, 4, 8))
+    extra = () if task == "pretrain" else (torch.arange(4, device="meta"),)
+    out = model(images, ids, mask, *extra, alpha=0.4, choices=RandomChoices())
+    out.loss.backward()
+    assert out.loss.device.type == "meta" and set(out.loss_terms()) >= {"loss", "loss_itc", "loss_itm"}

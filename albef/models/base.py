@@ -39,8 +39,11 @@ class ITCResult:
 @dataclass
 class ITMResult:
     loss: torch.Tensor
-    logits: torch.Tensor  # (B + negatives, 2); column 1 = match
+    logits: (
+        torch.Tensor
+    )  # (3B, 2): positives, (text, negative image), (negative text, image); column 1 = match
     labels: torch.Tensor
+    valid: torch.Tensor  # (3B,) bool: False for negative rows that had no candidate (left out of the loss)
     neg_image_idx_for_text: torch.Tensor  # (B,), -1 where a text had no valid negative image
     neg_text_idx_for_image: torch.Tensor
 
@@ -55,21 +58,23 @@ class ContrastiveOutput:
     sim_i2t: torch.Tensor  # online image vs [momentum texts ; queue] / temp, (B, B + Q)
     sim_t2i: torch.Tensor
     itc_targets: torch.Tensor  # hard targets before distillation, (B, B + Q)
-    itm_logits: torch.Tensor  # (B + negatives, 2): positives first; column 1 = match
+    itm_logits: torch.Tensor  # (3B, 2): positives first; column 1 = match
     itm_labels: torch.Tensor
+    itm_valid: torch.Tensor  # (3B,) bool: rows in the ITM loss (a negative row without a candidate is not)
     neg_image_idx_for_text: torch.Tensor  # -1 where a text had no valid negative image
     neg_text_idx_for_image: torch.Tensor
     image_feat: torch.Tensor
     text_feat: torch.Tensor
     image_feat_m: torch.Tensor
     text_feat_m: torch.Tensor
-    temp: float
+    temp: (
+        torch.Tensor
+    )  # the temperature used, detached (a tensor: reading it as a float would wait for the GPU)
 
-    def loss_terms(self) -> dict[str, float]:
-        """Every loss term as a float, for logging."""
-        return {
-            f.name: float(getattr(self, f.name).detach()) for f in fields(self) if f.name.startswith("loss")
-        }
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """Every loss term, detached, on the model's device (the trainer averages them there and reads them
+        on the host only when it logs)."""
+        return {f.name: getattr(self, f.name).detach() for f in fields(self) if f.name.startswith("loss")}
 
 
 def check_text(
@@ -88,6 +93,11 @@ def check_text(
         raise ValueError(
             f"input_ids: length {input_ids.shape[1]} exceeds text.max_positions ({cfg.text.max_positions})"
         )
+    if input_ids.device.type != "cpu":
+        # Reading the range of ids on a GPU would stall the step for it; there an id out of range stops the
+        # embedding lookup with a device-side assert, and every stage checks its tokenizer against the model's
+        # vocabulary when it loads it (``ALBEFTokenizer.check_compatible``).
+        return
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= cfg.text.vocab_size:
         raise ValueError(
@@ -250,27 +260,30 @@ class ContrastiveModel(nn.Module):
             probs_i2t = negative_probabilities(sim_i2t[:, :bs], positive)
             neg_img = choices.negatives(probs_t2i, ~positive, "image_for_text")
             neg_txt = choices.negatives(probs_i2t, ~positive, "text_for_image")
-        has_img, has_txt = neg_img >= 0, neg_txt >= 0
         # One fusion pass over [positives ; (text, hard negative image) ; (hard negative text, image)]: the
         # official code runs the positives and the negatives separately, with identical per-row results.
-        # Rows with no valid negative (batch of one, all captions of one image) contribute no negative.
+        # A row with no valid negative (batch of one, all captions of one image) is fused with a stand-in
+        # (row 0) and weighted 0 in the loss, instead of being cut out with a boolean index, whose size the
+        # host would have to wait for at every step on a GPU.
         # Negatives are gathered with index_select, not x[idx]: an image or text drawn as the negative of
         # several rows repeats in idx, and the backward of x[idx] (index_put with accumulate) sums those
         # rows in an order that varies between processes on a multi-threaded CPU, so two runs of one seed
         # drifted apart; index_select's backward (index_add) sums them in index order.
-        neg_txt_rows, neg_img_rows = neg_txt[has_txt], neg_img[has_img]
-        text_all = torch.cat(
-            [text_embeds, text_embeds[has_img], text_embeds.index_select(0, neg_txt_rows)], dim=0
+        has_img, has_txt = neg_img >= 0, neg_txt >= 0
+        img_rows, txt_rows = neg_img.clamp(min=0), neg_txt.clamp(min=0)
+        text_all = torch.cat([text_embeds, text_embeds, text_embeds.index_select(0, txt_rows)], dim=0)
+        mask_all = torch.cat(
+            [attention_mask, attention_mask, attention_mask.index_select(0, txt_rows)], dim=0
         )
-        mask_all = torch.cat([attention_mask, attention_mask[has_img], attention_mask[neg_txt_rows]], dim=0)
-        image_all = torch.cat(
-            [image_embeds, image_embeds.index_select(0, neg_img_rows), image_embeds[has_txt]], dim=0
-        )
+        image_all = torch.cat([image_embeds, image_embeds.index_select(0, img_rows), image_embeds], dim=0)
         fused = self.fuse(text_all, mask_all, image_all)[:, 0, :]
         logits = self.itm_head(fused)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         labels[:bs] = 1
-        return ITMResult(F.cross_entropy(logits, labels), logits, labels, neg_img, neg_txt)
+        valid = torch.cat([torch.ones_like(has_img), has_img, has_txt])
+        weight = valid.float()
+        loss = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / weight.sum()
+        return ITMResult(loss, logits, labels, valid, neg_img, neg_txt)
 
     @torch.no_grad()
     def dequeue_and_enqueue(
@@ -304,13 +317,14 @@ class ContrastiveModel(nn.Module):
             itc_targets=hard_targets,
             itm_logits=itm.logits.detach(),
             itm_labels=itm.labels,
+            itm_valid=itm.valid,
             neg_image_idx_for_text=itm.neg_image_idx_for_text,
             neg_text_idx_for_image=itm.neg_text_idx_for_image,
             image_feat=image_feat.detach(),
             text_feat=text_feat.detach(),
             image_feat_m=image_feat_m,
             text_feat_m=text_feat_m,
-            temp=float(temp.detach()),
+            temp=temp.detach().clone(),
         )
 
     def default_choices(self, choices: ChoiceSource | None) -> ChoiceSource:

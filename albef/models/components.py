@@ -28,7 +28,8 @@ def copy_to_momentum(pairs: Iterable[tuple[nn.Module, nn.Module]]) -> None:
 def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], m: float) -> None:
     """EMA ``p_m <- m * p_m + (1 - m) * p`` over every parameter pair (buffers are not averaged).
 
-    Uses the multi-tensor ``_foreach`` kernels: one launch per step instead of one per parameter.
+    Uses the multi-tensor ``_foreach`` kernels: two launches per step instead of one per parameter, and no
+    temporary copy of the online weights (``alpha`` scales them inside the add).
     """
     online: list[torch.Tensor] = []
     twins: list[torch.Tensor] = []
@@ -37,7 +38,7 @@ def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], m: float) -> N
             online.append(p.detach())
             twins.append(p_m.data)
     torch._foreach_mul_(twins, m)
-    torch._foreach_add_(twins, torch._foreach_mul(online, 1.0 - m))
+    torch._foreach_add_(twins, online, alpha=1.0 - m)
 
 
 # ---------------------------------------------------------------------------- distributed gather
@@ -69,10 +70,12 @@ def enqueue(queues: list[torch.Tensor], values: list[torch.Tensor], ptr: torch.T
             f"queue size {size} is not divisible by the gathered batch {n}: choose queue_size as a multiple "
             "of per-device batch x world size"
         )
-    start = int(ptr.item())
+    # The write position stays on the device (no ``ptr.item()``): reading it would make the host wait for the
+    # whole forward at every step on a GPU.
+    columns = ptr + torch.arange(n, device=ptr.device)
     for queue, value in zip(queues, values, strict=True):
-        queue[:, start : start + n] = value.reshape(n, -1).T.to(queue.dtype)
-    ptr[0] = (start + n) % size
+        queue.index_copy_(1, columns.to(queue.device), value.reshape(n, -1).T.to(queue.dtype))
+    ptr.add_(n).remainder_(size)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -175,11 +178,10 @@ def negative_probabilities(sim: torch.Tensor, positive: torch.Tensor) -> torch.T
     logits = sim.float().masked_fill(positive, float("-inf"))
     probs = torch.softmax(logits, dim=1)
     probs = torch.nan_to_num(probs, nan=0.0)
+    # Computed for every row rather than behind ``if bad.any()``: the branch would read a GPU value on the host.
     bad = ~torch.isfinite(sim.float()).all(dim=1)
-    if bool(bad.any()):
-        uniform = (~positive).float()
-        probs = torch.where(bad[:, None], uniform / uniform.sum(1, keepdim=True).clamp(min=1), probs)
-    return probs
+    uniform = (~positive).float()
+    return torch.where(bad[:, None], uniform / uniform.sum(1, keepdim=True).clamp(min=1), probs)
 
 
 def sample_from_weights(
@@ -188,11 +190,12 @@ def sample_from_weights(
     """Draw one valid column per row (-1 for a row with no valid candidate). Never returns a positive."""
     probs = probs * valid
     has_candidate = probs.sum(dim=1) > 0
-    out = torch.full((probs.shape[0],), -1, dtype=torch.long, device=probs.device)
-    if bool(has_candidate.any()):
-        drawn = torch.multinomial(probs[has_candidate], 1, generator=generator).squeeze(1)
-        out[has_candidate] = drawn
-    return out
+    # Every row draws (a row without candidates from a placeholder weight on column 0, then replaced by -1),
+    # so neither the branch nor the row selection reads a GPU value on the host.
+    placeholder = torch.zeros_like(probs[:1])
+    placeholder[0, 0] = 1.0
+    drawn = torch.multinomial(torch.where(has_candidate[:, None], probs, placeholder), 1, generator=generator)
+    return torch.where(has_candidate, drawn.squeeze(1), -1)
 
 
 # ---------------------------------------------------------------------------- MLM masking
@@ -204,9 +207,7 @@ def mask_tokens(
     """BERT masking as the official ``ALBEF.mask``: each token is chosen with ``probability`` (never a
     special token in ``spec.never_mask``); of the chosen 80% become [MASK], half the rest a uniformly
     random id from the whole vocabulary, the rest stay. Returns (masked ids, labels with -100 elsewhere)."""
-    ids = input_ids.clone()
-    labels = input_ids.clone()
-    device = ids.device
+    ids, labels, device = input_ids, input_ids, input_ids.device
 
     def bernoulli(p: float) -> torch.Tensor:
         return torch.bernoulli(torch.full(ids.shape, p, device=device), generator=generator).bool()
@@ -214,12 +215,12 @@ def mask_tokens(
     chosen = bernoulli(spec.probability)
     for special in spec.never_mask:
         chosen &= ids != special
-    labels[~chosen] = -100
+    labels = labels.masked_fill(~chosen, -100)
     to_mask = bernoulli(0.8) & chosen
-    ids[to_mask] = spec.mask_token_id
+    ids = ids.masked_fill(to_mask, spec.mask_token_id)
     to_random = bernoulli(0.5) & chosen & ~to_mask
     random_ids = torch.randint(
         spec.vocab_size, ids.shape, dtype=ids.dtype, device=device, generator=generator
     )
-    ids[to_random] = random_ids[to_random]
-    return ids, labels
+    # torch.where, not ids[to_random] = random_ids[to_random]: a boolean index makes the host wait for the GPU.
+    return torch.where(to_random, random_ids, ids), labels

@@ -148,8 +148,8 @@ class TAOutput:
     left: torch.Tensor  # image index in the left slot, per caption
     right: torch.Tensor
 
-    def loss_terms(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach())}
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss.detach()}
 
 
 class ALBEFTextAssignment(nn.Module):

@@ -32,14 +32,20 @@ def mlm_loss(
     The soft term is taken over the vocabulary axis (the official code's fixed form, b726f8e). A batch
     where no token was masked gives a zero loss that still belongs to the graph instead of NaN.
     """
-    masked = labels != -100
-    if not bool(masked.any()):
-        return logits.sum() * 0.0
+    # Sums over the masked tokens divided by their count (at least 1), with no branch on the count: a branch
+    # would make the host wait for the GPU at every step.
+    masked = (labels != -100).float()
+    count = masked.sum().clamp(min=1.0)
     vocab = logits.shape[-1]
-    loss = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=-100)
+    hard = F.cross_entropy(
+        logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    loss = hard / count
     if teacher_logits is not None:
-        soft = -(F.log_softmax(logits, dim=-1) * F.softmax(teacher_logits, dim=-1)).sum(dim=-1)
-        loss = (1 - alpha) * loss + alpha * soft[masked].mean()
+        soft = -(F.log_softmax(logits.float(), dim=-1) * F.softmax(teacher_logits.float(), dim=-1)).sum(
+            dim=-1
+        )
+        loss = (1 - alpha) * loss + alpha * (soft * masked).sum() / count
     return loss
 
 

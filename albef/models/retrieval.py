@@ -122,12 +122,15 @@ def itm_scores(
             f"pairs: expected shape (P, 2) of (image index, text index), got {tuple(pairs.shape)}"
         )
     device = image_embeds.device
-    pairs = pairs.to(device)
-    lengths = text_mask.sum(dim=1).to(device)
+    # The plan (order, batches, widths, groups) is made on the CPU from two small tensors, so the loop below
+    # never reads a GPU value on the host: on a GPU each such read would wait for all queued work.
+    pairs_cpu = pairs.cpu()
+    lengths = text_mask.sum(dim=1).cpu()
     # image-major, shortest texts first within an image: batches of similar length waste little on padding
-    order = torch.argsort(lengths[pairs[:, 1]], stable=True)
-    order = order[torch.argsort(pairs[order, 0], stable=True)]
-    images, texts = pairs[order, 0], pairs[order, 1].to(text_embeds.device)
+    order = torch.argsort(lengths[pairs_cpu[:, 1]], stable=True)
+    order = order[torch.argsort(pairs_cpu[order, 0], stable=True)]
+    images, texts = pairs_cpu[order, 0], pairs_cpu[order, 1]
+    texts_on_device = texts.to(text_embeds.device, non_blocking=True)
     # the first fusion layer's self-attention depends on the text alone: once per text, not once per pair
     attended = torch.cat(
         [
@@ -135,18 +138,18 @@ def itm_scores(
             for s in range(0, text_embeds.shape[0], 1024)
         ]
     )
-    scores_sorted = torch.empty(pairs.shape[0], device=device, dtype=torch.float32)
+    scores_sorted = torch.empty(pairs_cpu.shape[0], device=device, dtype=torch.float32)
     unique = torch.unique_consecutive(images)
     for c in range(0, len(unique), image_chunk):
         chunk = unique[c : c + image_chunk]
-        projected = model.text_backbone.project_image(image_embeds[chunk])
+        projected = model.text_backbone.project_image(image_embeds[chunk.to(device, non_blocking=True)])
         lo = int(torch.searchsorted(images, chunk[0], right=False))
         hi = int(torch.searchsorted(images, chunk[-1], right=True))
         local = torch.searchsorted(chunk, images[lo:hi])
         for b in range(lo, hi, batch_size):
             e = min(b + batch_size, hi)
-            txt = texts[b:e]
-            width = int(lengths[txt].max())
+            txt = texts_on_device[b:e]
+            width = int(lengths[texts[b:e]].max())
             fused = model.fuse(
                 attended[txt, :width],
                 text_mask[txt, :width],
@@ -156,5 +159,5 @@ def itm_scores(
             )
             scores_sorted[b:e] = model.itm_head(fused[:, 0, :])[:, 1].float()
     scores = torch.empty_like(scores_sorted)
-    scores[order] = scores_sorted
+    scores[order.to(device, non_blocking=True)] = scores_sorted
     return scores

@@ -38,8 +38,8 @@ class ClassifierOutput:
     logits: torch.Tensor  # (B, classes), detached
     logits_m: torch.Tensor | None  # teacher logits after this step's momentum update
 
-    def loss_terms(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach())}
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss.detach()}
 
 
 def classifier_head(hidden: int, classes: int) -> nn.Sequential:

@@ -128,8 +128,8 @@ class VQAOutput:
     answer_loss: torch.Tensor  # (A,) per reference answer
     teacher_logits: torch.Tensor | None  # (A, L - 1, vocab) momentum decoder, shifted; None without distill
 
-    def loss_terms(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), "loss_vqa": float(self.loss.detach())}
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss.detach(), "loss_vqa": self.loss.detach()}
 
 
 @dataclass

@@ -214,9 +214,12 @@ class ProjectedImage:
     def grouped(self, index: torch.Tensor) -> ProjectedImage:
         """Like :meth:`select` for a non-decreasing ``index`` (texts sorted by image), without copying each
         image's keys and values once per text (see :class:`GroupedKV`)."""
+        # ``index`` may live on the CPU (itm_scores plans there): the group sizes are then read without
+        # waiting for the GPU, and only the image rows move to the keys' device.
         images, counts = torch.unique_consecutive(index, return_counts=True)
         counts_list = counts.tolist()
-        return ProjectedImage([GroupedKV(k[images], v[images], counts_list) for k, v in self.layers])  # type: ignore[misc]
+        rows = images.to(self.layers[0][0].device, non_blocking=True)
+        return ProjectedImage([GroupedKV(k[rows], v[rows], counts_list) for k, v in self.layers])  # type: ignore[misc]
 
 
 class FusionEncoder(nn.Module):
