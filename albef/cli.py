@@ -57,6 +57,22 @@ def _parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from albef.config import read_params
+    from albef.profiles import apply_profile, as_set_args, load_profile
+
+    profile = load_profile(args.name)
+    merged = apply_profile(read_params(args.params), profile)  # validated even when only printing
+    if args.write:
+        import yaml
+
+        Path(args.write).write_text(yaml.safe_dump(merged, sort_keys=False))
+        print(f"wrote {args.write}: {args.params} with the {args.name!r} profile ({len(profile)} keys)")
+    else:
+        print(as_set_args(profile))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from albef.checkpoint import build_model, parameter_count
     from albef.config import PRESETS, load_model_config
@@ -158,7 +174,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict_vqa(args: argparse.Namespace) -> int:
     from albef.serving.predict import predict_vqa
 
-    answers = predict_vqa(args.model, args.image, args.question, args.answer_list, k=args.k, top=args.top)
+    answers = predict_vqa(
+        args.model, args.image, args.question, args.answer_list, k=args.k, top=args.top, device=args.device
+    )
     print(json.dumps([{"answer": a, "probability": round(p, 5)} for a, p in answers], indent=2))
     return 0
 
@@ -167,9 +185,9 @@ def _predict_classifier(args: argparse.Namespace) -> int:
     from albef.serving.predict import predict_nlvr, predict_ve
 
     if args.task == "ve":
-        result = predict_ve(args.model, args.image, args.hypothesis)
+        result = predict_ve(args.model, args.image, args.hypothesis, device=args.device)
     else:
-        result = predict_nlvr(args.model, args.left, args.right, args.text)
+        result = predict_nlvr(args.model, args.left, args.right, args.text, device=args.device)
     result["probability"] = round(result["probability"], 5)
     result["probabilities"] = {k: round(v, 5) for k, v in result["probabilities"].items()}
     print(json.dumps(result, indent=2))
@@ -179,7 +197,15 @@ def _predict_classifier(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from albef.eval.grounding import explain
 
-    info = explain(args.image, args.text, args.model, args.out, layer=args.layer, tokenizer=args.tokenizer)
+    info = explain(
+        args.image,
+        args.text,
+        args.model,
+        args.out,
+        layer=args.layer,
+        tokenizer=args.tokenizer,
+        device=args.device,
+    )
     print(json.dumps(info, indent=2))
     return 0
 
@@ -233,6 +259,15 @@ def _mlflow_sync(args: argparse.Namespace) -> int:
     report = sync_spool(args.spool_dir or cfg.spool_dir, uri)
     print(report.summary())
     return 1 if report.pending else 0
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    # the stages read `device` from their params.yaml section; the commands without one take it here
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (this machine's GPU if it has one, else cpu) | cpu | cuda | cuda:N (default: auto)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     pvqa.add_argument("--answer-list", help="JSON list of answers; default: the one exported with the model")
     pvqa.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
     pvqa.add_argument("--top", type=int, default=5)
+    _device_option(pvqa)
     pvqa.set_defaults(func=_predict_vqa)
     pve = predict_sub.add_parser(
         "ve", help="SNLI-VE: entailment, neutral or contradiction of a hypothesis about an image"
@@ -351,12 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     pve.add_argument("--model", required=True, help="an albef SNLI-VE model folder (finetune_ve export)")
     pve.add_argument("--image", required=True)
     pve.add_argument("--hypothesis", required=True)
+    _device_option(pve)
     pve.set_defaults(func=_predict_classifier)
     pnlvr = predict_sub.add_parser("nlvr", help="NLVR2: is a sentence true of a pair of images")
     pnlvr.add_argument("--model", required=True, help="an albef NLVR2 model folder (finetune_nlvr export)")
     pnlvr.add_argument("--left", required=True, help="the left image")
     pnlvr.add_argument("--right", required=True, help="the right image")
     pnlvr.add_argument("--text", required=True)
+    _device_option(pnlvr)
     pnlvr.set_defaults(func=_predict_classifier)
 
     expl = sub.add_parser(
@@ -370,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     expl.add_argument("--out", required=True, help="the PNG to write")
     expl.add_argument("--layer", type=int, help="text-encoder fusion layer (default: the official third one)")
     expl.add_argument("--tokenizer", help="default: the tokenizer saved with the model")
+    _device_option(expl)
     expl.set_defaults(func=_explain)
 
     reg = sub.add_parser(
@@ -420,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else mlflow.tracking_uri")
     sync.set_defaults(func=_mlflow_sync)
 
+    prof = sub.add_parser(
+        "profile",
+        help="a named set of params overrides (gpu, smoke) or a YAML file of them: printed as dvc exp run -S "
+        "arguments, or --write a whole params file",
+    )
+    prof.add_argument("name", help="gpu | smoke | a YAML file of section.key: value lines")
+    prof.add_argument("--params", default="params.yaml", help="the params file the profile applies to")
+    prof.add_argument("--write", metavar="PATH", help="write params with the profile applied to PATH")
+    prof.set_defaults(func=_profile)
+
     info = sub.add_parser("info", help="print a model configuration and its parameter counts")
     info.add_argument("--task", choices=MODEL_TASKS, default="pretrain")
     info.add_argument("--preset", choices=["base", "small", "tiny"], default="small")
@@ -443,9 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     expected: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
     if args.command in ("data", "preprocess"):
         from albef.data.preprocess import PreprocessError
-        from albef.data.s3 import S3Error
 
-        expected = (*expected, PreprocessError, S3Error)
+        expected = (*expected, PreprocessError)
+    if args.command == "data" and args.s3_command in ("pull", "push"):
+        from albef.data.s3 import S3Error  # boto3: only the S3 transfers need it
+
+        expected = (*expected, S3Error)
     if args.command in ("unimodal", "pretrain", "finetune", "evaluate"):
         from albef.train.engine import CheckpointWriteError, TrainingDiverged
 
