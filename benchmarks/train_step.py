@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in dtypes:
         peaks[dtype_name] = args.peak_tflops or matmul_peak_tflops(device, DTYPES[dtype_name])
         how = "given" if args.peak_tflops else "measured, large matmul"
-        print(f"  {dtype_name} peak ({how}): {peaks[dtype_name]:.1f} TFLOP/s")
+        print(f"  {dtype_name} peak ({how}): {peaks[dtype_name]:.3g} TFLOP/s")
     env["peak_tflops"] = peaks
     print()
     print(table_header(), flush=True)
