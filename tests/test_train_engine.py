@@ -318,3 +318,42 @@ def test_logged_samples_per_second_leave_out_validation_and_checkpoints(tmp_path
     assert len(rates) == 12
     # one step of 4 samples inside a 0.5 s pause would log < 8 samples/s; a linear model's step takes ms
     assert min(rates) > 40, rates
+
+
+def test_compile_on_a_machine_where_the_compiler_fails_stops_before_training_naming_the_setting(
+    tmp_path, monkeypatch
+):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("Compiler: cc not found")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(
+        ConfigError, match=r"train\.compile: true, but torch\.compile does not work.*cc not found"
+    ):
+        _linear_trainer(tmp_path, compile=True)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compile_compiles_every_transformer_block_in_place():
+    from albef.config import tiny_config
+    from albef.models import ALBEFPretrain
+    from albef.train.engine import compile_model
+
+    model = ALBEFPretrain(tiny_config())
+    keys = list(model.state_dict())
+    # ViT blocks and text/fusion layers of the model and of its momentum twins (2 + 2 each, tiny preset)
+    assert compile_model(model) == 8
+    assert list(model.state_dict()) == keys  # in place: checkpoints keep their keys
+
+
+def test_a_gpu_out_of_memory_error_names_the_batch_size_and_the_remedies(tmp_path):
+    trainer = _linear_trainer(tmp_path, batch_size=4, grad_accum=1)
+
+    def out_of_memory(model, batch, alpha, choices):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.forward = out_of_memory
+    with pytest.raises(
+        torch.cuda.OutOfMemoryError, match=r"batch_size 4 .*train\.grad_accum.*grad_checkpointing"
+    ):
+        trainer.fit()
