@@ -57,6 +57,13 @@ def _parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from albef.report import report_stage, table
+
+    print(table(report_stage(args.project, args.out or None)))
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     from albef.config import read_params
     from albef.profiles import apply_profile, as_set_args, load_profile
@@ -458,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--spool-dir", help="default: mlflow.spool_dir")
     sync.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else mlflow.tracking_uri")
     sync.set_defaults(func=_mlflow_sync)
+
+    rep = sub.add_parser(
+        "report",
+        help="one row per task: headline metric, chance or trivial baseline, registry champion (from metrics/)",
+    )
+    rep.add_argument("--project", default=".", help="the folder holding metrics/ (default: here)")
+    rep.add_argument("--out", default="metrics/summary.json", help="also write the rows here ('' : don't)")
+    rep.set_defaults(func=_report)
 
     prof = sub.add_parser(
         "profile",

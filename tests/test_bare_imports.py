@@ -104,7 +104,7 @@ def test_albef_help_runs_without_the_pipeline_services(bare_env):
 
 def test_the_gpu_check_smoke_runs_every_part_without_the_pipeline_services(bare_env, tmp_path):
     """``benchmarks/gpu_check.sh --smoke``: the loader benchmark, the pretraining step, the retrieval
-    benchmark against the official algorithm, all 17 non-registry stages of dvc.yaml under the smoke profile
+    benchmark against the official algorithm, all 18 non-registry stages of dvc.yaml under the smoke profile
     (through the CLI, MLflow off; figures that need matplotlib are skipped with a warning) and the step at the
     profile's model, on a machine without MLflow, Prefect, DVC, boto3, pandas, matplotlib or psutil; then its
     one table."""
@@ -124,12 +124,17 @@ def test_the_gpu_check_smoke_runs_every_part_without_the_pipeline_services(bare_
         ("loader", "step", "retrieval", "pipeline", "profile_step"), "ok"
     ), parts
     pipeline = json.loads((out / "pipeline.json").read_text())
-    assert pipeline["finished"] and len(pipeline["stages"]) == 17
+    assert pipeline["finished"] and len(pipeline["stages"]) == 18  # every dvc.yaml stage but register*
     assert {s["stage"] for s in pipeline["stages"]} >= {
         "pretrain",
         "evaluate_retrieval",
         "evaluate_grounding",
+        "summary",
     }
+    summary = json.loads((out / "pipeline" / "metrics" / "summary.json").read_text())
+    assert summary["SNLI-VE"]["value"] is not None and summary["SNLI-VE"]["champion"].startswith(
+        "not registered"
+    )
     loader = json.loads((out / "loader.json").read_text())
     assert {(r["loader"], r["workers"]) for r in loader} == {
         ("raw", 0),

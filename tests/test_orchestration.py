@@ -147,20 +147,20 @@ def test_overrides_are_written_into_params_yaml_keeping_its_comments(project: Pa
         {
             "pretrain.epochs": 1,
             "finetune_retrieval": {"lr": 5.0e-5},
-            "pretrain.max_steps": 3,  # not in params.yaml, but a key of the training config
+            "pretrain.prefetch_factor": 3,  # not in params.yaml, but a key of the training config
             "preprocess": {"files": {"retrieval_test.json": "retrieval_eval"}},  # a dotted name, unchanged
         },
     )
-    assert original["pretrain"]["epochs"] != 1 and "max_steps" not in original["pretrain"]
+    assert original["pretrain"]["epochs"] != 1 and "prefetch_factor" not in original["pretrain"]
     assert result.changed == {
         "pretrain.epochs": (original["pretrain"]["epochs"], 1),
         "finetune_retrieval.lr": (original["finetune_retrieval"]["lr"], 5.0e-5),
-        "pretrain.max_steps": (None, 3),
+        "pretrain.prefetch_factor": (None, 3),
     }
     text = (project / "params.yaml").read_text()
     assert "# albef pipeline parameters" in text and "# zero-shot retrieval after each epoch" in text
     params = yaml.safe_load(text)
-    assert params["pretrain"]["epochs"] == 1 and params["pretrain"]["max_steps"] == 3
+    assert params["pretrain"]["epochs"] == 1 and params["pretrain"]["prefetch_factor"] == 3
     assert params["finetune_retrieval"]["lr"] == 5.0e-5
     assert params["model"] == yaml.safe_load((REPO / "params.yaml").read_text())["model"]
     again = apply_overrides(project, {"pretrain.epochs": 1})
