@@ -62,8 +62,8 @@ def full_pipeline(
                 retry_delay_seconds=retry_delay_seconds,
                 mlflow_parent_run_id=parent,
             )
-    except BaseException:
-        mlflow_link.close_parent_run(cfg, parent, "FAILED", logger)
+    except BaseException as exc:  # KILLED when the flow run was cancelled
+        mlflow_link.close_parent_run(cfg, parent, mlflow_link.ending_status(exc), logger)
         raise
     mlflow_link.close_parent_run(cfg, parent, "FINISHED", logger)
     create_markdown_artifact(

@@ -11,7 +11,7 @@ flow           DVC stages
                ``pretrain_nlvr``, the prerequisite of ``finetune_nlvr``)
 ``evaluate``   ``evaluate_*`` (zero-shot, finetuned and shifted-test-set retrieval, VQA, SNLI-VE, NLVR2,
                Grad-CAM grounding)
-``register``   ``register``, ``register_*`` (one per task's model)
+``register``   ``register``, ``register_*`` (one per task's model), ``summary`` (one screen of results)
 =============  ================================================================
 
 Parameters, the same for every flow:

@@ -105,15 +105,21 @@ def repro_stage(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
         env[mlflow_link.STAGE_RUN_ENV] = earlier.run_id
         logger.info("continuing MLflow run %s of the interrupted attempt", earlier.run_id)
     started = time.time()
-    run = run_supervised(
-        [sys.executable, "-m", "dvc", "repro", stage],
-        cwd=project,
-        env=env,
-        deadline_s=deadline,
-        on_line=_log_line(logger),
-    )
+    try:
+        run = run_supervised(
+            [sys.executable, "-m", "dvc", "repro", stage],
+            cwd=project,
+            env=env,
+            deadline_s=deadline,
+            on_line=_log_line(logger),
+        )
+    except BaseException:  # cancelled: the stage was stopped; a run it could not end is KILLED
+        mlflow_link.end_orphaned_stage_run(cfg, settings.get("mlflow_parent_run_id"), stage, "KILLED", logger)
+        raise
     run_key = str(context.task_run.id) if context and context.task_run else ""
     if run.status != 0:
+        # a stage ends its own run on any error or SIGTERM: one left RUNNING was killed outright (SIGKILL)
+        mlflow_link.end_orphaned_stage_run(cfg, settings.get("mlflow_parent_run_id"), stage, "KILLED", logger)
         error = failure(stage, run, deadline)
         logger.error("%s", error)
         # the last line of the stage's failure message: its own last error line ("... exited with -9")
@@ -229,9 +235,9 @@ def run_flow_stages(
     try:
         for stage in plan.stages:
             results.append(repro(stage, settings))
-    except BaseException:
+    except BaseException as exc:  # KILLED when the flow run was cancelled
         if owns_parent:
-            mlflow_link.close_parent_run(cfg, mlflow_parent_run_id, "FAILED", logger)
+            mlflow_link.close_parent_run(cfg, mlflow_parent_run_id, mlflow_link.ending_status(exc), logger)
         raise
     if owns_parent:
         mlflow_link.close_parent_run(cfg, mlflow_parent_run_id, "FINISHED", logger)

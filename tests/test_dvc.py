@@ -175,6 +175,8 @@ def test_the_whole_pipeline_repros_and_runs_as_an_experiment(project: Path):
     retrieval = json.loads((project / "metrics" / "retrieval.json").read_text())
     assert {"txt_r1", "img_r1", "r_mean", "itc"} <= set(retrieval) and retrieval["images"] == 4
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 32 // 4
+    summary = json.loads((project / "metrics" / "summary.json").read_text())  # the last stage: one screen
+    assert summary["retrieval (finetuned)"]["champion"] == "v1" and summary["SNLI-VE"]["value"] is not None
     shown = json.loads(_dvc("metrics", "show", "--json", cwd=project))
     assert "metrics/retrieval.json" in json.dumps(shown)
     _dvc("plots", "show", "-o", str(project / "plots_html"), cwd=project)

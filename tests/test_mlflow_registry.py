@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,79 @@ def test_bad_model_input_is_a_clear_error(registered, mlflow_sqlite):
         model.predict(pd.DataFrame({"image": [garbage], "text": ["a red circle"]}))
     with pytest.raises(MlflowException, match="need at least one image and one text"):
         model.predict(pd.DataFrame({"image": [""], "text": ["a red circle"]}))
+
+
+_READ_EVERY_ARTIFACT = """
+import json, sys, tempfile, mlflow
+from mlflow import MlflowClient
+
+request = json.load(open(sys.argv[1]))
+client = MlflowClient()
+experiment = client.get_experiment_by_name(request["experiment"])
+
+
+def files(run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += files(run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+listed = {}
+with tempfile.TemporaryDirectory() as scratch:
+    for run in client.search_runs([experiment.experiment_id]):
+        name = run.data.tags.get("albef.stage") or run.info.run_name
+        listed[name] = sorted(files(run.info.run_id))
+        for path in listed[name]:
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path, dst_path=scratch)
+model = mlflow.pyfunc.load_model(f"models:/{request['model']}/1")
+print(json.dumps({"listed": listed, "location": experiment.artifact_location, "model": bool(model.metadata)}))
+"""
+
+
+def test_moving_the_project_folder_keeps_every_artifact_link(
+    tiny_retrieval_model, mlflow_template_db, tmp_path
+):
+    """The embedded store (sqlite:///mlflow.db beside ./mlruns) in project folder A: a run logged before
+    albef stored locations relative (absolute paths, as MLflow writes them), a stage run, the register stage.
+    The project is copied to B and A deleted: from B every artifact lists and downloads, the model loads."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from albef.tracking.run import start_stage_run
+
+    old, new = tmp_path / "A", tmp_path / "B"
+    old.mkdir()
+    shutil.copy(mlflow_template_db, old / "mlflow.db")
+    uri = f"sqlite:///{old / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(old)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        client = MlflowClient(uri)
+        legacy = client.create_run(client.create_experiment("portable"), run_name="legacy").info.run_id
+        client.log_text(legacy, "logged before the move", "notes/legacy.txt")
+        client.set_terminated(legacy)
+        assert client.get_run(legacy).info.artifact_uri.startswith(str(old / "mlruns"))
+        for name in ("ALBEF_MLFLOW_PARENT_RUN_ID", "ALBEF_MLFLOW_PIPELINE"):
+            patch.delenv(name, raising=False)
+        params = _params(tiny_retrieval_model, old, _metrics(50.0))
+        params["mlflow"].update(experiment="portable", system_metrics=False)
+        run = start_stage_run(params, "evaluate")
+        (old / "rankings.json").write_text("[]")
+        run.log_artifact(old / "rankings.json", "report")
+        run.log_dict({"r_mean": 50.0}, "metrics.json")
+        assert run.finish() is True
+        assert register_stage(params, old / "register.json")["version"] == 1
+        assert "MLFLOW_REGISTRY_URI" not in os.environ  # processes started later keep their own store
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+
+    (new / "request.json").write_text(json.dumps({"experiment": "portable", "model": NAME}))
+    out = load_in_fresh_python(_READ_EVERY_ARTIFACT, new / "request.json", "sqlite:///mlflow.db", new)
+    assert out["location"] == out["location"].lstrip("/") and out["location"].startswith("mlruns/")
+    listed = out["listed"]
+    assert listed["legacy"] == ["notes/legacy.txt"]
+    assert listed["evaluate"] == ["metrics.json", "report/rankings.json"]
+    assert "register.json" in listed["register"]
+    assert out["model"]

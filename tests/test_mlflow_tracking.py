@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -275,3 +277,107 @@ def test_a_stage_on_an_adjusted_copy_of_params_nests_under_the_same_pipeline_run
     alone = start_stage_run(adjusted, "evaluate_other")  # without it, the copy names another pipeline run
     assert alone.finish() is True
     assert _client().get_run(alone.run_id).data.tags["mlflow.parentRunId"] not in parent
+
+
+# ------------------------------------------------------------------------------------- system metrics
+
+
+@pytest.mark.parametrize(
+    ("configured", "env", "sampled"),
+    [(True, None, True), (False, "true", True), (True, "false", False)],
+    ids=["params", "env-on", "env-off"],
+)
+def test_stage_runs_sample_system_metrics_unless_switched_off(
+    configured, env, sampled, mlflow_sqlite, tmp_path, monkeypatch
+):
+    # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, when set, wins over params (MLflow ignores it for client-made runs)
+    if env is None:
+        monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", env)
+    params = {
+        "mlflow": {
+            "experiment": "system",
+            "spool_dir": str(tmp_path / "spool"),
+            "system_metrics": configured,
+            "system_metrics_interval": 0.1,
+        }
+    }
+    run = start_stage_run(params, "pretrain")
+    names = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
+    end = time.monotonic() + (15 if sampled else 1)
+    while time.monotonic() < end and not set(names) <= set(_client().get_run(run.run_id).data.metrics):
+        time.sleep(0.1)
+    assert run.finish() is True
+    stored = _client().get_run(run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert (set(names) <= set(stored.data.metrics)) is sampled
+    assert sampled or not any(name.startswith("system/") for name in stored.data.metrics)
+
+
+def test_a_malformed_system_metrics_switch_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "yes please")
+    with pytest.raises(ConfigError, match="MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING: expected true or false"):
+        tracking_config({"mlflow": {}}).system_metrics_on()
+    with pytest.raises(ConfigError, match="mlflow.system_metrics_interval"):
+        tracking_config({"mlflow": {"system_metrics_interval": 0}})
+
+
+# -------------------------------------------------------------------------------- a stage stopped by SIGTERM
+
+_STOPPED_STAGE = """
+import json, os, signal, sys, time
+from albef.tracking import journal
+from albef.tracking.run import stage_run
+
+params, when = json.loads(sys.argv[1]), sys.argv[2]
+if when == "delivering":
+    # SIGTERM right after the store created the stage's run, before the journal has recorded its id
+    apply = journal.Deliverer._apply
+
+    def apply_then_signal(self, op, state, jrnl):
+        apply(self, op, state, jrnl)
+        if op.get("op") == "run":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    journal.Deliverer._apply = apply_then_signal
+with stage_run(params, "pretrain") as run:
+    print("training", flush=True)
+    step = 0
+    while True:
+        step += 1
+        run.on_log(step, {"step": step, "loss": 1.0 / step})
+        time.sleep(0.02)
+"""
+
+
+@pytest.mark.parametrize("when", ["training", "delivering"])
+def test_a_stage_stopped_by_sigterm_ends_its_run_and_the_pipeline_run_killed(when, mlflow_sqlite, tmp_path):
+    """SIGTERM is how a cancelled flow run, a passed deadline or `kill` stop a stage: its run and the parent it
+    owns end KILLED (not RUNNING for ever); arriving mid-delivery, it waits until the call is recorded, so the
+    run is not created twice."""
+    params = {"mlflow": {"experiment": f"stopped-{when}", "spool_dir": str(tmp_path / "spool")}, "lr": 0.1}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_STAGE, json.dumps(params), when],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if when == "training":
+            assert proc.stdout.readline().strip() == "training", proc.stderr.read()
+            time.sleep(0.3)  # a few steps
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "training" not in out  # mid-delivery: the stage stopped while opening its run, before its body
+    runs = _client().search_runs([_client().get_experiment_by_name(f"stopped-{when}").experiment_id])
+    stages = [r for r in runs if r.data.tags.get("albef.kind") == "stage"]
+    (parent,) = [r for r in runs if r.data.tags.get("albef.kind") == "pipeline"]
+    assert len(stages) == 1, [(r.info.run_id, r.info.status) for r in stages]
+    assert stages[0].info.status == "KILLED" and parent.info.status == "KILLED"
+    assert stages[0].data.params["lr"] == "0.1"
+    assert not list(journals(tmp_path / "spool")), "every call was delivered before the stage stopped"

@@ -451,8 +451,12 @@ def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found
     killed.log_metrics({"loss": 2.0}, step=1)
     killed.pump(force=True)
     killed.journal.unlock()
+    assert ml.find_stage_run(cfg, parent, "pretrain").status == "RUNNING"
+    # the flow sees the stage process end without success and its run still RUNNING: it was killed outright
+    assert ml.end_orphaned_stage_run(cfg, parent, "pretrain") == killed.run_id
+    assert ml.end_orphaned_stage_run(cfg, parent, "pretrain") is None  # a run already ended is left alone
     interrupted = ml.find_stage_run(cfg, parent, "pretrain")
-    assert interrupted.run_id == killed.run_id and interrupted.status == "RUNNING"
+    assert interrupted.run_id == killed.run_id and interrupted.status == "KILLED"
     # the retry, told which run to continue (as the flow's task does), logs into the same run
     monkeypatch.setenv(ml.STAGE_RUN_ENV, interrupted.run_id)
     with stage_run(params, "pretrain") as run:
@@ -461,6 +465,9 @@ def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found
     assert stage_id == killed.run_id
     client = MlflowClient(cfg.uri)
     exp = client.get_experiment_by_name("albef-flows")
+    assert (
+        exp.artifact_location == f"mlruns/{exp.experiment_id}"
+    )  # created by the flow, portable all the same
     nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ml.PARENT_TAG}` = '{parent}'")
     assert [r.info.run_id for r in nested] == [stage_id]  # one run for the stage, not one per attempt
     assert [m.step for m in client.get_metric_history(stage_id, "loss")] == [1, 2]
@@ -471,6 +478,20 @@ def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found
     assert with_ui.run_url("1", stage_id) == f"http://mlflow.example:5000/#/experiments/1/runs/{stage_id}"
     ml.close_parent_run(cfg, parent, "FINISHED")
     assert MlflowClient(cfg.uri).get_run(parent).info.status == "FINISHED"
+
+
+def test_a_cancelled_flow_run_ends_its_parent_run_killed_and_a_failed_one_failed():
+    pytest.importorskip("prefect")
+    from prefect.exceptions import CancelledRun, TerminationSignal
+
+    from albef.orchestration.mlflow_link import ending_status
+    from albef.orchestration.process import StageFailed
+
+    stopped = [TerminationSignal(signal.SIGTERM), CancelledRun(), KeyboardInterrupt()]
+    stopped.append(StageFailed("stage pretrain was stopped (cancelled)", 143, retryable=False))
+    assert [ending_status(exc) for exc in stopped] == ["KILLED"] * 4
+    failed = [StageFailed("stage pretrain failed (exit status 1)", 1, retryable=False), RuntimeError("x")]
+    assert [ending_status(exc) for exc in failed] == ["FAILED"] * 2
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ home folder, the ``albef-gpu`` process work pool, ``prefect deploy --all`` from 
 * the training process killed mid-run is retried by Prefect and resumes from its checkpoint (step > 0);
 * a stage that fails marks its task Failed with the stage's own error in the Prefect logs, without retries;
 * unknown stages, unknown params keys and missing GPUs fail at flow start, naming the culprit;
-* a cancelled flow run stops the stage's processes.
+* a cancelled flow run stops the stage's processes and ends its MLflow runs (stage, parent) KILLED.
 
 Everything runs offline: telemetry is off (server and client), the UI is not served, and no step installs
 anything.
@@ -525,7 +525,19 @@ def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):
     assert (project / "params.yaml").read_bytes() == before
 
 
-def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worker, settings):
+def _stage_run_status(project: Path, flow_run_id: UUID, stage: str) -> tuple[str | None, str | None]:
+    """(the flow run's MLflow parent run status, its stage run's status); None for one that does not exist yet."""
+    try:
+        parent, nested = _mlflow_runs(project, flow_run_id)
+    except Exception:  # no database, experiment or parent run yet
+        return None, None
+    runs = [r.info.status for r in nested if r.data.tags.get("albef.stage") == stage]
+    return parent.info.status, (runs[0] if runs else None)
+
+
+def test_cancelling_a_flow_run_stops_the_stage_processes_and_ends_their_runs_killed(
+    project, prefect, worker, settings
+):
     from prefect.states import Cancelling
 
     shutil.rmtree(project / "runs" / "pretrain", ignore_errors=True)
@@ -536,7 +548,7 @@ def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worke
                 "pretrain.epochs": 200,
                 "pretrain.batch_size": 4,
                 "pretrain.val_file": None,
-                "mlflow.enabled": False,
+                "mlflow.enabled": True,
             },
             "retries": 0,
         },
@@ -546,6 +558,10 @@ def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worke
         time.sleep(0.1)
     training = _training_processes(project)
     assert training, "training never started"
+    # (the flow created and migrated the store before it started the stage) until the stage's run is open
+    while time.monotonic() < end and _stage_run_status(project, flow_run_id, "pretrain")[1] != "RUNNING":
+        time.sleep(0.2)
+    assert _stage_run_status(project, flow_run_id, "pretrain") == ("RUNNING", "RUNNING")
     with _client() as client:
         client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
     run = _wait(flow_run_id, worker, timeout=120)
@@ -554,3 +570,11 @@ def test_cancelling_a_flow_run_stops_the_stage_processes(project, prefect, worke
     for proc in alive:
         proc.kill()
     assert not alive, "the training process outlived its cancelled flow run"
+    # the stage ended its own run on SIGTERM; the flow its parent run: cancelled is KILLED, not RUNNING or FAILED
+    end = time.monotonic() + 30
+    while time.monotonic() < end and _stage_run_status(project, flow_run_id, "pretrain") != (
+        "KILLED",
+        "KILLED",
+    ):
+        time.sleep(0.5)
+    assert _stage_run_status(project, flow_run_id, "pretrain") == ("KILLED", "KILLED")

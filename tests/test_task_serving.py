@@ -169,6 +169,7 @@ def test_register_config_per_task_and_its_errors():
         "register_ve",
         "register_grounding",
         "register_nlvr",
+        "summary",
     ]
     with pytest.raises(PlanError, match=r"register_ve\.model_name"):
         merge_overrides(params, {"register_ve.model_name": "albef/ve"})

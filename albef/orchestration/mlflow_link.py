@@ -8,6 +8,10 @@ instead of starting another. Afterwards the flow looks up the run each stage cre
 ``mlflow.parentRunId`` and ``albef.stage``) to link it from Prefect. Nothing is invented: with no
 ``mlflow`` section, tracking switched off, MLflow missing or the server down, there is no parent and no
 link, and the flow says so in its log. Tracking never fails a pipeline.
+
+A flow run that is cancelled (or told to stop by SIGTERM or Ctrl-C) ends its parent run KILLED, not FAILED. A
+stage ends its own run, KILLED on SIGTERM (``albef.tracking.run``); a stage process that died without ending it
+(SIGKILL, the out-of-memory killer) leaves it RUNNING, and the flow marks it KILLED (:func:`end_orphaned_stage_run`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Tracking:
     uri: str
     experiment: str
     ui_url: str | None = None  # where people open the MLflow UI (an http tracking URI is its own UI)
+    artifact_location: str | None = None  # for a new experiment (mlflow.artifact_location)
+    project: str | None = None  # the stages' working directory
 
     def run_url(self, experiment_id: str, run_id: str) -> str | None:
         base = self.ui_url or (self.uri if self.uri.startswith(("http://", "https://")) else None)
@@ -59,7 +65,13 @@ def tracking(params: dict[str, Any], project: str | Path, ui_url: str | None = N
             uri = f"{scheme}{(Path(project) / uri[len(scheme) :]).resolve()}"
     if uri.startswith("file://") and not uri.startswith("file:///"):
         uri = uri.replace("file://", "file:///", 1)
-    return Tracking(uri, str(section.get("experiment") or "albef"), ui_url)
+    return Tracking(
+        uri,
+        str(section.get("experiment") or "albef"),
+        ui_url,
+        section.get("artifact_location"),
+        str(Path(project).resolve()),
+    )
 
 
 def _client(cfg: Tracking):
@@ -78,9 +90,11 @@ def open_parent_run(cfg: Tracking | None, flow_run_id: str, name: str, logger=No
         log.info("mlflow: the stages do not track (no mlflow section, or enabled: false): no parent run")
         return None
     try:
+        from albef.tracking.store import ensure_experiment
+
         client = _client(cfg)
-        exp = client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.experiment)
+        # as the stages create it: their artifact location, portable in the embedded store
+        exp_id = ensure_experiment(client, cfg.uri, cfg.experiment, cfg.artifact_location, cfg.project)
         found = client.search_runs(
             [exp_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1
         )
@@ -109,6 +123,45 @@ def close_parent_run(cfg: Tracking | None, run_id: str | None, status: str, logg
         _client(cfg).set_terminated(run_id, status)
     except Exception as exc:
         log.warning("mlflow: could not mark parent run %s %s: %s", run_id, status, exc)
+
+
+def ending_status(exc: BaseException) -> str:
+    """How a flow run that raised ``exc`` ends its parent run: KILLED when it was stopped from outside (a
+    cancelled flow run, SIGTERM, Ctrl-C, a stage stopped by a signal to its supervisor), else FAILED."""
+    from albef.orchestration.process import StageFailed
+    from albef.orchestration.supervise import TERMINATED_STATUS
+
+    stopped: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+    try:
+        from prefect.exceptions import CancelledRun, ExternalSignal  # ExternalSignal: TerminationSignal
+
+        stopped += (CancelledRun, ExternalSignal)
+    except ImportError:
+        pass
+    if isinstance(exc, stopped) or (isinstance(exc, StageFailed) and exc.status == TERMINATED_STATUS):
+        return "KILLED"
+    return "FAILED"
+
+
+def end_orphaned_stage_run(
+    cfg: Tracking | None, parent_id: str | None, stage: str, status: str = "KILLED", logger=None
+) -> str | None:
+    """After a stage process ended without success: its run, if it is still RUNNING, ends with ``status``.
+    A stage ends its own run on any error or SIGTERM, so a run left RUNNING belongs to a process that was
+    killed outright (SIGKILL). A retry continues the run all the same. Returns the run id it ended."""
+    log = logger or _log
+    ref = find_stage_run(cfg, parent_id, stage, logger)
+    if ref is None or ref.status != "RUNNING":
+        return None
+    try:
+        _client(cfg).set_terminated(ref.run_id, status)
+    except Exception as exc:
+        log.warning("mlflow: could not mark the run %s of stage %s %s: %s", ref.run_id, stage, status, exc)
+        return None
+    log.info(
+        "mlflow: the run %s of stage %s was left RUNNING by its process; now %s", ref.run_id, stage, status
+    )
+    return ref.run_id
 
 
 @dataclass(frozen=True)

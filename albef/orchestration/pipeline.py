@@ -31,7 +31,8 @@ FLOW_STAGES: dict[str, tuple[str, ...]] = {
     "pretrain": ("unimodal", "pretrain"),  # the unimodal warm start of the encoders, then ALBEF pretraining
     "finetune": ("finetune_*",),
     "evaluate": ("evaluate_*",),
-    "register": ("register", "register_*"),  # retrieval's model, then one per downstream task
+    # retrieval's model, then one per downstream task, then the one-screen summary of every task
+    "register": ("register", "register_*", "summary"),
 }
 
 

@@ -17,6 +17,7 @@ from albef.config import ConfigError
 # fail at the first request, deep inside training, so it is refused before anything starts.
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 # Registered-model names end up in ``models:/<name>@<alias>`` URIs, REST paths and file names; this
 # strict set keeps all of them unambiguous (MLflow itself only refuses '/' and ':').
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
@@ -53,16 +54,26 @@ class TrackingConfig:
     enabled: bool = True
     tracking_uri: str = DEFAULT_TRACKING_URI  # MLFLOW_TRACKING_URI, when set, takes precedence
     experiment: str = "albef"
-    artifact_location: str | None = None  # for a new experiment; null: the server's default
+    # for a new experiment; null: the server's default, or ./mlruns beside a sqlite store in the project, stored
+    # relative to the project so that moving it keeps every artifact link (albef.tracking.store)
+    artifact_location: str | None = None
     spool_dir: str = "runs/mlflow-spool"  # undelivered tracking calls, replayed by `albef mlflow sync`
     request_timeout: int = 10  # seconds per HTTP request: a dead server must not stall training
     request_retries: int = 1  # MLflow's own retries per request (its default, 7, waits minutes)
     retry_every: float = 30.0  # seconds between delivery attempts while the server is unreachable
     log_artifacts: bool = True
+    # CPU, memory, disk and network (GPUs too when NVML, the nvidia-ml-py package, is installed) sampled into
+    # ``system/*`` metrics of every stage run, by rank 0; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, when set, wins
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0  # seconds; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, wins
 
     def __post_init__(self) -> None:
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise ConfigError("mlflow.experiment: expected a non-empty name")
+        if not self.system_metrics_interval > 0:
+            raise ConfigError(
+                f"mlflow.system_metrics_interval: expected seconds > 0, got {self.system_metrics_interval}"
+            )
         if self.request_timeout < 1 or self.request_retries < 0 or self.retry_every < 0:
             raise ConfigError(
                 "mlflow: request_timeout must be >= 1, request_retries and retry_every >= 0, got "
@@ -74,6 +85,18 @@ class TrackingConfig:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
         source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "mlflow.tracking_uri"
         return validate_tracking_uri(uri, source)
+
+    def system_metrics_on(self) -> bool:
+        """Whether stage runs sample system metrics: ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` when set (MLflow's own
+        switch, which runs created through the client would otherwise ignore), else ``system_metrics``."""
+        raw = os.environ.get(SYSTEM_METRICS_ENV, "").strip()
+        if not raw:
+            return self.system_metrics
+        if raw.lower() in ("true", "1"):
+            return True
+        if raw.lower() in ("false", "0"):
+            return False
+        raise ConfigError(f"{SYSTEM_METRICS_ENV}: expected true or false, got {raw!r}")
 
 
 @dataclass

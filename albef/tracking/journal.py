@@ -221,22 +221,11 @@ class Deliverer:
 
     # -- calls --------------------------------------------------------------------------------------------
     def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
-        if name in self._experiments:
-            return self._experiments[name]
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            try:
-                exp_id = self.client.create_experiment(name, artifact_location=artifact_location)
-            except Exception as exc:  # another stage created it in between
-                if not is_permanent(exc):
-                    raise
-                exp_id = self.client.get_experiment_by_name(name).experiment_id
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            exp_id = exp.experiment_id
-        self._experiments[name] = exp_id
-        return exp_id
+        if name not in self._experiments:
+            from albef.tracking.store import ensure_experiment
+
+            self._experiments[name] = ensure_experiment(self.client, self.uri, name, artifact_location)
+        return self._experiments[name]
 
     def _run_id(self, state: JournalState, ref: str) -> str:
         if ref not in state.ids:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,18 +96,26 @@ def register_stage(
 @contextmanager
 def _fluent_uri(uri: str) -> Iterator[None]:
     """``mlflow.pyfunc.log_model`` only speaks to the global (fluent) tracking URI: point it at ``uri`` for the
-    upload and restore what was there, so a caller in the same process (a Prefect flow) keeps its own."""
+    upload and restore what was there, so a caller in the same process (a Prefect flow) keeps its own. MLflow
+    also exports both URIs as environment variables (for subprocesses); those are restored as well, or every
+    process started afterwards would inherit this store."""
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     old_tracking, old_registry = tracking_utils._tracking_uri, registry_utils._registry_uri
+    old_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         tracking_utils._tracking_uri, registry_utils._registry_uri = old_tracking, old_registry
+        for key, value in old_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _write(out: str | Path | None, summary: dict[str, Any]) -> None:

@@ -8,10 +8,17 @@ How the stages of one pipeline find the same parent, although DVC runs each in i
    of the git commit, the uncommitted changes to tracked Python files and the params. Every stage of one
    ``dvc repro`` (or ``dvc exp run -S ...``) computes the same key; a change of code or params gives a new
    one. The parent is the newest run tagged ``albef.pipeline=<key>``, created by the first stage that
-   finds none. Each stage marks it RUNNING when it starts and FINISHED/FAILED when it ends.
+   finds none. Each stage marks it RUNNING when it starts and FINISHED/FAILED/KILLED when it ends.
+
+A stage stopped from outside (SIGTERM: a cancelled Prefect flow run, a passed deadline, ``kill``; or Ctrl-C)
+ends its run KILLED: :func:`stage_run` turns SIGTERM into :class:`StageTerminated`, deferred while a tracking call
+is being delivered so that no call is half done, and the process exits with status 143 (128 + SIGTERM). While the
+run is open, MLflow's system-metrics monitor samples CPU, memory, disk, network and, with NVML, GPUs into
+``system/*`` metrics (``mlflow.system_metrics``).
 
 Only the main process logs (rank 0 under torchrun or SLURM). Tracking never stops training: every call
-goes through a local journal (:mod:`albef.tracking.journal`) and is delivered when the store answers.
+goes through a local journal (:mod:`albef.tracking.journal`) and is delivered when the store answers; system
+metrics are the exception, sent straight to the store and skipped while it is unreachable.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -68,22 +77,108 @@ def _is_main_process() -> bool:
     return world_info_from_env().is_main
 
 
+class StageTerminated(SystemExit):
+    """SIGTERM reached a stage: it unwinds (its run ends KILLED) and the process exits with 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class Termination:
+    """SIGTERM as :class:`StageTerminated` in the main thread, held back while a tracking call is written or
+    delivered (:meth:`deferred`): interrupted half-way, a run created on the store but not yet recorded in the
+    journal would be created again, and the first copy would stay RUNNING for ever."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first SIGTERM received
+        self.raised = False
+        self.closing = False  # the run is ending: a signal now waits until it has ended
+        self._critical = 0
+        self._pid = os.getpid()
+        self._installed = False
+
+    def install(self) -> None:
+        """Handle SIGTERM in this process, unless this is not the main thread or someone else already does."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+
+    def release(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked child (a data-loader worker) inherited the handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signum is None:
+            self.signum = signum
+        if not (self._critical or self.closing or self.raised):
+            self.stop()
+
+    def stop(self) -> None:
+        self.raised = True
+        raise StageTerminated(self.signum or signal.SIGTERM)
+
+    def pending(self) -> bool:
+        """A signal came while it was held back and has not been raised yet."""
+        return self.signum is not None and not self.raised
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if not self._critical and not self.closing and self.pending():
+            self.stop()
+
+
 class StageRun:
     """The MLflow run of one stage. Every method is safe to call whatever the store's state."""
 
-    def __init__(self, cfg: TrackingConfig, stage: str, tracking_uri: str, journal: Journal):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        stage: str,
+        tracking_uri: str,
+        journal: Journal,
+        termination: Termination | None = None,
+        owns_parent: bool = True,
+    ):
         self.cfg, self.stage, self.uri, self.journal = cfg, stage, tracking_uri, journal
         self.ref, self.parent_ref = "stage", "parent"
+        self.termination = termination or Termination()  # (not installed: no signal handling)
+        self.owns_parent = owns_parent  # False: an orchestrator's parent run, which it ends itself
+        self.continued = False  # the run of an interrupted attempt, continued
         self._deliverer: Deliverer | None = None
         self._next_attempt = 0.0
         self._offline = False
         self._ended = False
         self._ids: dict[str, str] = {}  # local reference -> MLflow run id, as delivered so far
+        self._monitor: Any = None  # mlflow's SystemMetricsMonitor, once the run exists on the store
+        self._monitor_tried = False
+
+    def ending_status(self, exc: BaseException | None) -> str:
+        """The status a run ends with: FINISHED, KILLED when stopped from outside (SIGTERM, Ctrl-C), FAILED."""
+        if exc is None:
+            return "FINISHED"
+        if self.termination.signum is not None or isinstance(exc, KeyboardInterrupt):
+            return "KILLED"
+        return "FAILED"
 
     # -- recording ----------------------------------------------------------------------------------------
     def _record(self, op: dict[str, Any]) -> None:
-        self.journal.append(op)
-        self.pump()
+        with self.termination.deferred():
+            self.journal.append(op)
+            self.pump()
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = {mlflow_name(k): _param_value(v) for k, v in flatten(params).items()}
@@ -135,12 +230,15 @@ class StageRun:
         Returns True when nothing is left to deliver."""
         if not force and time.monotonic() < self._next_attempt:
             return False
-        try:
-            self._deliverer = self._deliverer or Deliverer(self.uri)
-            left, error = self._deliverer.deliver(self.journal)
-        except Exception as exc:  # the client could not even be built (e.g. a sqlite file it cannot open)
-            left, error = self.journal.pending(), exc
-        self._ids = self.journal.read_state().ids
+        with self.termination.deferred():
+            try:
+                self._deliverer = self._deliverer or Deliverer(self.uri)
+                left, error = self._deliverer.deliver(self.journal)
+            except Exception as exc:  # the client could not even be built (e.g. a sqlite file it cannot open)
+                left, error = self.journal.pending(), exc
+            self._ids = self.journal.read_state().ids
+            if self.run_id:
+                self._start_system_metrics()
         if left:
             self._next_attempt = time.monotonic() + self.cfg.retry_every
             if not self._offline:
@@ -169,12 +267,46 @@ class StageRun:
     def parent_run_id(self) -> str | None:
         return self._ids.get(self.parent_ref)
 
-    def finish(self, status: str = "FINISHED", owns_parent: bool = True) -> bool:
-        """End the run (and mark the pipeline's parent with the same status) and try once more to deliver
-        everything. Returns True when all was delivered; else the journal waits for `albef mlflow sync`."""
+    # -- system metrics -----------------------------------------------------------------------------------
+    def _start_system_metrics(self) -> None:
+        """Sample system metrics into the run from now on (once the store has the run; never twice)."""
+        if self._monitor_tried or self._ended or not self.cfg.system_metrics_on():
+            return
+        self._monitor_tried = True
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.cfg.system_metrics_interval,
+                resume_logging=self.continued,  # a continued run's samples go on from its last step
+                tracking_uri=self.uri,
+            )
+            monitor.start()
+        except Exception as exc:  # e.g. the store went away just now: the run goes on without them
+            log.warning("mlflow: no system metrics for stage %s: %s", self.stage, _short_error(exc))
+            return
+        self._monitor = monitor
+
+    def _stop_system_metrics(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()  # the last samples go out before the run ends
+            except Exception as exc:
+                log.warning("mlflow: system metrics of stage %s: %s", self.stage, _short_error(exc))
+
+    # -- ending -------------------------------------------------------------------------------------------
+    def finish(self, status: str = "FINISHED", owns_parent: bool | None = None) -> bool:
+        """End the run (and mark the pipeline's parent with the same status, unless an orchestrator owns it)
+        and try once more to deliver everything. Returns True when all was delivered; else the journal waits
+        for `albef mlflow sync`."""
         if self._ended:
             return True
         self._ended = True
+        self.termination.closing = True  # a SIGTERM now waits until the run has ended
+        owns_parent = self.owns_parent if owns_parent is None else owns_parent
+        self._stop_system_metrics()
         end = now_ms()
         self.journal.append({"op": "end", "ref": self.ref, "status": status, "end_time": end})
         self.journal.append(
@@ -239,21 +371,45 @@ def start_stage_run(
     tags: dict[str, Any] | None = None,
     log_params: dict[str, Any] | None = None,
     pipeline_params: dict[str, Any] | None = None,
+    termination: Termination | None = None,
 ) -> StageRun | None:
     """Open the MLflow run of ``stage`` (None when tracking is off or this is not the main process).
 
     ``pipeline_params``: the params that name the pipeline run (default ``params``), for a stage that runs on
-    an adjusted copy of params.yaml (``--test-file``) and must still nest under the pipeline's parent run."""
+    an adjusted copy of params.yaml (``--test-file``) and must still nest under the pipeline's parent run.
+    ``termination``: the SIGTERM handling of :func:`stage_run`, which ends the run KILLED."""
     cfg = tracking_config(params)
     if not cfg.enabled or not _is_main_process():
         return None
     uri = cfg.resolved_uri()  # a malformed URI fails here, before any work
+    cfg.system_metrics_on()  # so does a malformed MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
     _limit_client_waits(cfg)
     journal = Journal.create(cfg.spool_dir, stage)
     journal.lock()
-    run = StageRun(cfg, stage, uri, journal)
-    git = git_state()
     parent_id = os.environ.get(PARENT_ENV)
+    run = StageRun(cfg, stage, uri, journal, termination, owns_parent=not parent_id)
+    try:
+        _open(run, params, stage, parent_id, run_name, tags, log_params, pipeline_params)
+    except BaseException as exc:  # e.g. SIGTERM while the run was being created: it ends KILLED
+        run.finish(run.ending_status(exc))
+        raise
+    if run.run_id:
+        log.info("mlflow: stage %s logs to run %s at %s", stage, run.run_id, uri)
+    return run
+
+
+def _open(
+    run: StageRun,
+    params: dict[str, Any],
+    stage: str,
+    parent_id: str | None,
+    run_name: str | None,
+    tags: dict[str, Any] | None,
+    log_params: dict[str, Any] | None,
+    pipeline_params: dict[str, Any] | None,
+) -> None:
+    cfg, journal = run.cfg, run.journal
+    git = git_state()
     key = pipeline_key(params if pipeline_params is None else pipeline_params)
     start = now_ms()
     journal.append(
@@ -281,6 +437,7 @@ def start_stage_run(
         **{f"albef.lib.{k}": v for k, v in library_versions().items()},
         **(tags or {}),
     }
+    run.continued = bool(os.environ.get(STAGE_RUN_ENV))
     journal.append(
         {
             "op": "run",
@@ -296,22 +453,30 @@ def start_stage_run(
     )
     run.log_params(log_params if log_params is not None else params)
     run.pump(force=True)
-    if run.run_id:
-        log.info("mlflow: stage %s logs to run %s at %s", stage, run.run_id, uri)
-    return run
 
 
 @contextmanager
 def stage_run(params: dict[str, Any], stage: str, **kwargs: Any) -> Iterator[StageRun | None]:
-    """``with stage_run(params, "pretrain") as run:`` opens the run, and ends it FINISHED, or FAILED when
-    the body raises (the error propagates)."""
-    run = start_stage_run(params, stage, **kwargs)
-    owns_parent = not os.environ.get(PARENT_ENV)
+    """``with stage_run(params, "pretrain") as run:`` opens the run, and ends it FINISHED; KILLED when SIGTERM
+    (which raises :class:`StageTerminated` in the body) or Ctrl-C stops it; FAILED when the body raises anything
+    else. The exception propagates."""
+    termination = Termination()
+    termination.install()
     try:
-        yield run
-    except BaseException:
+        run = start_stage_run(params, stage, termination=termination, **kwargs)
+        if run is None:  # no run to end: SIGTERM takes its usual course
+            termination.release()
+            if termination.pending():
+                termination.stop()
+        try:
+            yield run
+        except BaseException as exc:
+            if run is not None:
+                run.finish(run.ending_status(exc))
+            raise
         if run is not None:
-            run.finish("FAILED", owns_parent)
-        raise
-    if run is not None:
-        run.finish("FINISHED", owns_parent)
+            run.finish("FINISHED")
+    finally:
+        termination.release()
+    if termination.pending():  # it came while the run was ending: the stage stops now
+        termination.stop()
