@@ -42,8 +42,9 @@ def _f(value: Any, spec: str = ".1f", unit: str = "") -> str:
 
 def loader_rows(out: Path) -> list[tuple[str, str, str]]:
     rows = []
-    for size in sorted({r["image_size"] for r in _load(out / "loader.json") or []}):
-        mine = [r for r in _load(out / "loader.json") if r["image_size"] == size]
+    loaded = _load(out / "loader.json") or []
+    for size in sorted({r["image_size"] for r in loaded}):
+        mine = [r for r in loaded if r["image_size"] == size]
         one = next((r for r in mine if r["loader"] == "seeded" and r["workers"] == 0), None)
         many = max(
             (r for r in mine if r["loader"] == "seeded" and r["workers"]),

@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from albef.config import PRESETS, ModelConfig, load_model_config
 from albef.models.pretrain import ALBEFPretrain
+from albef.train.engine import compile_model as compile_blocks
 from albef.train.optim import build_optimizer
 
 # ALBEF's image normalisation (the CLIP statistics used by the official transforms).
@@ -335,8 +336,8 @@ def _measure(
     seed_everything(seed)
     model = ALBEFPretrain(cfg).to(device).train()
     model.set_grad_checkpointing(grad_checkpointing)
-    if compile_model:
-        compile_encoders(model)
+    if compile_model:  # what compile: true does in training
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, optimizer_kind)
     state.update(model=model, optimizer=optimizer)
@@ -387,13 +388,6 @@ def _measure(
             print(f"  host synchronisation inside the step: {str(exc).splitlines()[0]}", file=sys.stderr)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-
-
-def compile_encoders(model: torch.nn.Module) -> None:
-    """What ``compile: true`` does in training (albef.train.engine): each encoder compiled in place."""
-    from albef.train.engine import compile_model
-
-    compile_model(model)
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:

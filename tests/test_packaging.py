@@ -169,8 +169,7 @@ def test_a_venv_from_pyproject_alone_runs_albef_and_the_flows(tmp_path):
     """``albef[pipeline]`` in a new venv, resolved from pyproject.toml's declarations (the lock only as
     constraints, so uv picks the locked versions from its cache): the CLI, the flows and the registry work."""
     uv = shutil.which("uv", path=str(BIN)) or shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not installed")
+    assert uv is not None, "uv is not on .venv/bin or PATH: .ci/install puts it there"
     source = _copy_project(tmp_path / "src")
     venv = tmp_path / "venv"
     env = {
@@ -216,8 +215,9 @@ def test_checkouts_sharing_the_environment_run_their_own_albef(tmp_path):
     shared = Path(
         _run(["bash", str(REPO / ".ci" / "install"), "--shared-path"], REPO).strip().splitlines()[-1]
     )
-    if not (shared / ".albef-complete").exists():
-        pytest.skip(f"the shared environment {shared} is not built: run .ci/install")
+    assert (shared / ".albef-complete").exists(), (
+        f"the shared environment {shared} is not built: run .ci/install"
+    )
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / shared.name).symlink_to(shared)

@@ -639,9 +639,7 @@ class Trainer:
                     out = self.forward(self.ddp, batch, alpha, self.choices)
                 loss = out.loss / cfg.grad_accum
                 for k, v in out.loss_terms().items():
-                    # tensors keep the step free of host synchronisation; floats are accepted too
-                    v = v.float() if isinstance(v, torch.Tensor) else float(v)
-                    terms[k] = terms.get(k, 0.0) + v / cfg.grad_accum
+                    terms[k] = terms.get(k, 0.0) + v.float() / cfg.grad_accum
                 finite = finite & torch.isfinite(out.loss.detach())
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
