@@ -35,6 +35,7 @@ from albef.models.retrieval import ALBEFRetrieval
 from albef.models.ve import ALBEFVE
 from albef.models.vision import resample_pos_embed
 from albef.models.vqa import ALBEFVQA
+from albef.safe_load import CheckpointError, UnreadableCheckpoint, describe_failure, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ _TWO_IMAGE = (ALBEFNLVR, ALBEFTextAssignment)
 _TEXT_LAYER_KEY = re.compile(r"(text_encoder(?:_m)?\.(?:bert\.)?encoder\.layer\.)(\d+)(\..*)")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model."""
-
-
 def build_model(task: str, cfg: ModelConfig) -> ALBEFModel:
     if task not in TASKS:
         raise CheckpointError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
@@ -93,22 +90,20 @@ def read_official_state_dict(source: str | Path | dict[str, Any]) -> dict[str, t
         path = Path(source)
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
-        try:
-            # weights_only: never execute pickled code from a downloaded file.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+        # weights_only: never execute pickled code from a downloaded file.
+        obj = load_torch(path, "not a readable PyTorch checkpoint")
     else:
         obj = source
+    where = f"{source}: " if isinstance(source, (str, Path)) else ""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, expected a state dict")
+        raise CheckpointError(f"{where}checkpoint holds a {type(obj).__name__}, expected a state dict")
     for wrapper in ("model", "state_dict", "module"):
         if wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
             break
     state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
-        raise CheckpointError("checkpoint holds no tensors")
+        raise CheckpointError(f"{where}checkpoint holds no tensors")
     return state
 
 
@@ -491,8 +486,10 @@ def load_pretrained(directory: str | Path, task: str | None = None, strict: bool
         raise CheckpointError(f"{weights} not found")
     try:
         missing, unexpected = load_model(model, str(weights), strict=strict)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # read fine, but the tensors do not fit the model config.json describes
         raise CheckpointError(f"{weights} does not match its config.json: {exc}") from exc
+    except Exception as exc:  # SafetensorError (truncated, not a safetensors file), OSError
+        raise UnreadableCheckpoint(weights, describe_failure(weights, exc)) from exc
     if missing or unexpected:
         log.warning("non-strict load of %s: missing %s, unexpected %s", weights, missing, unexpected)
     return model

@@ -524,7 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except expected as exc:
-        print(f"albef {args.command}: error: {exc}", file=sys.stderr)
+        from albef.tracking.redact import redact_text  # a URI's password never reaches the terminal
+
+        print(f"albef {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
 
 

@@ -1,17 +1,42 @@
-"""Atomic file writes: a crash, a kill or a full disk never leaves a half-written file under a final name."""
+"""Atomic file writes: a crash, a kill or a full disk never leaves a half-written file under a final name.
+
+The file gets the permissions an ordinary ``open(path, "w")`` would give it: ``0o666`` less the process's
+umask (``0o644`` under the usual ``022``), not the ``0o600`` of the temporary file it is written as, so other
+users and services (a model server, a data loader under another account) can read shards and models.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux: ``/proc/self/status``);
+    elsewhere set and restored at once, under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it to ``path``.
 
-    On any failure the temporary file is removed and whatever stood at ``path`` before is untouched.
+    On any failure the temporary file is removed and whatever stood at ``path`` before is untouched. The file
+    ends with mode ``0o666 & ~umask``.
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -19,6 +44,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -30,6 +30,7 @@ from albef.models.retrieval import ALBEFRetrieval
 from albef.models.ve import ALBEFVE, DistilledClassifier
 from albef.models.vqa import ALBEFVQA
 from albef.models.xbert import Mode
+from albef.safe_load import UnreadableCheckpoint, load_torch
 
 TOLERANCE = 1e-5
 # Sections that are given to the model rather than computed by it.
@@ -415,7 +416,11 @@ def check_reference(path: str | Path, tolerance: float = TOLERANCE) -> ParityRep
             "this reference cannot be checked"
         )
         return report
-    ref = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ref = load_torch(path, "not a readable parity reference")  # weights_only=True: no pickled code runs
+    except UnreadableCheckpoint as exc:
+        report.error = str(exc)
+        return report
     with torch.no_grad():
         ours = COMPUTE[name](ref)
     for key, expected in _flatten(ref).items():

@@ -18,6 +18,7 @@ from albef.models.base import ContrastiveModel
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.vision import load_deit_weights
 from albef.models.xbert import TextEncoder
+from albef.safe_load import first_line, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,13 @@ def bert_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     try:
         model = BertForMaskedLM.from_pretrained(str(source))
     except Exception as exc:
+        folder = Path(source)
+        for name in ("model.safetensors", "pytorch_model.bin") if folder.is_dir() else ():
+            if (folder / name).is_file():  # say which file is truncated, corrupt or refused, and why
+                load_weights(folder / name, "not readable BERT weights")
         raise FileNotFoundError(
-            f"could not load BERT weights from {source!r} ({exc}); pass a local bert-base-uncased folder "
-            "when the hub is unreachable"
+            f"could not load BERT weights from {source!r} ({first_line(exc)}); pass a local bert-base-uncased "
+            "folder when the hub is unreachable"
         ) from exc
     return model.state_dict()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_batch
 
+from albef.checkpoint import CheckpointError
 from albef.config import tiny_config
 from albef.models import ALBEFRetrieval
 from albef.models.components import RandomChoices
@@ -88,5 +89,5 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     bad = tmp_path / "step-000000001.pt"
     bad.write_bytes(b"garbage")
     model, _ = _setup()
-    with pytest.raises(RuntimeError, match="step-000000001.pt: not a readable albef training checkpoint"):
+    with pytest.raises(CheckpointError, match="step-000000001.pt: not a readable albef training checkpoint"):
         load_checkpoint(bad, model)

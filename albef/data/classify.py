@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from albef.data.datasets import FolderImages, ImageSource, Transform
-from albef.data.formats import AnnotationError, image_paths, load_annotations
+from albef.data.formats import AnnotationError, image_path_note, image_paths, load_annotations
 from albef.data.images import ImageProblem, resolve_inside
 from albef.data.text import pre_caption
 from albef.models.nlvr import NLVR_LABELS
@@ -88,9 +88,11 @@ class ClassificationDataset(Dataset):
             absent = next((k for k in keys if not has_image(images, k)), None)
             if absent is not None:
                 if missing_images == "error":
+                    note = image_path_note(record, task)
                     raise MissingImageError(
                         f"{self.ann_file}: record {index} ({record['sentence']!r}) needs image {absent!r}, "
-                        f"which is not in the image source (set missing_images: skip to leave such records out)"
+                        f"which is not in the image source{f' ({note})' if note else ''} "
+                        f"(set missing_images: skip to leave such records out)"
                     )
                 self.skipped.append({"index": index, "image": absent})
                 continue

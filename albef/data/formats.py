@@ -9,7 +9,8 @@ pretrain            image (str), caption (str or list of str)
 retrieval_train     image (str), caption (str), image_id (str or int)
 retrieval_eval      image (str), caption (list of str; 5 in COCO/Flickr30K)
 vqa                 question_id (int), image (str), question (str), [answer (str or list)], [dataset]
-ve                  image (str, no extension: ".jpg" is appended), sentence (str), label (str)
+ve                  image (str: a bare id gets ".jpg"; a path with an extension is kept), sentence (str),
+                    label (str)
 nlvr                images (list of 2 str), sentence (str), label ("True" / "False" strings)
 grounding_train     image (str), text (str)
 grounding_eval      image (str), text (str), ref_id (int)
@@ -124,13 +125,39 @@ def record_problem(record: Any, task: str) -> str | None:
     return None
 
 
+#: extensions that mark an SNLI-VE ``image`` as a file name rather than a bare Flickr30K id
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def ve_image_path(image: str) -> str:
+    """The file of an SNLI-VE ``image``: the official files hold bare Flickr30K ids (``"2248275918"``) and the
+    official loader appends ``.jpg``; a value that already ends in an image extension (``"x.jpg"``, a
+    custom file) is used as it is."""
+    return image if image.lower().endswith(IMAGE_EXTENSIONS) else image + ".jpg"
+
+
 def image_paths(record: dict, task: str) -> list[str]:
-    """Relative image paths of a record (VE ids get the ``.jpg`` the official code appends)."""
+    """Relative image paths of a record (see :func:`ve_image_path` for SNLI-VE)."""
     if task == "nlvr":
         return list(record["images"])
     if task == "ve":
-        return [record["image"] + ".jpg"]
+        return [ve_image_path(record["image"])]
     return [record["image"]]
+
+
+def image_path_note(record: dict, task: str) -> str:
+    """For a record whose image is missing: how its path was made from the record, when it is not the
+    record's value verbatim (SNLI-VE's appended ``.jpg``); else empty."""
+    if task == "ve" and isinstance(record.get("image"), str):
+        image = record["image"]
+        tried = ve_image_path(image)
+        if tried != image:
+            return (
+                f"SNLI-VE image {image!r} has no image extension, so {tried!r} was tried ('.jpg' appended, "
+                f"as the official loader does)"
+            )
+        return f"SNLI-VE image {image!r} has an image extension, so it was tried as it is"
+    return ""
 
 
 def texts(record: dict, task: str) -> list[str]:

@@ -30,12 +30,13 @@ from albef.data.formats import (
     TEXT_KEY,
     AnnotationError,
     check_task,
+    image_path_note,
     image_paths,
     read_json_list,
     record_problem,
     texts,
 )
-from albef.data.images import ImageProblem, encode_jpeg, open_rgb, resolve_inside
+from albef.data.images import DECODER_VERSION, ImageProblem, encode_jpeg, open_rgb, resolve_inside
 from albef.data.shards import sha256_file, write_shard
 from albef.data.text import pre_caption, pre_question
 from albef.io import atomic_write_text
@@ -298,7 +299,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
 
     # 2. images, in fixed shard slices; finished slices are journalled and skipped on a rerun
     keys = sorted(needs)
-    settings = [cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality, FORMAT_VERSION]
+    settings = [cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality, FORMAT_VERSION, DECODER_VERSION]
     extras = {name: _tree_hash(ann_dir / name) for name in [*cfg.copy, cfg.grounding_assets] if name}
     fingerprint = _hash(asdict(cfg), settings, file_hashes, extras, [_image_stat(root, k) for k in keys])
     manifest_path = out / "manifest.json"
@@ -381,6 +382,8 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
             failed = [k for k in map(os.path.normpath, image_paths(record, task)) if k in bad_images]
             if failed:
                 reason, detail = bad_images[failed[0]]
+                if reason == "missing_file" and (note := image_path_note(record, task)):
+                    detail = f"{detail} ({note})"
                 report.dropped.append(Drop(name, index, reason, detail))
             else:
                 good_records.append(record)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from albef.data.images import decode_rgb
 from albef.io import atomic_write
 
 
@@ -86,5 +87,6 @@ class ShardedImages:
             return fh.read(size)
 
     def open(self, key: str) -> Image.Image:
-        image = Image.open(io.BytesIO(self.read_bytes(key)))
-        return image.convert("RGB")
+        """The stored image through the one decoder (:func:`albef.data.images.decode_rgb`), as every other
+        reader decodes images."""
+        return decode_rgb(self.read_bytes(key), f"{self.root}:{key}")

@@ -89,14 +89,15 @@ def load_deit_weights(encoder: ImageEncoder, source: str | Path) -> dict[str, li
     """
     path = Path(source)
     if path.exists():
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from albef.safe_load import CheckpointError, load_weights
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        if "model" in state and isinstance(state["model"], dict):
+        # safetensors, or torch.load with weights_only=True: a truncated, corrupt or pickled-code file is a
+        # one-line CheckpointError naming it
+        state = load_weights(path, "not a readable DeiT checkpoint")
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a DeiT state dict")
     else:
         import timm
 

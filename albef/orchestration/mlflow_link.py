@@ -16,8 +16,10 @@ stage ends its own run, KILLED on SIGTERM (``albef.tracking.run``); a stage proc
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ _log = logging.getLogger(__name__)
 
 PARENT_ENV = "ALBEF_MLFLOW_PARENT_RUN_ID"
 STAGE_RUN_ENV = "ALBEF_MLFLOW_STAGE_RUN_ID"  # the run a retried stage continues (albef.tracking.run)
+EXPERIMENT_ENV = "ALBEF_DVC_EXPERIMENT"  # the DVC experiment of a workspace run (albef.tracking.run)
+EXPERIMENT_TAG = "albef.dvc_experiment"
 FLOW_RUN_TAG = "albef.prefect.flow_run_id"
 STAGE_TAG = "albef.stage"
 KIND_TAG = "albef.kind"
@@ -40,17 +44,19 @@ class Tracking:
     artifact_location: str | None = None  # for a new experiment (mlflow.artifact_location)
     project: str | None = None  # the stages' working directory
 
-    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+    def _ui_base(self) -> str | None:
+        """The UI's address for links: ``ui_url``, else an http(s) tracking URI without its user info (a link
+        shown in Prefect must not carry credentials; the browser asks for them)."""
         base = self.ui_url or (self.uri if self.uri.startswith(("http://", "https://")) else None)
-        if not base:
-            return None
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return re.sub(r"^(https?://)[^/@]*@", r"\1", base).rstrip("/") if base else None
+
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        base = self._ui_base()
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
 
     def artifact_url(self, run_id: str, path: str) -> str | None:
-        base = self.ui_url or (self.uri if self.uri.startswith(("http://", "https://")) else None)
-        if not base:
-            return None
-        return f"{base.rstrip('/')}/get-artifact?path={path}&run_uuid={run_id}"
+        base = self._ui_base()
+        return f"{base}/get-artifact?path={path}&run_uuid={run_id}" if base else None
 
 
 def tracking(params: dict[str, Any], project: str | Path, ui_url: str | None = None) -> Tracking | None:
@@ -83,8 +89,18 @@ def _client(cfg: Tracking):
     return MlflowClient(tracking_uri=cfg.uri)
 
 
-def open_parent_run(cfg: Tracking | None, flow_run_id: str, name: str, logger=None) -> str | None:
-    """The pipeline's parent run for this flow run: found again on a retry, else created."""
+def open_parent_run(
+    cfg: Tracking | None,
+    flow_run_id: str,
+    name: str,
+    logger=None,
+    *,
+    request: dict[str, Any] | None = None,
+    experiment: str | None = None,
+) -> str | None:
+    """The pipeline's parent run for this flow run: found again on a retry, else created. ``request``: what the
+    flow run was asked (stages, overrides, workspace ...), logged as its params (overrides as
+    ``override.<key>``); ``experiment``: the DVC experiment it is saved as (tag albef.dvc_experiment)."""
     log = logger or _log
     if cfg is None:
         log.info("mlflow: the stages do not track (no mlflow section, or enabled: false): no parent run")
@@ -103,16 +119,82 @@ def open_parent_run(cfg: Tracking | None, flow_run_id: str, name: str, logger=No
             client.update_run(run_id, status="RUNNING")
             log.info("mlflow: continuing parent run %s of flow run %s", run_id, flow_run_id)
             return run_id
-        run = client.create_run(
-            exp_id,
-            run_name=name,
-            tags={KIND_TAG: "pipeline", "albef.orchestrator": "prefect", FLOW_RUN_TAG: flow_run_id},
-        )
-        log.info("mlflow: parent run %s at %s", run.info.run_id, cfg.uri)
+        tags = {KIND_TAG: "pipeline", "albef.orchestrator": "prefect", FLOW_RUN_TAG: flow_run_id}
+        if experiment:
+            tags[EXPERIMENT_TAG] = experiment
+        run = client.create_run(exp_id, run_name=name, tags=tags)
+        params = request_params(request or {})
+        if params:
+            from mlflow.entities import Param
+
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        log.info("mlflow: parent run %s at %s", run.info.run_id, redacted(cfg.uri))
         return run.info.run_id
     except Exception as exc:  # tracking never stops the pipeline
-        log.warning("mlflow: no parent run (%s: %s); stages track on their own", type(exc).__name__, exc)
+        log.warning(
+            "mlflow: no parent run (%s: %s); stages track on their own",
+            type(exc).__name__,
+            redacted(str(exc)),
+        )
         return None
+
+
+def running_parent_runs(cfg: Tracking | None, logger=None) -> dict[str, str]:
+    """The pipeline parent runs still RUNNING: ``{flow run id: MLflow run id}`` (empty when tracking is off or
+    the store cannot be read)."""
+    if cfg is None:
+        return {}
+    try:
+        client = _client(cfg)
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            return {}
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{KIND_TAG}` = 'pipeline' and attributes.status = 'RUNNING'",
+            max_results=500,
+        )
+    except Exception as exc:
+        (logger or _log).warning("mlflow: could not list the running pipeline runs: %s", redacted(str(exc)))
+        return {}
+    return {r.data.tags[FLOW_RUN_TAG]: r.info.run_id for r in found if r.data.tags.get(FLOW_RUN_TAG)}
+
+
+def request_params(request: dict[str, Any]) -> dict[str, str]:
+    """A flow run's request as MLflow params: ``{"overrides": {"evaluate.k_test": 4}, "stages": ["evaluate"]}``
+    -> ``{"override.evaluate.k_test": "4", "stages": "evaluate"}`` (None values left out; secrets, such as an
+    override of a key named like one or a URI's password, as ``***``: :mod:`albef.tracking.redact`)."""
+    from albef.tracking.redact import redact
+
+    out: dict[str, str] = {}
+    for key, value in redact(request).items():
+        if value is None:
+            continue
+        if key == "overrides":
+            for name, sub in _flat(value).items():
+                out[f"override.{name}"] = json.dumps(sub) if not isinstance(sub, str) else sub
+        elif isinstance(value, list | tuple):
+            out[key] = ",".join(map(str, value))
+        else:
+            out[key] = str(value)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+def redacted(text: str) -> str:
+    """``text`` (a tracking URI, an error message) with the credentials of its URIs redacted: what logs and
+    Prefect artifacts show."""
+    from albef.tracking.redact import redact_text
+
+    return redact_text(text)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
 
 
 def close_parent_run(cfg: Tracking | None, run_id: str | None, status: str, logger=None) -> None:
@@ -122,7 +204,7 @@ def close_parent_run(cfg: Tracking | None, run_id: str | None, status: str, logg
     try:
         _client(cfg).set_terminated(run_id, status)
     except Exception as exc:
-        log.warning("mlflow: could not mark parent run %s %s: %s", run_id, status, exc)
+        log.warning("mlflow: could not mark parent run %s %s: %s", run_id, status, redacted(str(exc)))
 
 
 def ending_status(exc: BaseException) -> str:
@@ -156,7 +238,13 @@ def end_orphaned_stage_run(
     try:
         _client(cfg).set_terminated(ref.run_id, status)
     except Exception as exc:
-        log.warning("mlflow: could not mark the run %s of stage %s %s: %s", ref.run_id, stage, status, exc)
+        log.warning(
+            "mlflow: could not mark the run %s of stage %s %s: %s",
+            ref.run_id,
+            stage,
+            status,
+            redacted(str(exc)),
+        )
         return None
     log.info(
         "mlflow: the run %s of stage %s was left RUNNING by its process; now %s", ref.run_id, stage, status
@@ -191,7 +279,7 @@ def find_stage_run(
             order_by=["attributes.start_time DESC"],
         )
     except Exception as exc:
-        log.warning("mlflow: could not look up the run of stage %s: %s", stage, exc)
+        log.warning("mlflow: could not look up the run of stage %s: %s", stage, redacted(str(exc)))
         return None
     if not found:
         return None

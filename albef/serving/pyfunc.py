@@ -53,18 +53,24 @@ def _bad_input(message: str):
 
 
 def decode_image(value: Any, row: int, column: str = "image"):
-    """A PIL image (RGB) from a path, raw bytes or base64 text; InvalidModelInput names the row and column."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL image (RGB) from a path, raw bytes or base64 text; InvalidModelInput names the row and column.
+
+    Decoded by :func:`albef.data.images.decode_rgb`, the decoder preprocessing and the datasets use (EXIF
+    orientation, transparency on white, 16-bit by its real range), so the model sees the pixels it was
+    trained on."""
+    from albef.data.images import ImageProblem, decode_rgb
 
     data: bytes
+    source = "the image bytes"
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, str):
         text = value.strip()
         # A short string naming an existing file is a path; anything else must be base64 of an image file.
-        if len(text) < 4096 and "\n" not in text and Path(text).is_file():
-            data = Path(text).read_bytes()
+        if len(text) < 4096 and "\n" not in text and _is_file(text):
+            data, source = Path(text).read_bytes(), text
         else:
+            source = "the base64 image"
             try:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as exc:
@@ -77,11 +83,20 @@ def decode_image(value: Any, row: int, column: str = "image"):
             f"row {row}, column {column!r}: expected a path or base64 text, got {type(value).__name__}"
         )
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidModelInput(f"row {row}, column {column!r}: not a decodable image ({exc})") from exc
+        return decode_rgb(data, source)
+    except ImageProblem as exc:
+        raise InvalidModelInput(
+            f"row {row}, column {column!r}: not a decodable image ({exc.reason}: {exc.detail})"
+        ) from exc
+
+
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names an existing file; a name the system refuses (base64 longer than a file name may
+    be) is not one."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _present(value: Any) -> bool:

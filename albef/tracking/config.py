@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from albef.config import ConfigError
+from albef.tracking.redact import redact_uri
 
 # The schemes MLflow's tracking client understands. Anything else (a typo such as ``htp://``) would only
 # fail at the first request, deep inside training, so it is refused before anything starts.
@@ -155,20 +156,22 @@ class RegisterConfig:
 
 
 def validate_tracking_uri(uri: str, source: str = "tracking URI") -> str:
+    """``uri`` when MLflow can use it, else a :class:`ConfigError` that shows it with its credentials redacted."""
     if not isinstance(uri, str) or not uri.strip():
         raise ConfigError(f"{source}: empty tracking URI")
     parsed = urlparse(uri)
+    shown = redact_uri(uri)
     scheme = parsed.scheme.split("+")[0].lower()  # postgresql+psycopg2:// is a SQLAlchemy URI
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(
-            f"{source}: {uri!r} is not a tracking URI MLflow can use (scheme {parsed.scheme or 'missing'!r}); "
+            f"{source}: {shown!r} is not a tracking URI MLflow can use (scheme {parsed.scheme or 'missing'!r}); "
             f"expected one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}, e.g. {DEFAULT_TRACKING_URI} "
             "or http://127.0.0.1:5000"
         )
     if scheme in ("http", "https") and not parsed.hostname:
-        raise ConfigError(f"{source}: {uri!r} has no host (expected e.g. http://127.0.0.1:5000)")
+        raise ConfigError(f"{source}: {shown!r} has no host (expected e.g. http://127.0.0.1:5000)")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):
-        raise ConfigError(f"{source}: {uri!r}: a sqlite URI needs three slashes, e.g. sqlite:///mlflow.db")
+        raise ConfigError(f"{source}: {shown!r}: a sqlite URI needs three slashes, e.g. sqlite:///mlflow.db")
     return uri
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from albef.io import atomic_write_text
+from albef.tracking.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,14 @@ class Deliverer:
                 except Exception as exc:
                     if not is_permanent(exc) and not isinstance(exc, _Unresolved):
                         return len(ops) - state.done, exc
+                    reason = redact_text(str(exc))
                     log.warning(
-                        "mlflow refused a %s call (%s); kept in %s", op.get("op"), exc, journal.rejected_path
+                        "mlflow refused a %s call (%s); kept in %s",
+                        op.get("op"),
+                        reason,
+                        journal.rejected_path,
                     )
-                    journal.reject(op, str(exc))
+                    journal.reject(op, reason)
                 state.done = batch_end
         finally:
             journal.write_state(state)
@@ -334,7 +339,9 @@ def sync_spool(spool_dir: str | Path, tracking_uri: str) -> SyncReport:
             left, error = deliverer.deliver(journal)
             if left:
                 report.pending += 1
-                report.errors.append(f"{journal.path.name}: {left} call(s) pending: {error}")
+                report.errors.append(
+                    f"{journal.path.name}: {left} call(s) pending: {redact_text(str(error))}"
+                )
             else:
                 report.delivered += 1
                 journal.unlock()

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from albef.tracking.redact import redact_uri
+
 LIBRARIES = (
     "torch",
     "torchvision",
@@ -37,8 +39,10 @@ def _git(*args: str, cwd: str | Path = ".") -> str | None:
 
 
 def git_state(cwd: str | Path | None = None) -> dict[str, str]:
-    """``{"commit": sha, "dirty": "true"|"false", "branch": name}`` of the project in ``cwd`` (default: the
-    working directory, else the checkout albef itself is imported from); empty outside any git checkout."""
+    """``{"commit": sha, "dirty": "true"|"false", "root": path, "branch": name, "remote": url}`` of the project in
+    ``cwd`` (default: the working directory, else the checkout albef itself is imported from); empty outside any
+    git checkout. ``remote`` is the URL of ``origin`` (else of the first remote) with its credentials redacted:
+    a clone made with a token keeps it in the URL."""
     if cwd is None:
         import albef
 
@@ -63,6 +67,11 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
     branch = _git("rev-parse", "--abbrev-ref", "HEAD", cwd=cwd)
     if branch:
         state["branch"] = branch
+    remotes = (_git("remote", cwd=cwd) or "").split()
+    if remotes:
+        url = _git("remote", "get-url", "origin" if "origin" in remotes else remotes[0], cwd=cwd)
+        if url:
+            state["remote"] = redact_uri(url)
     return state
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from albef.tracking.config import register_config, tracking_config
 from albef.tracking.provenance import git_state
+from albef.tracking.redact import redact_uri
 from albef.tracking.registry import Registry, RegistryError, gate_metric, read_metrics
 from albef.tracking.run import stage_run
 from albef.tracking.stages import _provenance_tags
@@ -53,7 +54,8 @@ def register_stage(
     with stage_run(params, cfg.section, tags=provenance, log_params={cfg.section: section}) as run:
         if run is None or run.run_id is None:
             raise RegistryError(
-                f"the registry at {uri} is unreachable; rerun `albef register --task {task}` when it answers"
+                f"the registry at {redact_uri(uri)} is unreachable; rerun `albef register --task {task}` "
+                "when it answers"
             )
         with _fluent_uri(uri), mlflow.start_run(run_id=run.run_id):
             info = log_task_model(task, cfg.model_dir, name="model", **settings)

@@ -41,6 +41,7 @@ from typing import Any
 from albef.tracking.config import TrackingConfig, tracking_config
 from albef.tracking.journal import PIPELINE_TAG, STAGE_TAG, Deliverer, Journal, now_ms
 from albef.tracking.provenance import flatten, git_state, library_versions, numeric_items
+from albef.tracking.redact import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ PARENT_ENV = "ALBEF_MLFLOW_PARENT_RUN_ID"
 # instead of opening a second one.
 STAGE_RUN_ENV = "ALBEF_MLFLOW_STAGE_RUN_ID"
 PIPELINE_ENV = "ALBEF_MLFLOW_PIPELINE"
+# Set by a flow run working in an experiment workspace (albef.orchestration.workspace): the DVC experiment the
+# stage's results are saved as, recorded as the run's tag albef.dvc_experiment.
+EXPERIMENT_ENV = "ALBEF_DVC_EXPERIMENT"
+EXPERIMENT_TAG = "albef.dvc_experiment"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 
 
@@ -154,6 +159,7 @@ class StageRun:
         owns_parent: bool = True,
     ):
         self.cfg, self.stage, self.uri, self.journal = cfg, stage, tracking_uri, journal
+        self.shown_uri = redact_uri(tracking_uri)  # for messages: its credentials redacted
         self.ref, self.parent_ref = "stage", "parent"
         self.termination = termination or Termination()  # (not installed: no signal handling)
         self.owns_parent = owns_parent  # False: an orchestrator's parent run, which it ends itself
@@ -181,7 +187,8 @@ class StageRun:
             self.pump()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = {mlflow_name(k): _param_value(v) for k, v in flatten(params).items()}
+        """``params`` flattened to dotted names; secrets (:mod:`albef.tracking.redact`) as ``***``."""
+        flat = {mlflow_name(k): _param_value(v) for k, v in flatten(redact(params)).items()}
         items = sorted(flat.items())
         for start in range(0, len(items), 100):
             self._record({"op": "log", "ref": self.ref, "params": dict(items[start : start + 100])})
@@ -189,7 +196,11 @@ class StageRun:
     def set_tags(self, tags: dict[str, Any]) -> None:
         if tags:
             self._record(
-                {"op": "log", "ref": self.ref, "tags": {mlflow_name(k): str(v) for k, v in tags.items()}}
+                {
+                    "op": "log",
+                    "ref": self.ref,
+                    "tags": {mlflow_name(k): str(v) for k, v in redact(tags).items()},
+                }
             )
 
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
@@ -216,12 +227,12 @@ class StageRun:
         self._record({"op": "artifact", "ref": self.ref, "path": str(copy), "artifact_path": artifact_path})
 
     def log_dict(self, data: dict[str, Any], name: str, artifact_path: str | None = None) -> None:
-        """``data`` as a JSON artifact called ``name``."""
+        """``data`` as a JSON artifact called ``name``, its secrets redacted."""
         if not self.cfg.log_artifacts:
             return
         target = self.journal.files_dir / uuid.uuid4().hex[:8] / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        target.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str) + "\n")
         self._record({"op": "artifact", "ref": self.ref, "path": str(target), "artifact_path": artifact_path})
 
     # -- delivery -----------------------------------------------------------------------------------------
@@ -245,7 +256,7 @@ class StageRun:
                 log.warning(
                     "mlflow: tracking server %s unavailable (%s); training continues, %d call(s) kept in %s and "
                     "retried every %.0f s (or run `albef mlflow sync`)",
-                    self.uri,
+                    self.shown_uri,
                     _short_error(error),
                     left,
                     self.journal.path,
@@ -254,7 +265,7 @@ class StageRun:
             self._offline = True
             return False
         if self._offline:
-            log.warning("mlflow: tracking server %s is back; the kept calls were delivered", self.uri)
+            log.warning("mlflow: tracking server %s is back; the kept calls were delivered", self.shown_uri)
         self._offline = False
         return True
 
@@ -329,7 +340,7 @@ class StageRun:
                 self.journal.pending(),
                 self.stage,
                 self.journal.path,
-                self.uri,
+                self.shown_uri,
             )
         return delivered
 
@@ -349,7 +360,7 @@ def _param_value(value: Any) -> str:
 
 
 def _short_error(error: BaseException | None) -> str:
-    text = str(error or "unknown error").splitlines()[0]
+    text = redact_text(str(error or "unknown error").splitlines()[0])
     return text if len(text) < 300 else text[:297] + "..."
 
 
@@ -394,7 +405,7 @@ def start_stage_run(
         run.finish(run.ending_status(exc))
         raise
     if run.run_id:
-        log.info("mlflow: stage %s logs to run %s at %s", stage, run.run_id, uri)
+        log.info("mlflow: stage %s logs to run %s at %s", stage, run.run_id, run.shown_uri)
     return run
 
 
@@ -422,10 +433,12 @@ def _open(
             "key": key,
             "name": f"pipeline-{key[:8]}",
             "start_time": start,
-            "tags": {
-                "albef.kind": "pipeline",
-                **({"mlflow.source.git.commit": git["commit"]} if git.get("commit") else {}),
-            },
+            "tags": redact(
+                {
+                    "albef.kind": "pipeline",
+                    **({"mlflow.source.git.commit": git["commit"]} if git.get("commit") else {}),
+                }
+            ),
         }
     )
     run_tags = {
@@ -435,6 +448,7 @@ def _open(
         **{f"albef.git.{k}": v for k, v in git.items()},
         **({"mlflow.source.git.commit": git["commit"]} if git.get("commit") else {}),
         **{f"albef.lib.{k}": v for k, v in library_versions().items()},
+        **({EXPERIMENT_TAG: os.environ[EXPERIMENT_ENV]} if os.environ.get(EXPERIMENT_ENV) else {}),
         **(tags or {}),
     }
     run.continued = bool(os.environ.get(STAGE_RUN_ENV))
@@ -448,7 +462,7 @@ def _open(
             "artifact_location": cfg.artifact_location,
             "name": run_name or f"{stage}-{uuid.uuid4().hex[:6]}",
             "start_time": start,
-            "tags": {k: str(v) for k, v in run_tags.items()},
+            "tags": {k: str(v) for k, v in redact(run_tags).items()},
         }
     )
     run.log_params(log_params if log_params is not None else params)

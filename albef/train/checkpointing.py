@@ -6,7 +6,9 @@ and CUDA, Python, NumPy), the global step and epoch, and whatever small state th
 position, scheduler settings). It is written to a temporary file in the same folder, flushed to disk, and
 renamed into place, so a crash or a full disk never leaves a truncated checkpoint under a final name and
 never harms the previous one; old checkpoints are pruned only after the new one is complete.
-Loading uses ``weights_only=True``: no pickled code runs.
+Loading uses ``weights_only=True``: no pickled code runs. A checkpoint that cannot be read anyway (a disk or copy
+fault truncated it) is an :class:`~albef.safe_load.UnreadableCheckpoint`; ``resume: auto`` moves it aside
+(:func:`set_aside`) and resumes from the newest one that reads.
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ import numpy as np
 import torch
 
 from albef.io import atomic_write
+from albef.safe_load import UnreadableCheckpoint, load_torch
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"step-(\d{9})\.pt")
+_PAYLOAD_KEYS = ("model", "step", "epoch")  # what every albef training checkpoint holds
+#: where :func:`set_aside` moves an unreadable checkpoint, inside the checkpoint folder
+CORRUPT_DIR = "corrupt"
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -114,6 +120,32 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a training checkpoint, read with ``weights_only=True``. A file that is truncated, corrupt,
+    refused (pickled code) or holds something else is an :class:`~albef.safe_load.UnreadableCheckpoint`
+    naming it; nothing is restored before the whole file has been read."""
+    what = "not a readable albef training checkpoint"
+    payload = load_torch(path, what)
+    if not isinstance(payload, dict):
+        raise UnreadableCheckpoint(path, f"holds a {type(payload).__name__}, not a dict", what)
+    if missing := [k for k in _PAYLOAD_KEYS if k not in payload]:
+        raise UnreadableCheckpoint(path, f"no {', '.join(missing)} entries (another kind of file?)", what)
+    return payload
+
+
+def set_aside(path: str | Path) -> Path:
+    """Move an unreadable checkpoint into ``corrupt/`` beside it, where :func:`list_checkpoints` (and so
+    ``resume: auto`` and pruning) no longer see it, but the file is kept for a look. Returns the new path."""
+    path = Path(path)
+    folder = path.parent / CORRUPT_DIR
+    folder.mkdir(exist_ok=True)
+    target, n = folder / path.name, 1
+    while target.exists():
+        target, n = folder / f"{path.name}.{n}", n + 1
+    path.rename(target)
+    return target
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -122,11 +154,7 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns ``{"step", "epoch", "extra"}``."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"{path}: not a readable albef training checkpoint ({exc})") from exc
+    payload = read_checkpoint(path)
     model.load_state_dict(payload["model"], strict=True)
     if optimizer is not None:
         if payload["optimizer"] is None:
