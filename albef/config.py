@@ -98,6 +98,56 @@ class QuirksConfig:
     nlvr_teacher_copy_before_load: bool = True
 
 
+#: the loss switches a pretraining section may set, and those of a finetuning section with distillation
+PRETRAIN_LOSS_KEYS = ("itc", "itm_hard_negatives", "mod_itc", "mod_mlm")
+FINETUNE_LOSS_KEYS = ("mod",)
+
+
+@dataclass(frozen=True)
+class LossSwitches:
+    """Which loss terms a training forward computes: the paper's ablation (ALBEF Table 1). The defaults are the
+    full model; ITM and MLM (pretraining) and each task's own loss (finetuning) are always on, so no
+    combination leaves a step without a loss.
+
+    A pretraining section sets the first four, a finetuning section with distillation ``mod`` (each model
+    reads only its own: :data:`PRETRAIN_LOSS_KEYS`, :data:`FINETUNE_LOSS_KEYS`). A switched-off term is not
+    computed, and neither is what only it needs (momentum teacher predictions, ITC similarities).
+    """
+
+    itc: bool = True  # pretraining: the image-text contrastive loss
+    itm_hard_negatives: bool = True  # pretraining: ITM negatives drawn by ITC similarity; off: random ones
+    mod_itc: bool = True  # pretraining: momentum-distilled (soft) ITC targets; off: the hard ones
+    mod_mlm: bool = True  # pretraining: momentum-distilled (soft) MLM targets; off: the hard ones
+    mod: bool = True  # finetuning: momentum distillation of the task's targets (retrieval/grounding: ITC)
+
+    def validate(self, prefix: str = "pretrain") -> LossSwitches:
+        problems = []
+        if not self.itc and self.itm_hard_negatives:
+            problems.append(
+                f"{prefix}.itm_hard_negatives: true needs {prefix}.itc: true (hard negatives are drawn in "
+                f"proportion to the ITC similarities); set {prefix}.itm_hard_negatives: false (random "
+                f"negatives) or {prefix}.itc: true"
+            )
+        if not self.itc and self.mod_itc:
+            problems.append(
+                f"{prefix}.mod_itc: true needs {prefix}.itc: true (it distils the ITC targets); set "
+                f"{prefix}.mod_itc: false"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    @classmethod
+    def pop_from(cls, values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> LossSwitches:
+        """Take the switches ``keys`` out of a flat section ``values`` (others stay, for the caller's
+        unknown-key check), typed and validated; every error names ``<prefix>.<key>``."""
+        given = {key: values.pop(key) for key in keys if key in values}
+        for key, value in given.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"{prefix}.{key} must be true or false, got {value!r}")
+        return cls(**given).validate(prefix)
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to build an ALBEF model."""

@@ -1,6 +1,10 @@
 """One screen of results: every task's headline metric next to its chance or trivial baseline and the
 registry's champion, from the metrics files the pipeline wrote (``albef report``, DVC stage ``summary``).
 
+VQA, SNLI-VE and NLVR2 are shown beside their measured text-only baseline where the evaluation wrote one (a
+classifier of the question, hypothesis or statement alone, :mod:`albef.eval.text_baseline`): what the model
+reaches above it, it learnt from the image. Without one, SNLI-VE and NLVR2 fall back to the majority class.
+
 It reads files only (no MLflow, no model), so it runs wherever the metrics are: after ``dvc repro``, in a
 DVC experiment's workspace, on a bare GPU machine.
 """
@@ -81,6 +85,18 @@ def _row(task: Task, metrics: dict[str, Any], champion: str) -> Row:
             f"{detail}; r_mean {metrics['r_mean']:.1f}",
         )
     if "majority_baseline" in metrics:  # SNLI-VE, NLVR2
+        detail = f"{metrics.get('records', '?')} records"
+        for key, text in (("hypothesis_only_accuracy", "hypothesis"), ("sentence_only_accuracy", "sentence")):
+            if metrics.get(key) is not None:
+                return Row(
+                    task.name,
+                    "accuracy",
+                    metrics.get("accuracy"),
+                    metrics[key],
+                    f"text only ({text})",
+                    champion,
+                    f"{detail}; majority class {metrics['majority_baseline']:.1f}",
+                )
         return Row(
             task.name,
             "accuracy",
@@ -88,7 +104,7 @@ def _row(task: Task, metrics: dict[str, Any], champion: str) -> Row:
             metrics["majority_baseline"],
             "majority class",
             champion,
-            f"{metrics.get('records', '?')} records",
+            detail,
         )
     if "val_d" in metrics or "layer" in metrics:  # grounding: a random proposal per expression
         splits = [v for v in (metrics.get("splits") or {}).values() if "random_proposal" in v]
@@ -105,13 +121,14 @@ def _row(task: Task, metrics: dict[str, Any], champion: str) -> Row:
             champion,
             f"{metrics.get('expressions', '?')} expressions",
         )
-    # VQA: the answer-list oracle bounds it from above; there is no baseline in its metrics
+    # VQA: the question-only classifier from below (when evaluated with it), the answer-list oracle from above
+    question_only = metrics.get("question_only_accuracy")
     return Row(
         task.name,
         "VQA accuracy",
         metrics.get("accuracy"),
-        None,
-        "",
+        question_only,
+        "text only (question)" if question_only is not None else "",
         champion,
         f"{metrics.get('questions', '?')} questions; answer-list ceiling "
         f"{metrics.get('answer_list_oracle_accuracy', '?')}",

@@ -128,6 +128,7 @@ def test_ta_then_nlvr_then_evaluate(cls_data, tmp_path):
         params, "nlvr", tmp_path / "nlvr", out, tmp_path / "m.json", progress=False
     )
     assert result["records"] == 2 and set(result["per_class"]) == {"False", "True"}
+    assert 0 <= result["sentence_only_accuracy"] <= 100 and result["sentence_only"]["train_records"] == 12
     assert result["accuracy"] == pytest.approx(100 * result["correct"] / 2)
     rows = json.loads((out / "predictions.json").read_text())
     assert [r["index"] for r in rows] == [0, 1] and len(rows[0]["images"]) == 2
@@ -160,6 +161,8 @@ def test_ve_from_pretraining_and_evaluate(cls_data, tmp_path):
     result = evaluate_classifier_stage(params, "ve", tmp_path / "ve", tmp_path / "eval", progress=False)
     assert result["records"] == 3
     assert list(result["per_class"]) == ["contradiction", "neutral", "entailment"]
+    # the hypothesis-only baseline, trained on ve_train.json, scored on the same 3 records
+    assert 0 <= result["hypothesis_only_accuracy"] <= 100 and result["hypothesis_only"]["train_records"] == 18
     assert sum(v["records"] for v in result["per_class"].values()) == 3
     assert sum(sum(row.values()) for row in result["confusion"].values()) == 3
     rows = json.loads((tmp_path / "eval" / "predictions.json").read_text())

@@ -71,3 +71,31 @@ def test_the_report_command_prints_one_screen(tmp_path):
     assert any(
         line.startswith("NLVR2") and "51.7" in line and "50.0 majority class" in line for line in lines
     )
+
+
+def test_vqa_and_ve_show_their_measured_text_only_baseline(tmp_path):
+    _write(
+        tmp_path,
+        "vqa.json",
+        {
+            "accuracy": 46.1,
+            "question_only_accuracy": 47.8,
+            "questions": 1017,
+            "answer_list_oracle_accuracy": 100,
+        },
+    )
+    _write(
+        tmp_path,
+        "ve.json",
+        {"accuracy": 66.7, "majority_baseline": 33.3, "hypothesis_only_accuracy": 71.9, "records": 270},
+    )
+    _write(
+        tmp_path,
+        "nlvr.json",
+        {"accuracy": 51.7, "majority_baseline": 50.0, "sentence_only_accuracy": 52.8, "records": 180},
+    )
+    rows = {r.task: r for r in report_stage(tmp_path, out=None)}
+    assert (rows["VQA"].baseline, rows["VQA"].baseline_name) == (47.8, "text only (question)")
+    assert (rows["SNLI-VE"].baseline, rows["SNLI-VE"].baseline_name) == (71.9, "text only (hypothesis)")
+    assert "majority class 33.3" in rows["SNLI-VE"].detail  # still said, beside the measured one
+    assert (rows["NLVR2"].baseline, rows["NLVR2"].baseline_name) == (52.8, "text only (sentence)")

@@ -355,6 +355,10 @@ def test_finetune_evaluate_and_predict_vqa(vqa_data, tmp_path, capsys):
     result = evaluate_vqa_stage(params, exported, tmp_path / "eval", tmp_path / "eval_metrics.json")
     assert result["questions"] == result["scored_questions"] > 0
     assert 0.0 <= result["accuracy"] <= 100.0 and result["answer_list_oracle_accuracy"] == 100.0
+    # the question-only baseline, trained on the questions finetune_vqa trained on
+    assert 0.0 <= result["question_only_accuracy"] <= 100.0
+    train_questions = len(json.loads((vqa_data / "vqa_train.json").read_text()))
+    assert result["question_only"]["train_questions"] == train_questions
     predictions = json.loads((tmp_path / "eval" / "vqa_result.json").read_text())
     answer_list = json.loads((vqa_data / "answer_list.json").read_text())
     assert len(predictions) == result["questions"] and all(p["answer"] in answer_list for p in predictions)

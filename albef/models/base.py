@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef.config import ModelConfig
+from albef.config import LossSwitches, ModelConfig
 from albef.models.components import (
     ChoiceSource,
     RandomChoices,
@@ -50,14 +50,17 @@ class ITMResult:
 
 @dataclass(kw_only=True)
 class ContrastiveOutput:
-    """What every ITC + ITM forward computes; losses keep their graph, everything else is detached."""
+    """What every ITC + ITM forward computes; losses keep their graph, everything else is detached.
+
+    With ITC switched off (:class:`~albef.config.LossSwitches`) its fields are None and ``loss_itc`` is not a
+    loss term."""
 
     loss: torch.Tensor  # the sum of every loss term
-    loss_itc: torch.Tensor
+    loss_itc: torch.Tensor | None
     loss_itm: torch.Tensor
-    sim_i2t: torch.Tensor  # online image vs [momentum texts ; queue] / temp, (B, B + Q)
-    sim_t2i: torch.Tensor
-    itc_targets: torch.Tensor  # hard targets before distillation, (B, B + Q)
+    sim_i2t: torch.Tensor | None  # online image vs [momentum texts ; queue] / temp, (B, B + Q)
+    sim_t2i: torch.Tensor | None
+    itc_targets: torch.Tensor | None  # hard targets before distillation, (B, B + Q)
     itm_logits: torch.Tensor  # (3B, 2): positives first; column 1 = match
     itm_labels: torch.Tensor
     itm_valid: torch.Tensor  # (3B,) bool: rows in the ITM loss (a negative row without a candidate is not)
@@ -65,16 +68,17 @@ class ContrastiveOutput:
     neg_text_idx_for_image: torch.Tensor
     image_feat: torch.Tensor
     text_feat: torch.Tensor
-    image_feat_m: torch.Tensor
-    text_feat_m: torch.Tensor
+    image_feat_m: torch.Tensor | None
+    text_feat_m: torch.Tensor | None
     temp: (
         torch.Tensor
     )  # the temperature used, detached (a tensor: reading it as a float would wait for the GPU)
 
     def loss_terms(self) -> dict[str, torch.Tensor]:
-        """Every loss term, detached, on the model's device (the trainer averages them there and reads them
-        on the host only when it logs)."""
-        return {f.name: getattr(self, f.name).detach() for f in fields(self) if f.name.startswith("loss")}
+        """Every loss term computed, detached, on the model's device (the trainer averages them there and reads
+        them on the host only when it logs)."""
+        terms = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("loss")}
+        return {name: value.detach() for name, value in terms.items() if value is not None}
 
 
 def check_text(
@@ -110,6 +114,8 @@ class ContrastiveModel(nn.Module):
 
     #: extra index queue of image ids (retrieval) or not (pretraining)
     uses_idx_queue = False
+    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
+    losses = LossSwitches()
 
     def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_encoder_m: nn.Module):
         super().__init__()
@@ -157,6 +163,13 @@ class ContrastiveModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_backbone.encoder.grad_checkpointing = enable
+
+    def use_losses(self, losses: LossSwitches) -> None:
+        """Train with ``losses``. Without ITC its projections and temperature get no gradient: they are frozen,
+        so DDP does not wait for their gradients (AdamW would leave them as they are either way)."""
+        self.losses = losses.validate()
+        for p in (*self.vision_proj.parameters(), *self.text_proj.parameters(), self.temp):
+            p.requires_grad_(losses.itc)
 
     @torch.no_grad()
     def copy_params(self) -> None:
@@ -226,13 +239,15 @@ class ContrastiveModel(nn.Module):
         text_feat_m: torch.Tensor,
         hard_targets: torch.Tensor,
         alpha: float,
+        distill: bool = True,
     ) -> ITCResult:
-        """Contrastive loss of online features against [momentum batch ; queue] with distilled targets."""
+        """Contrastive loss of online features against [momentum batch ; queue] with distilled targets
+        (``distill`` False, or a model without ``cfg.distill``: the hard targets, no teacher similarities)."""
         with torch.no_grad():
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
             sim_i2t_m = sim_t2i_m = None
-            if self.cfg.distill:
+            if self.cfg.distill and distill:
                 sim_i2t_m = image_feat_m @ text_feat_all / self.temp
                 sim_t2i_m = text_feat_m @ image_feat_all / self.temp
             targets_i2t = itc_targets(hard_targets, sim_i2t_m, alpha)
@@ -247,17 +262,21 @@ class ContrastiveModel(nn.Module):
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
-        sim_i2t: torch.Tensor,
-        sim_t2i: torch.Tensor,
+        sim_i2t: torch.Tensor | None,
+        sim_t2i: torch.Tensor | None,
         positive: torch.Tensor,
         choices: ChoiceSource,
     ) -> ITMResult:
         """ITM on the B positives and, for every text an image and for every image a text, one hard
-        negative drawn in proportion to the in-batch ITC similarity (never a positive pair)."""
+        negative drawn in proportion to the in-batch ITC similarity (never a positive pair). Without
+        similarities (None) the negative is drawn uniformly from the non-positive ones instead."""
         bs = image_embeds.shape[0]
         with torch.no_grad():
-            probs_t2i = negative_probabilities(sim_t2i[:, :bs], positive)
-            probs_i2t = negative_probabilities(sim_i2t[:, :bs], positive)
+            if sim_i2t is None or sim_t2i is None:
+                probs_t2i = probs_i2t = (~positive).float()  # random negatives (the paper's ablation)
+            else:
+                probs_t2i = negative_probabilities(sim_t2i[:, :bs], positive)
+                probs_i2t = negative_probabilities(sim_i2t[:, :bs], positive)
             neg_img = choices.negatives(probs_t2i, ~positive, "image_for_text")
             neg_txt = choices.negatives(probs_i2t, ~positive, "text_for_image")
         # One fusion pass over [positives ; (text, hard negative image) ; (hard negative text, image)]: the
@@ -301,19 +320,20 @@ class ContrastiveModel(nn.Module):
 
     @staticmethod
     def contrastive_fields(
-        itc: ITCResult,
+        itc: ITCResult | None,
         itm: ITMResult,
-        hard_targets: torch.Tensor,
-        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        hard_targets: torch.Tensor | None,
+        features: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
         temp: torch.Tensor,
     ) -> dict:
-        """The :class:`ContrastiveOutput` fields from the ITC and ITM results (losses summed by the caller)."""
+        """The :class:`ContrastiveOutput` fields from the ITC (None: switched off) and ITM results (losses
+        summed by the caller)."""
         image_feat, text_feat, image_feat_m, text_feat_m = features
         return dict(
-            loss_itc=itc.loss,
+            loss_itc=None if itc is None else itc.loss,
             loss_itm=itm.loss,
-            sim_i2t=itc.sim_i2t.detach(),
-            sim_t2i=itc.sim_t2i.detach(),
+            sim_i2t=None if itc is None else itc.sim_i2t.detach(),
+            sim_t2i=None if itc is None else itc.sim_t2i.detach(),
             itc_targets=hard_targets,
             itm_logits=itm.logits.detach(),
             itm_labels=itm.labels,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from albef.config import ModelConfig
+from albef.config import LossSwitches, ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource, MaskSpec
 from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM
@@ -77,12 +77,20 @@ class ALBEFPretrain(ContrastiveModel):
         attention_mask: torch.Tensor,
         alpha: float | None = None,
         choices: ChoiceSource | None = None,
+        losses: LossSwitches | None = None,
     ) -> PretrainOutput:
         """One pretraining step's losses. Updates the momentum encoders and the queues as a side effect
-        (as the official forward does), so call it once per optimisation step."""
+        (as the official forward does), so call it once per optimisation step.
+
+        ``losses`` (default: the model's, :meth:`use_losses`; the full model unless set) switches ITC, hard
+        ITM negatives and the distillation of ITC and MLM off for the paper's ablation; what only a
+        switched-off term needs is not computed (without ITC: the momentum text features, the similarities
+        and the queue update)."""
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
         alpha = self.cfg.alpha if alpha is None else alpha
         choices = self.default_choices(choices)
+        losses = (self.losses if losses is None else losses).validate()
+        distill_mlm = self.cfg.distill and losses.mod_mlm
         q = self.cfg.quirks
         with torch.no_grad():
             self.temp.clamp_(q.temp_min, q.temp_max)
@@ -90,30 +98,37 @@ class ALBEFPretrain(ContrastiveModel):
         image_embeds, image_feat = self.encode_image(images)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
 
+        bs = images.shape[0]
+        itc = hard = image_embeds_m = image_feat_m = text_feat_m = None
         with torch.no_grad():
-            self.momentum_update()
-            image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(
-                images, input_ids, attention_mask
-            )
-            bs = images.shape[0]
-            hard = torch.zeros(bs, bs + self.cfg.queue_size, device=images.device)
-            hard.fill_diagonal_(1)
-        itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha)
-        self.dequeue_and_enqueue(image_feat_m, text_feat_m)
+            self.momentum_update()  # also without a teacher: the exported twins follow the model
+            if losses.itc:
+                image_embeds_m, image_feat_m, text_feat_m = self.momentum_features(
+                    images, input_ids, attention_mask
+                )
+                hard = torch.zeros(bs, bs + self.cfg.queue_size, device=images.device)
+                hard.fill_diagonal_(1)
+            elif distill_mlm:
+                image_embeds_m = self.visual_encoder_m(images)
+        if losses.itc:
+            itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha, losses.mod_itc)
+            self.dequeue_and_enqueue(image_feat_m, text_feat_m)
 
         positive = torch.eye(bs, dtype=torch.bool, device=images.device)
-        itm = self.itm(image_embeds, text_embeds, attention_mask, itc.sim_i2t, itc.sim_t2i, positive, choices)
+        sims = (itc.sim_i2t, itc.sim_t2i) if itc is not None and losses.itm_hard_negatives else (None, None)
+        itm = self.itm(image_embeds, text_embeds, attention_mask, *sims, positive, choices)
 
         mlm_ids, mlm_labels = choices.mlm_mask(input_ids, self.mask_spec())
         teacher = None
-        if self.cfg.distill:
+        if distill_mlm:
             with torch.no_grad():
                 teacher = self.text_encoder_m.mlm_logits(mlm_ids, attention_mask, image_embeds_m)
         mlm_logits = self.text_encoder.mlm_logits(mlm_ids, attention_mask, image_embeds)
         loss_mlm = mlm_loss(mlm_logits, mlm_labels, teacher, alpha)
 
+        loss = itm.loss + loss_mlm if itc is None else itc.loss + itm.loss + loss_mlm
         return PretrainOutput(
-            loss=itc.loss + itm.loss + loss_mlm,
+            loss=loss,
             loss_mlm=loss_mlm,
             mlm_input_ids=mlm_ids,
             mlm_labels=mlm_labels,

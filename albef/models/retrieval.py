@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from albef.config import ModelConfig
+from albef.config import LossSwitches, ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource
 from albef.models.xbert import TextEncoder
@@ -33,7 +33,10 @@ class ALBEFRetrieval(ContrastiveModel):
         idx: torch.Tensor,
         alpha: float | None = None,
         choices: ChoiceSource | None = None,
+        losses: LossSwitches | None = None,
     ) -> RetrievalOutput:
+        """One finetuning step (updates the momentum encoders and the queues). ``losses.mod`` (default: the
+        model's, :meth:`use_losses`) False: hard ITC targets, no teacher similarities computed."""
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
         if idx.numel() != images.shape[0]:
             raise ValueError(
@@ -41,6 +44,7 @@ class ALBEFRetrieval(ContrastiveModel):
             )
         alpha = self.cfg.alpha if alpha is None else alpha
         choices = self.default_choices(choices)
+        losses = self.losses if losses is None else losses
 
         image_embeds, image_feat = self.encode_image(images)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
@@ -52,7 +56,7 @@ class ALBEFRetrieval(ContrastiveModel):
             hard = same / same.sum(1, keepdim=True)
             self.momentum_update()
             _, image_feat_m, text_feat_m = self.momentum_features(images, input_ids, attention_mask)
-        itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha)
+        itc = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, hard, alpha, losses.mod)
         self.dequeue_and_enqueue(image_feat_m, text_feat_m, idx)
 
         positive = torch.eq(idx, idx.t())

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef.config import ModelConfig
+from albef.config import LossSwitches, ModelConfig
 from albef.models.base import check_text
 from albef.models.components import copy_to_momentum, momentum_update, soft_cross_entropy
 from albef.models.vision import ImageEncoder
@@ -61,6 +61,8 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
     """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
 
     num_classes: int = 2
+    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
+    losses = LossSwitches()
 
     def __init__(self, cfg: ModelConfig, text_encoder: TextEncoder, text_encoder_m: TextEncoder | None):
         super().__init__()
@@ -95,6 +97,10 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.encoder.grad_checkpointing = enable
+
+    def use_losses(self, losses: LossSwitches) -> None:
+        """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
+        self.losses = losses
 
     @torch.no_grad()
     def copy_params(self) -> None:
@@ -144,9 +150,11 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
         attention_mask: torch.Tensor,
         targets: torch.Tensor,
         alpha: float | None = None,
+        losses: LossSwitches | None = None,
     ) -> ClassifierOutput:
         """One training step's loss. With ``distill`` this updates the momentum twins (EMA) first, as the
-        official forward does, so call it once per optimisation step."""
+        official forward does, so call it once per optimisation step. ``losses.mod`` (default: the model's,
+        :meth:`use_losses`) False: the plain cross-entropy, the teacher is not run (the twins still follow)."""
         if targets.dim() != 1 or targets.shape[0] != input_ids.shape[0]:
             raise ValueError(
                 f"targets: expected one label per text ({input_ids.shape[0]}), got shape {tuple(targets.shape)}"
@@ -154,12 +162,14 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
             raise ValueError(f"targets: labels must lie in [0, {self.num_classes}), got {targets.tolist()}")
         alpha = self.cfg.alpha if alpha is None else alpha
+        losses = self.losses if losses is None else losses
         logits = self.logits(images, input_ids, attention_mask)
         teacher = None
         if self.cfg.distill:
             with torch.no_grad():
                 self.momentum_update()
-                teacher = self.logits(images, input_ids, attention_mask, momentum=True)
+                if losses.mod:
+                    teacher = self.logits(images, input_ids, attention_mask, momentum=True)
         loss = distillation_loss(logits, targets, teacher, alpha)
         return ClassifierOutput(loss=loss, logits=logits.detach(), logits_m=teacher)
 

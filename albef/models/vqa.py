@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef.config import ModelConfig
+from albef.config import LossSwitches, ModelConfig
 from albef.models.base import check_text
 from albef.models.components import copy_to_momentum, momentum_update
 from albef.models.vision import ImageEncoder
@@ -152,6 +152,9 @@ class AnswerRanking:
 class ALBEFVQA(nn.Module):
     """ViT + BERT question encoder + BERT answer decoder, with momentum twins for distillation."""
 
+    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
+    losses = LossSwitches()
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -183,6 +186,10 @@ class ALBEFVQA(nn.Module):
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.encoder.grad_checkpointing = enable
         self.text_decoder.bert.encoder.grad_checkpointing = enable
+
+    def use_losses(self, losses: LossSwitches) -> None:
+        """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
+        self.losses = losses
 
     @torch.no_grad()
     def copy_params(self) -> None:
@@ -230,12 +237,15 @@ class ALBEFVQA(nn.Module):
         k: Sequence[int] | torch.Tensor,
         weights: torch.Tensor,
         alpha: float | None = None,
+        losses: LossSwitches | None = None,
     ) -> VQAOutput:
         """Weighted answer-generation loss. Answers of all questions are stacked: question ``b`` owns the next
         ``k[b]`` rows of ``answer_ids`` (``[CLS] wordpieces [SEP]``, padded), each with a ``weights`` entry.
 
-        With ``distill`` the momentum twins are first advanced one EMA step, then give soft targets."""
+        With ``distill`` the momentum twins are first advanced one EMA step, then give soft targets, unless
+        ``losses.mod`` (default: the model's, :meth:`use_losses`) is False: then the teacher is not run."""
         alpha = self.cfg.alpha if alpha is None else alpha
+        losses = self.losses if losses is None else losses
         per_question = torch.as_tensor(k, dtype=torch.long, device=question_ids.device)
         if per_question.numel() != question_ids.shape[0]:
             raise ValueError(f"k: expected one count per question ({question_ids.shape[0]}), got {len(k)}")
@@ -252,9 +262,10 @@ class ALBEFVQA(nn.Module):
         teacher = None
         if self.cfg.distill:
             self.momentum_update()
-            teacher = self._teacher_logits(
-                images, question_ids, question_mask, per_question, answer_ids, answer_mask
-            )
+            if losses.mod:
+                teacher = self._teacher_logits(
+                    images, question_ids, question_mask, per_question, answer_ids, answer_mask
+                )
         logits = self.text_decoder(answer_ids, answer_mask, states, states_mask)[:, :-1, :]
         targets = answer_targets(answer_ids, self.cfg.text.pad_token_id)
         soft = F.softmax(teacher, dim=-1) if teacher is not None else None

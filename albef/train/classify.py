@@ -38,6 +38,7 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.train.distributed import cleanup_distributed, init_distributed
 from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
+    TASK_LOSS_KEYS,
     _data_digest,
     _initial_model,
     _tokenizer,
@@ -109,6 +110,9 @@ class ClassifierEvalConfig:
     max_tokens: int = 40
     max_words: int = 30  # sentence words kept (official 30)
     missing_images: str = "error"  # error | skip (counted in the metrics)
+    # the sentence-only baseline (albef.eval.text_baseline) trains on this file; default ve_train.json /
+    # nlvr_train.json, null: no baseline
+    train_file: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- forwards
@@ -167,7 +171,7 @@ def classifier_train_settings(params: dict[str, Any], task: str, name: str | Non
         values.setdefault(key, value)
     if task != "nlvr_ta" and values.get("val_file"):
         values.setdefault("select_metric", "accuracy")
-    stage, train = split_train_section(values, name)
+    stage, train = split_train_section(values, name, TASK_LOSS_KEYS[task])
     if task == "nlvr_ta" and stage.val_file:
         raise ConfigError(f"{name}.val_file: text-assignment pretraining has no validation (as the official)")
     if task == "nlvr_ta" and train.batch_size < 3:
@@ -182,6 +186,7 @@ def classifier_eval_settings(
     name = name or EVAL_SECTIONS[task]
     values = section(params, name)
     values.setdefault("test_file", f"{task}_test.json")
+    values.setdefault("train_file", f"{task}_train.json")
     cfg = build_dataclass(ClassifierEvalConfig, values, name)
     check_device(cfg.device, f"{name}.device")
     check_precision(cfg.precision, f"{name}.precision")
@@ -206,6 +211,8 @@ def finetune_classifier_stage(
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank
         model, init_info = _initial_model(stage, task, params)
+        if task != "nlvr_ta":  # text assignment has no loss switches
+            model.use_losses(train.losses)
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
         tokenizer = _tokenizer(tokenizer_dir, model.cfg)
         images = ds.image_source(stage.data_dir)
@@ -307,6 +314,47 @@ def finetune_classifier_stage(
         cleanup_distributed()
 
 
+#: the metrics key of each task's text-only baseline
+TEXT_ONLY_KEYS = {"ve": "hypothesis_only_accuracy", "nlvr": "sentence_only_accuracy"}
+
+
+def _sentence_only(cfg: ClassifierEvalConfig, task: str, name: str, test_set) -> dict[str, Any]:
+    """The accuracy of a classifier that reads the sentence alone (the SNLI-VE hypothesis, the NLVR2
+    statement), trained on ``cfg.train_file`` and scored on the records the model is scored on
+    (:mod:`albef.eval.text_baseline`), under :data:`TEXT_ONLY_KEYS`; nothing when there is no training file."""
+    from albef.data.classify import LABEL_NAMES
+    from albef.data.formats import load_annotations
+    from albef.data.text import pre_caption
+    from albef.eval.text_baseline import text_only_classification
+
+    if not cfg.train_file:
+        return {}
+    train_path = Path(cfg.data_dir) / cfg.train_file
+    if not train_path.is_file():
+        log.warning("%s: no sentence-only baseline: %s not found", name, train_path)
+        return {}
+    names = LABEL_NAMES[task]
+    train = load_annotations(train_path, task)
+    result = text_only_classification(
+        [pre_caption(r["sentence"], cfg.max_words) for r in train],
+        [names.index(r["label"]) for r in train],
+        [test_set.sentence(i) for i in range(len(test_set))],
+        test_set.labels,
+        len(names),
+    )
+    key = TEXT_ONLY_KEYS[task]
+    return {
+        key: result["accuracy"],
+        key.removesuffix("_accuracy"): {
+            "train_file": cfg.train_file,
+            "train_records": result["train_records"],
+            "train_accuracy": result["train_accuracy"],
+            "features": result["features"],
+            "c": result["c"],
+        },
+    }
+
+
 def evaluate_classifier_stage(
     params: dict[str, Any],
     task: str,
@@ -317,8 +365,8 @@ def evaluate_classifier_stage(
     name: str | None = None,
 ) -> dict[str, Any]:
     """Classify ``params[name].test_file`` with the ``task`` model (``ve`` or ``nlvr``) in ``model_dir``:
-    ``metrics.json`` (accuracy, per-class accuracy, confusion matrix, majority-class baseline, skipped
-    records) and ``predictions.json`` (per record: its index in the file, sentence, image(s), label,
+    ``metrics.json`` (accuracy, per-class accuracy, confusion matrix, majority-class baseline, the
+    sentence-only baseline trained on ``train_file`` (:data:`TEXT_ONLY_KEYS`), skipped records) and ``predictions.json`` (per record: its index in the file, sentence, image(s), label,
     prediction and class probabilities) in ``out_dir``."""
     from albef.data import datasets as ds
     from albef.data.classify import LABEL_NAMES, ClassificationCollate, ClassificationDataset
@@ -353,6 +401,7 @@ def evaluate_classifier_stage(
         names = LABEL_NAMES[task]
         predictions = result.predictions
         metrics: dict[str, Any] = accuracy_metrics(dataset.labels, predictions, names)
+        metrics.update(_sentence_only(cfg, task, name, dataset))
         metrics["skipped_missing_images"] = len(dataset.skipped)
         metrics["test_file"] = cfg.test_file
         metrics["model_task"] = task
@@ -395,6 +444,7 @@ def evaluate_classifier_stage(
 
 __all__ = [
     "EVAL_SECTIONS",
+    "TEXT_ONLY_KEYS",
     "TRAIN_SECTIONS",
     "ClassifierEvalConfig",
     "classifier_forward",

@@ -17,6 +17,9 @@ What it guarantees:
 * **Only matching checkpoints resume.** A checkpoint folder carries the fingerprint of the run that wrote
   it (training settings, model config, data, initial weights, albef's code). After a change it is moved aside to
   ``checkpoints.previous`` and training starts afresh, instead of silently continuing another run.
+* **A damaged checkpoint does not stop a resume.** With ``resume: auto`` a checkpoint that cannot be read
+  (truncated or corrupt: a disk, copy or sync fault after it was written) is skipped with a warning naming it
+  and why, moved aside into ``checkpoints/corrupt/`` (kept), and the newest one that reads resumes.
 * **Stops loudly.** A non-finite loss stops the run with the step, the epoch, the batch and every loss
   term, keeping the last good checkpoint; a failed checkpoint write (disk full) leaves the previous one.
 * **One writer.** Only rank 0 writes checkpoints, logs and exports; every rank computes.
@@ -46,16 +49,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from albef.config import ConfigError
+from albef.config import ConfigError, LossSwitches
 from albef.device import PRECISIONS, autocast, resolve_precision
 from albef.io import atomic_write_text
 from albef.models.components import RandomChoices
+from albef.safe_load import UnreadableCheckpoint
 from albef.schedule import LRSchedule, alpha_ramp, set_lr
 from albef.train.checkpointing import (
+    CORRUPT_DIR,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     rng_state,
     save_checkpoint,
+    set_aside,
     set_rng_state,
 )
 from albef.train.distributed import WorldInfo
@@ -97,6 +104,9 @@ class TrainConfig:
     validate_every: int = 1  # epochs between validations (0: never)
     select_metric: str | None = None  # export the weights with the best value of this validation metric
     max_steps: int = 0  # stop after this many steps (0: all epochs), for smoke runs
+    # which loss terms the forward computes (flat keys of the section: itc, mod_itc, ... / mod); the stage hands
+    # them to the model (``use_losses``), and they are part of the run's fingerprint like every field here
+    losses: LossSwitches = field(default_factory=LossSwitches)
 
     def __post_init__(self) -> None:
         problems = []
@@ -375,16 +385,48 @@ class Trainer:
             atomic_write_text(marker, json.dumps({"fingerprint": self.run_fingerprint}) + "\n")
         self._barrier()
 
-    def _resume_source(self) -> Path | None:
+    def _resume(self) -> bool:
+        """Restore the checkpoint ``resume`` names; whether one was restored.
+
+        ``auto`` tries the checkpoints newest first: one that cannot be read (truncated, corrupt) is skipped
+        with a warning naming it and why, and moved aside into ``checkpoints/corrupt/`` (kept, but no longer
+        listed); with none left the run starts afresh. An explicit path that cannot be read is an error."""
         resume = self.cfg.resume
         if resume == "never":
-            return None
-        if resume == "auto":
-            return latest_checkpoint(self.ckpt_dir)
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.name}: resume checkpoint not found: {path}")
-        return path
+            return False
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.name}: resume checkpoint not found: {path}")
+            self._restore(path)
+            return True
+        skipped: list[Path] = []
+        restored = False
+        for path in reversed(list_checkpoints(self.ckpt_dir)):
+            try:
+                self._restore(path)  # reads the whole file before it changes anything
+            except UnreadableCheckpoint as exc:
+                skipped.append(path)
+                if self.world.is_main:
+                    log.warning(
+                        "%s: skipping checkpoint %s: %s; it is moved to %s/, trying the one before it",
+                        self.name,
+                        path,
+                        exc.reason,
+                        self.ckpt_dir / CORRUPT_DIR,
+                    )
+                continue
+            restored = True
+            break
+        self._barrier()  # every process has tried the files before any is moved
+        if skipped and self.world.is_main:
+            for path in skipped:
+                set_aside(path)
+            if not restored:
+                log.warning(
+                    "%s: no readable checkpoint left in %s: starting afresh", self.name, self.ckpt_dir
+                )
+        return restored
 
     def _seed_fresh(self) -> None:
         # Per-rank streams (dropout, hard negatives, masking), as the official `seed + rank`.
@@ -546,10 +588,7 @@ class Trainer:
         cfg = self.cfg
         self._check_fingerprint()
         self._seed_fresh()
-        source = self._resume_source()
-        if source is not None:
-            self._restore(source)
-        elif self.world.is_main:
+        if not self._resume() and self.world.is_main:
             self.history.truncate_after(-1)
             self.val_history.truncate_after(-1)
         self.model.train()

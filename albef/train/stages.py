@@ -32,7 +32,13 @@ from albef.checkpoint import (
     read_config,
     save_pretrained,
 )
-from albef.config import ConfigError, ModelConfig
+from albef.config import (
+    FINETUNE_LOSS_KEYS,
+    PRETRAIN_LOSS_KEYS,
+    ConfigError,
+    LossSwitches,
+    ModelConfig,
+)
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.io import atomic_write_text, can_draw
@@ -89,17 +95,41 @@ class EvaluateConfig:
         check_precision(self.precision, "evaluate.precision")
 
 
-_TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
+_TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"losses"}  # the switches are flat keys of their own
 _STAGE_KEYS = {f.name for f in fields(TrainStageConfig)}
+#: the loss switches (:class:`~albef.config.LossSwitches`) each training task's section may set
+TASK_LOSS_KEYS: dict[str, tuple[str, ...]] = {
+    "pretrain": PRETRAIN_LOSS_KEYS,
+    "retrieval": FINETUNE_LOSS_KEYS,
+    "grounding": FINETUNE_LOSS_KEYS,
+    "ve": FINETUNE_LOSS_KEYS,
+    "nlvr": FINETUNE_LOSS_KEYS,
+    "vqa": FINETUNE_LOSS_KEYS,
+    "nlvr_ta": (),  # text assignment has no distillation and a single loss
+}
+# the sections read with split_train_section(values, name) alone (the flows check overrides so)
+_SECTION_LOSS_KEYS = {
+    "pretrain": PRETRAIN_LOSS_KEYS,
+    "finetune_retrieval": FINETUNE_LOSS_KEYS,
+    "finetune_grounding": FINETUNE_LOSS_KEYS,
+}
 
 
-def split_train_section(values: dict[str, Any], name: str) -> tuple[TrainStageConfig, TrainConfig]:
-    """One flat ``params.yaml`` section -> (stage settings, training settings); unknown keys are named."""
+def split_train_section(
+    values: dict[str, Any], name: str, loss_keys: tuple[str, ...] | None = None
+) -> tuple[TrainStageConfig, TrainConfig]:
+    """One flat ``params.yaml`` section -> (stage settings, training settings); unknown keys are named.
+
+    ``loss_keys``: the loss switches the section may set (:data:`TASK_LOSS_KEYS`; default: by section name,
+    none for an unknown one). They become ``TrainConfig.losses``, validated, errors naming ``<name>.<key>``."""
+    values = dict(values)
+    if loss_keys is None:
+        loss_keys = _SECTION_LOSS_KEYS.get(name, ())
+    losses = LossSwitches.pop_from(values, loss_keys, name)
     unknown = sorted(set(values) - _TRAIN_KEYS - _STAGE_KEYS)
     if unknown:
-        raise ConfigError(
-            f"{name}: unknown key(s) {unknown}; expected some of {sorted(_TRAIN_KEYS | _STAGE_KEYS)}"
-        )
+        expected = sorted(_TRAIN_KEYS | _STAGE_KEYS | set(loss_keys))
+        raise ConfigError(f"{name}: unknown key(s) {unknown}; expected some of {expected}")
     stage_values = {k: v for k, v in values.items() if k in _STAGE_KEYS}
     if "crop_scale" in stage_values:
         scale = stage_values["crop_scale"]
@@ -109,7 +139,7 @@ def split_train_section(values: dict[str, Any], name: str) -> tuple[TrainStageCo
             )
         stage_values["crop_scale"] = (float(scale[0]), float(scale[1]))
     try:
-        train = TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_KEYS})
+        train = TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_KEYS}, losses=losses)
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from exc
     check_device(train.device, f"{name}.device")
@@ -333,7 +363,7 @@ def train_stage(
     from albef.data import datasets as ds
     from albef.data.transforms import build_transform, eval_transform
 
-    stage, train = split_train_section(section(params, name), name)
+    stage, train = split_train_section(section(params, name), name, TASK_LOSS_KEYS[task])
     dataset_cls, transform_name, forward, with_idx = _TASKS[task]
     world, device = init_distributed(train.device, f"{name}.device")
     try:
@@ -341,6 +371,7 @@ def train_stage(
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
         model, init_info = _initial_model(stage, MODEL_TASK.get(task, task), params)
+        model.use_losses(train.losses)
         model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
         tokenizer = _tokenizer(tokenizer_dir, model.cfg)

@@ -27,6 +27,7 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.train.distributed import cleanup_distributed, init_distributed
 from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
+    TASK_LOSS_KEYS,
     _data_digest,
     _initial_model,
     _tokenizer,
@@ -58,6 +59,8 @@ class VQAEvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     precision: str = "auto"
     max_words: int = 50  # question words kept at test time (official 50)
+    # the question-only baseline (albef.eval.text_baseline) trains on these questions; null: no baseline
+    train_file: str | None = "vqa_train.json"
 
 
 def vqa_forward(model, batch, alpha, choices):
@@ -85,7 +88,7 @@ def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa"):
     values.setdefault("run_dir", "runs/vqa")
     values.setdefault("max_tokens", 25)  # official question length for training
     values.setdefault("crop_scale", (0.5, 1.0))
-    stage, train = split_train_section(values, name)
+    stage, train = split_train_section(values, name, TASK_LOSS_KEYS["vqa"])
     if stage.val_file:
         raise ConfigError(f"{name}.val_file: VQA trains without validation (evaluate with evaluate_vqa)")
     return stage, train, answer_list_name, max_answer_tokens
@@ -117,6 +120,7 @@ def finetune_vqa_stage(
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)
         model, init_info = _initial_model(stage, "vqa", params)
+        model.use_losses(train.losses)
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
         tokenizer = _tokenizer(tokenizer_dir, model.cfg)
         images = ds.image_source(stage.data_dir)
@@ -193,6 +197,42 @@ def finetune_vqa_stage(
         cleanup_distributed()
 
 
+def _question_only(
+    cfg: VQAEvalConfig, name: str, test_records, answer_list: list[str], humans: dict[str, list[str]]
+) -> dict[str, Any]:
+    """``question_only_accuracy``: the VQA accuracy of a classifier that reads the question alone, trained on
+    ``cfg.train_file`` (:mod:`albef.eval.text_baseline`); nothing when there is no training file."""
+    from albef.data.formats import load_annotations
+    from albef.data.text import pre_question
+    from albef.data.vqa import answer_weights
+    from albef.eval.text_baseline import question_only_vqa
+
+    if not cfg.train_file:
+        return {}
+    train_path = Path(cfg.data_dir) / cfg.train_file
+    if not train_path.is_file():
+        log.warning("%s: no question-only baseline: %s not found", name, train_path)
+        return {}
+    train = [r for r in load_annotations(train_path, "vqa") if r.get("answer") is not None]
+    result = question_only_vqa(
+        [pre_question(r["question"], cfg.max_words) for r in train],
+        [answer_weights(r) for r in train],
+        [pre_question(r["question"], cfg.max_words) for r in test_records],
+        [int(r["question_id"]) for r in test_records],
+        answer_list,
+        humans,
+    )
+    return {
+        "question_only_accuracy": result["accuracy"],
+        "question_only": {
+            "train_file": cfg.train_file,
+            "train_questions": result["train_records"],
+            "features": result["features"],
+            "c": result["c"],
+        },
+    }
+
+
 def evaluate_vqa_stage(
     params: dict[str, Any],
     model_dir: str | Path,
@@ -203,7 +243,8 @@ def evaluate_vqa_stage(
 ) -> dict[str, Any]:
     """Answer ``params[name].test_file`` with the model in ``model_dir``: ``vqa_result.json`` (the official
     ``[{"question_id", "answer"}]``), ``top_answers.json`` and ``metrics.json`` (VQA accuracy when human
-    answers are given) in ``out_dir``."""
+    answers are given, beside ``question_only_accuracy``: the question-only baseline trained on
+    ``train_file``) in ``out_dir``."""
     from albef.data import datasets as ds
     from albef.data.transforms import eval_transform
     from albef.data.vqa import VQATestDataset, read_answer_list
@@ -242,6 +283,7 @@ def evaluate_vqa_stage(
                 for hs in humans.values()
             ]
             metrics["answer_list_oracle_accuracy"] = round(100 * sum(oracle) / max(len(oracle), 1), 3)
+            metrics.update(_question_only(cfg, name, dataset.records, answer_list, humans))
         metrics["eval_seconds"] = round(result.seconds, 2)
         if world.is_main:
             out = Path(out_dir)
