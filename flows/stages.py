@@ -14,16 +14,9 @@ flow           DVC stages
 ``register``   ``register``, ``register_*`` (one per task's model), ``summary`` (one screen of results)
 =============  ================================================================
 
-Parameters, the same for every flow:
-
-* ``project_dir``: the albef checkout (the deployment's working directory by default).
-* ``overrides``: params.yaml keys to set first, ``{"pretrain.epochs": 5}``; unknown keys fail at the start.
-* ``stages``: a subset of this flow's DVC stages (default: all of them).
-* ``gpus``: processes per node, one per GPU (0: one process, CPU or the one visible GPU); a worker with
-  fewer GPUs fails at the start. ``nodes`` and ``rdzv_endpoint`` (``host:port``) for several nodes.
-* ``deadline_minutes``: wall-clock limit of each DVC stage; the stage's processes are stopped when it passes.
-* ``retries``, ``retry_delay_seconds``: crashed, killed or overdue stages are retried and resume.
-* ``mlflow_parent_run_id``: the MLflow run to nest the stages' runs under (``full_pipeline`` sets it).
+Parameters, the same for every flow, are described in ``flows/options.py`` (the Prefect run form shows them).
+A run with ``overrides`` works in a workspace of its own and ends as a DVC experiment; the checkout's
+``params.yaml`` is never written (``albef.orchestration.workspace``).
 """
 
 from __future__ import annotations
@@ -32,14 +25,18 @@ from typing import Any
 
 from prefect import flow
 
+from flows.options import StageName, WorkspaceMode, documented
 from flows.tasks import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS, run_flow_stages
 
 
 @flow(name="data", log_prints=True)
+@documented
 def data(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
     gpus: int = 0,
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
@@ -53,10 +50,13 @@ def data(
 
 
 @flow(name="preprocess", log_prints=True)
+@documented
 def preprocess(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
     gpus: int = 0,
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
@@ -70,10 +70,13 @@ def preprocess(
 
 
 @flow(name="pretrain", log_prints=True)
+@documented
 def pretrain(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
     gpus: int = 0,
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
@@ -88,10 +91,13 @@ def pretrain(
 
 
 @flow(name="finetune", log_prints=True)
+@documented
 def finetune(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
     gpus: int = 0,
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
@@ -106,10 +112,13 @@ def finetune(
 
 
 @flow(name="evaluate", log_prints=True)
+@documented
 def evaluate(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
     gpus: int = 0,
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
@@ -124,10 +133,13 @@ def evaluate(
 
 
 @flow(name="register", log_prints=True)
+@documented
 def register(
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
-    stages: list[str] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
     gpus: int = 0,
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
@@ -137,7 +149,7 @@ def register(
     mlflow_parent_run_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """The evaluated models into the MLflow registry, each with the promotion gate (DVC stages register,
-    register_vqa, register_ve, register_nlvr)."""
+    register_vqa, register_ve, register_grounding, register_nlvr), then the one-screen summary."""
     return run_flow_stages("register", **locals())
 
 

@@ -440,3 +440,16 @@ def load_in_fresh_python(script: str, request_file, tracking_uri: str, cwd, time
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# The Prefect harness's session fixtures (a server, the deployments, a worker, a project clone, one finished
+# full_pipeline run), shared by every module that uses them. Imported last: the harness reads TINY_SYNTH and
+# shrink_pipeline from this module.
+from prefect_harness import (  # noqa: E402, F401
+    deployments,
+    full_pipeline_run,
+    prefect,
+    project,
+    settings,
+    worker,
+)

@@ -53,9 +53,38 @@ def test_stages_follow_dvc_yaml_order_whatever_the_order_asked(project: Path):
     evaluations = [s for s in declared if s.startswith("evaluate_")]
     assert {"evaluate_zeroshot", "evaluate_retrieval"} <= set(evaluations)
     assert select_stages(project, ["evaluate", "data"]) == ["synth", *evaluations]
-    assert select_stages(project, ["evaluate_zeroshot", "pretrain"]) == [
+    # a DVC stage name is that stage (dvc repro runs what it needs); flow:<name> is the flow's stages
+    assert select_stages(project, ["evaluate_zeroshot", "pretrain"]) == ["pretrain", "evaluate_zeroshot"]
+    assert select_stages(project, ["evaluate_zeroshot", "flow:pretrain"]) == [
         s for s in declared if s in ("unimodal", "pretrain", "evaluate_zeroshot")
     ]
+
+
+def test_a_name_that_is_both_a_stage_and_a_flow_means_the_stage(project: Path):
+    """`register` is the retrieval model's registration, not the register flow, which would train and
+    register every task's model; the register flow is flow:register. Every accepted name is offered."""
+    from albef.orchestration.pipeline import stage_choices
+
+    declared = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert select_stages(project, ["register"]) == ["register"]
+    register_flow = select_stages(project, ["flow:register"])
+    assert {"register", "register_vqa", "register_ve", "register_nlvr", "summary"} <= set(register_flow)
+    assert select_stages(project, ["preprocess"]) == select_stages(project, ["flow:preprocess"])
+    choices = stage_choices(declared)
+    assert choices[: len(declared)] == declared
+    assert {"data", "finetune", "evaluate"} <= set(choices) and "register" in choices
+    assert [c for c in choices if c.startswith("flow:")] == [
+        "flow:data",
+        "flow:preprocess",
+        "flow:pretrain",
+        "flow:finetune",
+        "flow:evaluate",
+        "flow:register",
+    ]
+    for name in choices:  # every name offered is accepted
+        assert select_stages(project, [name])
+    with pytest.raises(PlanError, match="unknown stage 'flow:nope'"):
+        select_stages(project, ["flow:nope"])
 
 
 def test_grounding_and_shifted_retrieval_stages_are_declared_with_valid_sections():
@@ -103,11 +132,11 @@ def test_a_stage_no_flow_names_runs_with_the_flow_it_prepares(tmp_path: Path):
     declared = list(spec["stages"])
     assert [flow_of(s, declared) for s in declared] == ["data", "pretrain", "pretrain", "pretrain"]
     assert select_stages(tmp_path) == declared
-    assert select_stages(tmp_path, ["pretrain"]) == ["warm_start", "pretrain", "export_onnx"]
+    assert select_stages(tmp_path, ["flow:pretrain"]) == ["warm_start", "pretrain", "export_onnx"]
 
 
 def test_unknown_stage_names_fail_naming_them(project: Path):
-    with pytest.raises(PlanError, match="unknown stage 'pretrian'.*flows data, preprocess"):
+    with pytest.raises(PlanError, match="unknown stage 'pretrian'.*a flow \\(data, preprocess"):
         select_stages(project, ["pretrain", "pretrian"])
     spec = yaml.safe_load((project / "dvc.yaml").read_text())
     for name in [s for s in spec["stages"] if s in ("register", "summary") or s.startswith("register_")]:
@@ -393,11 +422,15 @@ def test_prefect_yaml_deploys_every_flow_to_the_gpu_pool_with_schedules_off():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = spec["deployments"]
     entrypoints = {d["entrypoint"] for d in deployments}
-    expected = {f"flows/stages.py:{name}" for name in FLOW_STAGES} | {"flows/pipeline.py:full_pipeline"}
+    expected = {f"flows/stages.py:{name}" for name in FLOW_STAGES} | {
+        "flows/pipeline.py:full_pipeline",
+        "flows/sweep.py:sweep",
+    }
     assert entrypoints == expected
     for d in deployments:
         assert d["work_pool"]["name"] == "albef-gpu", d["entrypoint"]
-        assert d["schedules"] and all(s["active"] is False for s in d["schedules"]), d["entrypoint"]
+        assert all(s["active"] is False for s in d.get("schedules") or []), d["entrypoint"]
+        assert d.get("schedules") or d["entrypoint"] == "flows/sweep.py:sweep"  # (a sweep is started by hand)
         assert d["parameters"]["gpus"] == 0 and d["parameters"]["retries"] >= 1
 
 
@@ -406,9 +439,10 @@ def test_serve_offers_the_deployments_of_prefect_yaml():
     from flows.stages import STAGE_FLOWS
 
     built = build_deployments()
-    assert sorted(d.flow_name for d in built) == sorted([*STAGE_FLOWS, "full_pipeline"])
+    assert sorted(d.flow_name for d in built) == sorted([*STAGE_FLOWS, "full_pipeline", "sweep"])
     for d in built:
-        assert d.name == "albef" and d.schedules and not any(s.active for s in d.schedules)
+        assert d.name == "albef" and not any(s.active for s in d.schedules or [])
+        assert d.schedules or d.flow_name == "sweep"  # (a sweep is started by hand)
 
 
 # -------------------------------------------------------------------------------------------- mlflow

@@ -1,325 +1,42 @@
-"""The Prefect flows with the real thing: ``prefect server start`` on loopback with its own database and
-home folder, the ``albef-gpu`` process work pool, ``prefect deploy --all`` from prefect.yaml, a
-``prefect worker``, and flow runs triggered through the API on a fresh clone with tiny settings.
+"""The Prefect flows with the real thing (the server, the work pool, the deployments, the worker and the
+project clone come from tests/prefect_harness.py, shared by every test that needs them):
 
-* ``full_pipeline`` completes with one Completed task run per DVC stage, the stages' artifacts, overrides
-  written into params.yaml and recorded by dvc.lock, and DVC up to date afterwards;
+* ``full_pipeline`` completes with one Completed task run per DVC stage, the stages' artifacts, and DVC up to
+  date afterwards in the checkout it ran in;
 * the training process killed mid-run is retried by Prefect and resumes from its checkpoint (step > 0);
 * a stage that fails marks its task Failed with the stage's own error in the Prefect logs, without retries;
 * unknown stages, unknown params keys and missing GPUs fail at flow start, naming the culprit;
 * a cancelled flow run stops the stage's processes and ends its MLflow runs (stage, parent) KILLED.
-
-Everything runs offline: telemetry is off (server and client), the UI is not served, and no step installs
-anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from uuid import UUID
 
 import psutil
 import pytest
 import yaml
-from conftest import TINY_SYNTH
+from prefect_harness import (
+    _artifacts,
+    _client,
+    _dvc,
+    _flow_runs_under,
+    _logs_when,
+    _mlflow_runs,
+    _run,
+    _task_runs,
+    _tracking_on,
+    _trigger,
+    _wait,
+)
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY_TRAIN = {
-    "batch_size": 4,
-    "epochs": 2,
-    "num_workers": 0,
-    "checkpoint_every": 0,
-    "k_test": 4,
-    "log_every": 1,
-}
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen, signals=(signal.SIGTERM,), wait: float = 15) -> None:
-    """Stop a service started in its own session: the given signals in turn, then SIGKILL."""
-    for sig in signals:
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def prefect(tmp_path_factory):
-    """A Prefect server on loopback with its own sqlite database and PREFECT_HOME; yields the environment
-    clients use (PREFECT_API_URL set)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # the server's telemetry (a DNS lookup, then an error)
-        DO_NOT_TRACK="1",  # the client's telemetry
-        PREFECT_UI_ENABLED="false",  # not needed by the API; saves a second of start-up
-        PREFECT_SERVER_API_HOST="127.0.0.1",
-        PREFECT_WORKER_QUERY_SECONDS="1",  # the worker picks a triggered run up at once (default 15 s)
-        PREFECT_WORKER_PREFETCH_SECONDS="1",
-        DVC_NO_ANALYTICS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@localhost",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@localhost",
-    )
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"prefect server exited:\n{(home / 'server.log').read_text()[-3000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"prefect server not healthy in 180 s:\n{(home / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        env["PREFECT_API_URL"] = url
-        yield env
-    finally:
-        _stop_group(server)
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def settings(prefect):
-    """This process's Prefect client, and the flows it runs in-process, pointed at the test server."""
-    from prefect import context
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-    updates = {PREFECT_API_URL: prefect["PREFECT_API_URL"], PREFECT_HOME: prefect["PREFECT_HOME"]}
-    # Threads (Prefect's log and event workers, the stage-output reader) read the process-global settings,
-    # not this context: without the second context their client would start an ephemeral server of its own.
-    # prefect_test_harness does the same.
-    with (
-        temporary_settings(updates),
-        context._temporary_global_settings_context(context.get_settings_context()),
-    ):
-        yield
-        with contextlib.suppress(Exception):
-            APILogWorker.drain_all()
-
-
-def _run(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (
-        f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect) -> Path:
-    """A fresh clone of this repository (with the working tree's pipeline files) on tiny settings."""
-    from conftest import shrink_pipeline
-
-    root = tmp_path_factory.mktemp("clone") / "albef"
-    _run(["git", "clone", "-q", str(REPO), str(root)], REPO, prefect)
-    for name in ("dvc.yaml", "params.yaml", "prefect.yaml"):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("albef", "flows"):
-        shutil.copytree(
-            REPO / folder, root / folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["synth"].update(TINY_SYNTH)
-    params["preprocess"].update(max_side=64, shard_size=16)
-    shrink_pipeline(params, TINY_TRAIN)
-    params["finetune_retrieval"].update(epochs=1)
-    for name in ("finetune_vqa", "finetune_ve", "pretrain_nlvr", "finetune_nlvr"):
-        params[name].update(epochs=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
-
-
-@pytest.fixture(scope="module")
-def deployments(project, prefect):
-    """The albef-gpu process pool and every deployment of prefect.yaml, created as the README says."""
-    prefect_cli = str(BIN / "prefect")
-    _run([prefect_cli, "work-pool", "create", "albef-gpu", "--type", "process"], project, prefect)
-    out = _run([prefect_cli, "--no-prompt", "deploy", "--all"], project, prefect, timeout=600)
-    return out
-
-
-@pytest.fixture(scope="module")
-def worker(deployments, project, prefect, tmp_path_factory):
-    """``prefect worker start --pool albef-gpu``, started elsewhere than the project (the deployments' pull
-    step moves each flow run into the checkout)."""
-    where = tmp_path_factory.mktemp("worker")
-    log = open(where / "worker.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "albef-gpu", "--name", "test-worker"],
-        cwd=where,
-        env=prefect,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield where / "worker.log"
-    finally:
-        # the process worker ignores one SIGTERM: SIGINT twice (the second escalates), then SIGKILL
-        _stop_group(proc, signals=(signal.SIGINT, signal.SIGINT), wait=10)
-        log.close()
-        # flow runs live in sessions of their own: none may outlive the test (they work in the project)
-        for leftover in psutil.process_iter(["cwd"]):
-            if str(leftover.info.get("cwd") or "").startswith(str(project)):
-                with contextlib.suppress(psutil.Error):
-                    leftover.kill()
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def _client():
-    from prefect.client.orchestration import get_client
-
-    return get_client(sync_client=True)
-
-
-def _trigger(name: str, parameters: dict) -> UUID:
-    with _client() as client:
-        deployment = client.read_deployment_by_name(name)
-        return client.create_flow_run_from_deployment(deployment.id, parameters=parameters).id
-
-
-def _wait(flow_run_id: UUID, worker_log: Path, timeout: float = 540, on_poll=None):
-    end = time.monotonic() + timeout
-    with _client() as client:
-        while time.monotonic() < end:
-            run = client.read_flow_run(flow_run_id)
-            if run.state and run.state.type.value in FINAL:
-                return run
-            if on_poll is not None:
-                on_poll()
-            time.sleep(0.5)
-    pytest.fail(
-        f"flow run {flow_run_id} not finished in {timeout} s; worker log:\n{worker_log.read_text()[-4000:]}"
-    )
-
-
-def _flow_runs_under(root: UUID) -> list:
-    """The flow run and its subflow runs."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    with _client() as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root]))
-        )
-        return [client.read_flow_run(root), *children]
-
-
-def _task_runs(flow_run_ids: list[UUID]) -> list:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with _client() as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
-
-
-def _artifacts(flow_run_ids: list[UUID]) -> dict:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with _client() as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids))
-        )
-    return {a.key: a for a in found if a.key}
-
-
-def _logs(task_run_id: UUID) -> list[str]:
-    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
-
-    lines, offset = [], 0
-    with _client() as client:
-        while True:
-            page = client.read_logs(
-                log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])),
-                limit=200,
-                offset=offset,
-            )
-            lines += [log.message for log in page]
-            if len(page) < 200:
-                return lines
-            offset += 200
-
-
-def _logs_when(task_run_id: UUID, *wanted, timeout_s: float = 30) -> list[str]:
-    """The task run's logs once every predicate in ``wanted`` holds for some line, or whatever has arrived
-    when ``timeout_s`` runs out: Prefect ships logs in the background, so on a loaded machine the last lines
-    land a while after the run's final state."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        logs = _logs(task_run_id)
-        if all(any(want(line) for line in logs) for want in wanted) or time.monotonic() > deadline:
-            return logs
-        time.sleep(1)
-
-
-def _tracking_on(project: Path) -> bool:
-    mlflow = yaml.safe_load((project / "params.yaml").read_text()).get("mlflow")
-    return isinstance(mlflow, dict) and bool(mlflow.get("enabled", True))
-
-
-def _mlflow_runs(project: Path, flow_run_id: UUID):
-    """The MLflow parent run a flow run opened (in the project's embedded sqlite store) and its nested runs."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(
-        yaml.safe_load((project / "params.yaml").read_text())["mlflow"]["experiment"]
-    )
-    (parent,) = client.search_runs([exp.experiment_id], f"tags.`albef.prefect.flow_run_id` = '{flow_run_id}'")
-    nested = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return parent, nested
-
-
-def _dvc(project: Path, env: dict, *args: str) -> str:
-    return _run([sys.executable, "-m", "dvc", *args], project, env)
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -332,26 +49,32 @@ def test_prefect_deploy_creates_a_deployment_for_every_flow_in_the_gpu_pool(depl
         found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
         pool = client.read_work_pool("albef-gpu")
     assert pool.type == "process"
-    assert set(found) == {f"{name}/albef" for name in [*STAGE_FLOWS, "full_pipeline"]}
+    assert set(found) == {f"{name}/albef" for name in [*STAGE_FLOWS, "full_pipeline", "sweep"]}
     for name, deployment in found.items():
         assert deployment.work_pool_name == "albef-gpu", name
-        assert deployment.schedules and not any(s.active for s in deployment.schedules), name
+        if name != "sweep/albef":  # (a sweep is started by hand)
+            assert deployment.schedules and not any(s.active for s in deployment.schedules), name
         assert deployment.parameters["gpus"] == 0, name
         assert deployment.pull_steps and "set_working_directory" in json.dumps(deployment.pull_steps), name
+        # the run form: every parameter described, the stage names offered as a list
+        schema = deployment.parameter_openapi_schema["properties"]
+        undescribed = [key for key, spec in schema.items() if not spec.get("description")]
+        assert not undescribed, (name, undescribed)
+        stage_names = schema["stages"]["anyOf"][0]["items"]["enum"]
+        assert {"register", "flow:register", "evaluate_retrieval", "evaluate"} <= set(stage_names), name
+        if "workspace" in schema:
+            assert schema["workspace"]["enum"] == ["auto", "checkout", "experiment"], name
 
 
 def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
-    project, prefect, worker, settings
+    project, prefect, full_pipeline_run
 ):
     from albef.orchestration.pipeline import dvc_stages, flow_of, select_stages
 
-    flow_run_id = _trigger(
-        "full_pipeline/albef",
-        {"overrides": {"pretrain.epochs": 1}, "retries": 1, "retry_delay_seconds": 1},
-    )
-    run = _wait(flow_run_id, worker)
+    run = full_pipeline_run
+    flow_run_id = run.id
     runs = _flow_runs_under(flow_run_id)
-    assert run.state.type.value == "COMPLETED", f"{run.state.message}\n{worker.read_text()[-4000:]}"
+    assert run.state.type.value == "COMPLETED", run.state.message
     # every stage dvc.yaml declares (VQA and register included), each in its flow
     stages = select_stages(project)
     assert {
@@ -397,8 +120,8 @@ def test_full_pipeline_through_a_worker_completes_with_task_runs_and_artifacts(
             link = artifacts[f"{r.data.tags['albef.stage'].replace('_', '-')}-mlflow-run"].data
             assert r.info.run_id in json.dumps(link)
 
-    # The override went where DVC reads it, DVC recorded it, and DVC agrees that everything is up to date.
-    assert yaml.safe_load((project / "params.yaml").read_text())["pretrain"]["epochs"] == 1
+    # Without overrides the run works in the checkout: dvc.lock records its params.yaml, and DVC agrees that
+    # everything is up to date.
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain"]["epochs"] == 1
     assert "up to date" in _dvc(project, prefect, "status").lower()
@@ -412,7 +135,7 @@ def _training_processes(project: Path, stage_cmd: str = "pretrain") -> list[psut
             len(cmd) >= 3
             and any(Path(c).name == "albef" for c in cmd[:2])
             and stage_cmd in cmd
-            and proc.info.get("cwd") == str(project)
+            and str(proc.info.get("cwd") or "").startswith(str(project))  # the checkout, or a workspace in it
         ):
             found.append(proc)
     return found
@@ -421,29 +144,40 @@ def _training_processes(project: Path, stage_cmd: str = "pretrain") -> list[psut
 def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(
     project, prefect, worker, settings
 ):
+    from albef.orchestration.workspace import experiment_name, workspace_path
     from albef.train.checkpointing import list_checkpoints
 
-    shutil.rmtree(project / "runs" / "pretrain", ignore_errors=True)
-    ckpts = project / "runs" / "pretrain" / "checkpoints"
     killed: list[int] = []
 
     def kill_once_mid_run() -> None:
         if killed:
             return
-        done = list_checkpoints(ckpts) if ckpts.is_dir() else []
+        # this run's checkpoints (the workspace starts with copies of the checkout's, which the run moves aside)
+        done = []
+        for ckpt in list_checkpoints(ckpts):
+            with contextlib.suppress(FileNotFoundError):  # (moved aside in between)
+                if ckpt.stat().st_mtime >= started:
+                    done.append(ckpt)
         if done and int(done[-1].stem.split("-")[1]) >= 3:
-            for proc in _training_processes(project):
+            for proc in _training_processes(here):
                 proc.send_signal(signal.SIGKILL)
                 killed.append(proc.pid)
 
+    started = time.time()
     flow_run_id = _trigger(
         "pretrain/albef",
         {
             "overrides": {"pretrain.epochs": 3, "pretrain.checkpoint_every": 1, "pretrain.val_file": None},
+            "keep_workspace": True,  # to read the training's history afterwards
             "retries": 2,
             "retry_delay_seconds": 1,
         },
     )
+    # with overrides the run works in a workspace of its own, named after the flow run
+    with _client() as client:
+        name = client.read_flow_run(flow_run_id).name
+    here = workspace_path(project, experiment_name(name, str(flow_run_id)))
+    ckpts = here / "runs" / "pretrain" / "checkpoints"
     end = time.monotonic() + 300
     with _client() as client:
         while not killed and time.monotonic() < end:
@@ -469,8 +203,8 @@ def test_a_killed_training_process_is_retried_and_resumes_from_its_checkpoint(
     assert "killed by SIGKILL, as the kernel's out-of-memory killer does" in failures, failures
     first_step = int(artifact.split("**resumed_from_step**: ")[1].split()[0])
     assert first_step >= 3  # the retry's first step continues the killed run's checkpoint
-    assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == 24
-    history = (project / "runs" / "pretrain" / "history.csv").read_text().splitlines()
+    assert json.loads((here / "metrics" / "pretrain.json").read_text())["steps"] == 24
+    history = (here / "runs" / "pretrain" / "history.csv").read_text().splitlines()
     steps = [int(float(row.split(",")[0])) for row in history[1:]]
     assert steps == list(range(1, 25))  # resumed, not restarted: one row per step, no gap, no repeat
     if _tracking_on(project):  # the retry continued the killed attempt's MLflow run: one run, finished
@@ -503,13 +237,20 @@ def test_a_failing_stage_fails_its_task_with_the_stage_error_in_the_logs(project
 def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):
     """Run in this process: the flow run fails before any task run exists and params.yaml is untouched."""
     import torch
+    from prefect.exceptions import ParameterTypeError
 
     from albef.orchestration.pipeline import PlanError
     from flows.pipeline import full_pipeline
 
+    # a stage name the form does not offer is refused by the flow's parameter schema, naming what it offers
+    with pytest.raises(ParameterTypeError, match=r"stages.1: Input should be 'synth', 'preprocess'"):
+        full_pipeline(project_dir=str(project), stages=["data", "pretrian"], return_state=True)
     cases = [
-        ({"stages": ["data", "pretrian"]}, "unknown stage 'pretrian'"),
         ({"overrides": {"pretrain.epochz": 1}}, "override 'pretrain.epochz'.*unknown key"),
+        (
+            {"overrides": {"pretrain.epochs": 1}, "workspace": "checkout"},
+            "never writes the checkout's params.yaml",
+        ),
     ]
     if torch.cuda.device_count() == 0:
         cases.append(({"gpus": 1}, r"requested 1 GPU\(s\) per node, but this worker sees 0"))
@@ -524,6 +265,80 @@ def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):
             assert client.read_flow_run(flow_run_id).state.is_failed()
         assert _task_runs([flow_run_id]) == []  # refused before any task ran
     assert (project / "params.yaml").read_bytes() == before
+
+
+def test_a_sweep_runs_two_experiments_at_once_each_with_its_own_settings_and_registers_the_best(
+    project, prefect, worker, settings, full_pipeline_run
+):
+    """The issue's scenario (two runs with different evaluate.k_test at once), through the sweep deployment:
+    both finish, at the same time, each as its own DVC experiment with its own settings in `dvc exp show`, in
+    its MLflow parent run and stage run; the checkout's params.yaml and dvc.lock are untouched; the best
+    experiment is registered through the gate."""
+    from albef.orchestration.workspace import experiment_name, experiment_ref
+
+    before = {name: (project / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+    sweep_id = _trigger(
+        "sweep/albef",
+        {
+            "runs": [{"evaluate.k_test": 2}, {"evaluate.k_test": 8}],
+            "stages": ["evaluate_retrieval"],
+            "metric": "metrics/retrieval.json:r_mean",
+            "max_concurrent": 2,
+            "register_best": True,
+            "retries": 1,
+            "retry_delay_seconds": 1,
+        },
+    )
+    run = _wait(sweep_id, worker, timeout=600)
+    assert run.state.type.value == "COMPLETED", f"{run.state.message}\n{worker.read_text()[-4000:]}"
+    with _client() as client:
+        children = [
+            r for r in _flow_runs_under(sweep_id)[1:] if client.read_flow(r.flow_id).name == "full_pipeline"
+        ]
+        limit = client.read_global_concurrency_limit_by_name("albef-experiments")
+    assert limit.limit == 2
+    assert len(children) == 2 and all(c.state.type.value == "COMPLETED" for c in children)
+    # at the same time: each started before the other ended
+    assert max(c.start_time for c in children) < min(c.end_time for c in children), [
+        (c.start_time, c.end_time) for c in children
+    ]
+    by_k = {}
+    for child in children:
+        name = experiment_name(child.name, str(child.id))
+        ref = experiment_ref(project, name)
+        params = yaml.safe_load(_run(["git", "show", f"{ref}:params.yaml"], project, prefect))
+        metrics = json.loads(_run(["git", "show", f"{ref}:metrics/retrieval.json"], project, prefect))
+        by_k[params["evaluate"]["k_test"]] = (child, name, metrics)
+    assert sorted(by_k) == [2, 8]
+    shown = _dvc(project, prefect, "exp", "show", "--json")  # (HEAD's experiments: -A would walk all history)
+    for k, (child, name, metrics) in by_k.items():
+        assert name in shown and "r_mean" in metrics
+        if _tracking_on(
+            project
+        ):  # the parent run records the overrides and the experiment; the stage its params
+            parent, nested = _mlflow_runs(project, child.id)
+            assert parent.data.params["override.evaluate.k_test"] == str(k)
+            assert parent.data.tags["albef.dvc_experiment"] == name
+            (stage_run,) = [r for r in nested if r.data.tags["albef.stage"] == "evaluate_retrieval"]
+            assert stage_run.data.tags["albef.dvc_experiment"] == name
+            assert stage_run.data.params["evaluate.k_test"] == str(k)
+    table = _artifacts([sweep_id])["sweep"].data
+    assert all(name in table for _, name, _ in by_k.values())
+    # the checkout is as it was, and no workspace is left behind
+    assert {name: (project / name).read_bytes() for name in before} == before
+    assert len(_run(["git", "worktree", "list"], project, prefect).splitlines()) == 1 + len(
+        list((project / ".dvc" / "tmp" / "albef-workspaces").glob("*"))
+    )
+    if _tracking_on(project):  # the best experiment's model went through the gate as a registry version
+        from mlflow import MlflowClient
+
+        best = max(by_k.values(), key=lambda v: v[2]["r_mean"])[1]
+        client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+        registered = client.search_runs(
+            [client.get_experiment_by_name("albef").experiment_id],
+            f"tags.`albef.stage` = 'register' and tags.`albef.dvc_experiment` = '{best}'",
+        )
+        assert registered and registered[0].info.status == "FINISHED"
 
 
 def _stage_run_status(project: Path, flow_run_id: UUID, stage: str) -> tuple[str | None, str | None]:
@@ -541,7 +356,6 @@ def test_cancelling_a_flow_run_stops_the_stage_processes_and_ends_their_runs_kil
 ):
     from prefect.states import Cancelling
 
-    shutil.rmtree(project / "runs" / "pretrain", ignore_errors=True)
     flow_run_id = _trigger(
         "pretrain/albef",
         {
@@ -579,3 +393,29 @@ def test_cancelling_a_flow_run_stops_the_stage_processes_and_ends_their_runs_kil
     ):
         time.sleep(0.5)
     assert _stage_run_status(project, flow_run_id, "pretrain") == ("KILLED", "KILLED")
+
+
+def test_a_parent_run_left_running_by_a_killed_flow_run_ends_killed(project, settings):
+    """A flow run killed outright (SIGKILL: it ends nothing itself) leaves its MLflow parent run RUNNING; the
+    next flow run ends it KILLED once Prefect has the flow run in a final state (CRASHED), and leaves the
+    parent run of a flow run still running alone."""
+    import logging
+
+    from mlflow import MlflowClient
+    from prefect.states import Crashed, Running
+
+    from albef.orchestration import mlflow_link
+    from flows.stages import data
+    from flows.tasks import end_runs_of_dead_flow_runs
+
+    cfg = mlflow_link.tracking({"mlflow": {"experiment": "albef-reaper"}}, project)
+    with _client() as client:
+        killed = client.create_flow_run(data, state=Running())
+        alive = client.create_flow_run(data, state=Running())
+        client.set_flow_run_state(killed.id, Crashed(message="the process was killed"), force=True)
+    killed_run = mlflow_link.open_parent_run(cfg, str(killed.id), "killed")
+    alive_run = mlflow_link.open_parent_run(cfg, str(alive.id), "alive")
+    assert end_runs_of_dead_flow_runs(cfg, logging.getLogger("test")) == [killed_run]
+    store = MlflowClient(cfg.uri)
+    assert store.get_run(killed_run).info.status == "KILLED"
+    assert store.get_run(alive_run).info.status == "RUNNING"

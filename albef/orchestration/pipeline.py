@@ -1,10 +1,14 @@
 """What a flow run is asked to do, checked before any stage runs.
 
-* :func:`select_stages`: flow names (``data``, ``preprocess``, ``pretrain``, ``finetune``, ``evaluate``,
-  ``register``) or DVC stage names -> the DVC stages to run, in ``dvc.yaml`` order.
-* :func:`apply_overrides`: ``{"pretrain.epochs": 2}`` (or nested ``{"pretrain": {"epochs": 2}}``) merged
-  into ``params.yaml``; a key that neither ``params.yaml`` nor the section's typed config knows fails and
-  is named, and the touched sections are validated by the same loaders the stages use.
+* :func:`select_stages`: DVC stage names, flow names (``data``, ``preprocess``, ``pretrain``, ``finetune``,
+  ``evaluate``, ``register``) or ``flow:<name>`` -> the DVC stages to run, in ``dvc.yaml`` order. A name that
+  is both a DVC stage and a flow (``preprocess``, ``pretrain``, ``register``) means the DVC stage (with what
+  it needs, as ``dvc repro`` runs it); ``flow:register`` means every stage of the register flow.
+* :func:`merge_overrides`: ``{"pretrain.epochs": 2}`` (or nested ``{"pretrain": {"epochs": 2}}``) merged
+  into the params; a key that neither ``params.yaml`` nor the section's typed config knows fails and is
+  named, and the touched sections are validated by the same loaders the stages use.
+  :func:`apply_overrides` writes them into a ``params.yaml``: a flow run's own workspace's, never the
+  checkout's (:mod:`albef.orchestration.workspace`).
 * :func:`check_resources` / :func:`launch_env`: GPUs and nodes; a worker that has fewer GPUs than asked
   fails at once with that reason.
 """
@@ -72,11 +76,24 @@ def stages_of(flow: str, declared: list[str]) -> list[str]:
     return [s for s in declared if flow_of(s, declared) == flow]
 
 
-def select_stages(project: str | Path, requested: list[str] | None = None) -> list[str]:
-    """The DVC stages to run for ``requested`` (flow or DVC stage names; None: every flow's stages).
+FLOW_PREFIX = "flow:"
 
-    The result follows ``dvc.yaml``'s order whatever the order asked. Unknown names fail, naming them
-    and what exists; a flow none of whose stages ``dvc.yaml`` declares fails when asked for by name.
+
+def stage_choices(declared: list[str]) -> list[str]:
+    """Every name :func:`select_stages` accepts: the DVC stages, the flows that are not also a stage, and
+    ``flow:<name>`` for every flow."""
+    flows = [f for f in FLOW_STAGES if f not in declared]
+    return [*declared, *flows, *(f"{FLOW_PREFIX}{f}" for f in FLOW_STAGES)]
+
+
+def select_stages(project: str | Path, requested: list[str] | None = None) -> list[str]:
+    """The DVC stages to run for ``requested`` (DVC stage names, flow names, ``flow:<name>``; None: every
+    flow's stages).
+
+    A DVC stage name wins over a flow of the same name: ``register`` is the DVC stage register (the
+    retrieval model), ``flow:register`` the register flow's stages. The result follows ``dvc.yaml``'s order
+    whatever the order asked. Unknown names fail, naming them and what exists; a flow none of whose stages
+    ``dvc.yaml`` declares fails when asked for by name.
     """
     declared = dvc_stages(project)
     if requested is None:
@@ -84,8 +101,11 @@ def select_stages(project: str | Path, requested: list[str] | None = None) -> li
     if isinstance(requested, str):
         requested = [requested]
     chosen: set[str] = set()
-    for name in requested:
-        if name in FLOW_STAGES:
+    for asked in requested:
+        name = asked.removeprefix(FLOW_PREFIX) if isinstance(asked, str) else asked
+        if name in declared and not asked.startswith(FLOW_PREFIX):
+            chosen.add(name)
+        elif name in FLOW_STAGES:
             found = stages_of(name, declared)
             if not found:
                 raise PlanError(
@@ -93,12 +113,10 @@ def select_stages(project: str | Path, requested: list[str] | None = None) -> li
                     f"({', '.join(FLOW_STAGES[name])}); dvc.yaml has {', '.join(declared)}"
                 )
             chosen.update(found)
-        elif name in declared:
-            chosen.add(name)
         else:
             raise PlanError(
-                f"unknown stage {name!r}: expected one of the flows {', '.join(FLOW_STAGES)} "
-                f"or a dvc.yaml stage ({', '.join(declared)})"
+                f"unknown stage {asked!r}: expected a dvc.yaml stage ({', '.join(declared)}), a flow "
+                f"({', '.join(FLOW_STAGES)}) or flow:<flow>"
             )
     return [s for s in declared if s in chosen]
 
@@ -360,8 +378,9 @@ class Plan:
     stages: list[str]  # the DVC stages to run, in order
     declared: list[str]  # every stage of dvc.yaml, in order (for flow_of)
     changed: dict[str, tuple[Any, Any]]
-    params: dict[str, Any]
+    params: dict[str, Any]  # params.yaml with the overrides (written only into an experiment workspace)
     env: dict[str, str]
+    mode: str = "checkout"  # where the run works: "checkout" or "experiment" (albef.orchestration.workspace)
 
 
 def prepare(
@@ -372,13 +391,18 @@ def prepare(
     nodes: int = 1,
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "albef",
+    workspace: str = "auto",
 ) -> Plan:
-    """Every check a flow makes at its start, in order: stage names, GPUs, overrides (written last, so a
-    run refused for another reason leaves params.yaml alone)."""
+    """Every check a flow makes at its start, in order: stage names, GPUs, where it works, overrides
+    (validated, not written: see :mod:`albef.orchestration.workspace`)."""
+    from albef.config import read_params
+    from albef.orchestration.workspace import choose_mode
+
     project = Path(project).resolve()
     selected = select_stages(project, stages)
     check_resources(gpus, nodes, rdzv_endpoint)
-    merged = apply_overrides(project, overrides)
+    mode = choose_mode(workspace, overrides)
+    merged = merge_overrides(read_params(project / "params.yaml"), overrides)
     return Plan(
         project,
         selected,
@@ -386,4 +410,5 @@ def prepare(
         merged.changed,
         merged.params,
         launch_env(gpus, nodes, rdzv_endpoint, rdzv_id),
+        mode,
     )
