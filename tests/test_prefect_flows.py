@@ -243,8 +243,10 @@ def test_bad_input_fails_at_flow_start_naming_the_culprit(project, settings):
     from flows.pipeline import full_pipeline
 
     # a stage name the form does not offer is refused by the flow's parameter schema, naming what it offers
+    state = full_pipeline(project_dir=str(project), stages=["data", "pretrian"], return_state=True)
+    assert state.is_failed()
     with pytest.raises(ParameterTypeError, match=r"stages.1: Input should be 'synth', 'preprocess'"):
-        full_pipeline(project_dir=str(project), stages=["data", "pretrian"], return_state=True)
+        state.result()
     cases = [
         ({"overrides": {"pretrain.epochz": 1}}, "override 'pretrain.epochz'.*unknown key"),
         (

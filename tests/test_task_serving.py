@@ -162,8 +162,10 @@ def test_register_config_per_task_and_its_errors():
         register_config({"register_vqa": {"task": "ve"}}, "vqa")
     with pytest.raises(ConfigError, match="no registration for task 'nlvr_ta'"):
         register_config({}, "nlvr_ta")
-    # the register flow runs every register stage; overrides of the new sections are validated
-    assert select_stages(repo, ["register"]) == [
+    # the register flow (flow:register; plain "register" is the DVC stage) runs every register stage;
+    # overrides of the new sections are validated
+    assert select_stages(repo, ["register"]) == ["register"]
+    assert select_stages(repo, ["flow:register"]) == [
         "register",
         "register_vqa",
         "register_ve",
