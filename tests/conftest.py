@@ -453,3 +453,26 @@ from prefect_harness import (  # noqa: E402, F401
     settings,
     worker,
 )
+
+# Parallel runs (the README's test command runs `pytest -n auto`, with `--dist loadgroup` from pyproject.toml): a
+# worker takes a whole group at a time. Every test that uses the Prefect harness is one group, so one worker starts
+# one Prefect server and makes one full_pipeline run for all of them; every other module is a group of its own,
+# so its module fixtures are built once. The groups that take longest go first: the Prefect group, then the
+# whole-pipeline `dvc repro` (test_dvc), then the rest in collection order.
+LONGEST_FIRST = ("prefect", "test_dvc")
+_GROUP = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = "prefect" if "prefect" in item.fixturenames else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+        item.stash[_GROUP] = group
+    items.sort(
+        key=lambda item: (
+            LONGEST_FIRST.index(item.stash[_GROUP])
+            if item.stash[_GROUP] in LONGEST_FIRST
+            else len(LONGEST_FIRST)
+        )
+    )

@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(args, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 

@@ -27,6 +27,8 @@ COMMAND_ONLY = {
     "dvc": "dvc.yaml's stages run through the dvc command (the flows call `dvc repro`)",
     "dvc-s3": "DVC's S3 remote (`dvc push/pull` to s3://); dvc loads it as a plugin",
     "ruff": "the linter CI runs (`ruff check`, `ruff format --check`)",
+    "nvidia-ml-py": "pynvml, which MLflow's system metrics monitor imports to log GPU use",
+    "pytest-xdist": "pytest's -n (the README's test command runs the tests on every core)",
 }
 
 # Where each group of distributions must be imported from (or be COMMAND_ONLY).
