@@ -454,25 +454,45 @@ from prefect_harness import (  # noqa: E402, F401
     worker,
 )
 
-# Parallel runs (the README's test command runs `pytest -n auto`, with `--dist loadgroup` from pyproject.toml): a
-# worker takes a whole group at a time. Every test that uses the Prefect harness is one group, so one worker starts
-# one Prefect server and makes one full_pipeline run for all of them; every other module is a group of its own,
-# so its module fixtures are built once. The groups that take longest go first: the Prefect group, then the
-# whole-pipeline `dvc repro` (test_dvc), then the rest in collection order.
-LONGEST_FIRST = ("prefect", "test_dvc")
-_GROUP = pytest.StashKey[str]()
+# Parallel runs: the README's test command runs `pytest -n auto` (pytest-xdist). A worker takes a whole module at
+# a time, so module fixtures are built once, and the modules that use the Prefect harness go to one worker
+# together (one Prefect server and one full_pipeline run for all of them). The longest go first: the Prefect
+# modules, then the whole-pipeline `dvc repro` (test_dvc), then the rest in collection order. (xdist's own
+# `--dist loadgroup` is not used: with pytest 9 it groups nothing, the group suffix it writes to `item._nodeid`
+# is no longer read.)
+PREFECT_HARNESS_MODULES = ("test_prefect_flows.py", "test_ui_browser.py")
+LONGEST_FIRST = ("prefect-harness", "test_dvc.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work one xdist worker takes whole: the test's module, or the Prefect harness's modules."""
+    module = nodeid.split("::", 1)[0]
+    return "prefect-harness" if module.rsplit("/", 1)[-1] in PREFECT_HARNESS_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "prefect" if "prefect" in item.fixturenames else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-        item.stash[_GROUP] = group
-    items.sort(
-        key=lambda item: (
-            LONGEST_FIRST.index(item.stash[_GROUP])
-            if item.stash[_GROUP] in LONGEST_FIRST
-            else len(LONGEST_FIRST)
-        )
+    strays = sorted(
+        {i.path.name for i in items if "prefect" in i.fixturenames} - set(PREFECT_HARNESS_MODULES)
     )
+    if strays:
+        raise pytest.UsageError(
+            f"{', '.join(strays)} use the Prefect harness: add them to PREFECT_HARNESS_MODULES in tests/conftest.py "
+            "(else each xdist worker starts a Prefect server and a full_pipeline run of its own)"
+        )
+
+    def rank(item) -> int:
+        scope = xdist_scope(item.nodeid)
+        name = scope if scope in LONGEST_FIRST else scope.rsplit("/", 1)[-1]
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
