@@ -15,14 +15,162 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, mistyped, unknown or inconsistent."""
+
+
+# ---------------------------------------------------------------------- the typed reader of params.yaml sections
+# Every section of params.yaml is read into a dataclass by build_dataclass: unknown keys are named, each value is
+# checked against its field's type (a number YAML 1.1 left as a string, `1e-4`, is read as the number), and
+# against its field's range when the field declares one (metadata=POSITIVE, ...). Errors name `section.key`.
+
+
+def in_range(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False
+) -> dict[str, Any]:
+    """Field metadata: the values a setting may take (``low`` < or <= value <= ``high``); None is always allowed
+    for an optional field."""
+    return {"range": (low, high, low_open)}
+
+
+POSITIVE = in_range(0, low_open=True)
+NON_NEGATIVE = in_range(0)
+AT_LEAST_ONE = in_range(1)
+FRACTION = in_range(0, 1)
+
+# YAML 1.1 (PyYAML) reads `1e-4` and `5E3` as strings: a float needs a dot there. Such strings are numbers.
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {_describe(args[0]) if args else 'values'}" + (
+            f" ({len(args)} of them)" if origin is tuple and args and args[-1] is not Ellipsis else ""
+        )
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as the type ``annotation`` says, or a :class:`ConfigError` naming ``key`` and what it expects."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_describe(annotation)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} must be {_describe(annotation)}, got {value!r}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        number = value
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            number = float(value)
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return float(number)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list):
+        if isinstance(value, (list, tuple)):
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise ConfigError(f"{key} must be {_describe(annotation)}, got {value!r}")
+                return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            item = args[0] if args else Any
+            items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if origin is tuple else items
+    elif origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return value
+    elif dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, dict):
+            return build_dataclass(annotation, value, key)
+    else:
+        return value  # a type this reader does not know: the dataclass checks it itself
+    raise ConfigError(f"{key} must be {_describe(annotation)}, got {value!r}")
+
+
+def check_range(value: Any, f: dataclasses.Field, key: str) -> None:
+    """The field's declared range (``metadata=in_range(...)``), if any."""
+    bounds = f.metadata.get("range")
+    if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, low_open = bounds
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key} must be <= {high:g}, got {value!r}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation naming something only imported for type checking
+        return {}
+
+
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """The section ``values`` as a ``cls``: unknown keys named, every value typed and range-checked (see above),
+    and what ``cls`` itself refuses (its ``__post_init__``) reported under ``prefix``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        kwargs[name] = coerce(value, hints.get(name, Any), key)
+        check_range(kwargs[name], known[name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if str(exc).startswith(prefix):
+            raise
+        raise ConfigError(f"{prefix}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # a check of the dataclass's own, or a missing required key
+        raise ConfigError(f"{prefix}: {exc}") from exc
 
 
 @dataclass
@@ -296,25 +444,9 @@ def _build(schema: type, data: dict, prefix: str) -> Any:
         if sub is not None:
             kwargs[f.name] = _build(sub, value, f"{prefix}.{f.name}")
             continue
-        expected = f.type if isinstance(f.type, str) else f.type.__name__
-        kwargs[f.name] = _coerce(value, expected, f"{prefix}.{f.name}")
+        kwargs[f.name] = coerce(value, _hints(schema).get(f.name, Any), f"{prefix}.{f.name}")
+        check_range(kwargs[f.name], f, f"{prefix}.{f.name}")
     return schema(**kwargs)
-
-
-def _coerce(value: Any, expected: str, key: str) -> Any:
-    if expected == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if expected == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if expected == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------------- presets

@@ -424,8 +424,7 @@ def test_explain_cli_writes_a_png(grounding_data, tmp_path) -> None:
 def test_params_yaml_section_is_valid() -> None:
     from pathlib import Path
 
-    from albef.config import read_params
-    from albef.data.stages import build_dataclass
+    from albef.config import build_dataclass, read_params
     from albef.eval.grounding import GroundingEvalConfig
 
     params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")

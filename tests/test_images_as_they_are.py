@@ -304,11 +304,11 @@ def test_preprocessing_outputs_are_readable_by_others(tmp_path: Path, umask_022)
 )
 def test_serving_and_predict_decode_as_preprocessing_does(processed: Path, name: str):
     from albef.serving.predict import open_image
-    from albef.serving.pyfunc import decode_image
+    from albef.serving.pyfunc import InputLimits, decode_image
 
     path = processed / "raw" / name
     reference = _pixels(open_rgb(path))  # what preprocessing stores (before its resize and JPEG)
-    served_path = decode_image(str(path), 0)
+    served_path = decode_image(name, 0, limits=InputLimits(image_root=str(path.parent)))
     served_base64 = decode_image(base64.b64encode(path.read_bytes()).decode(), 0)
     predicted = open_image(path)
     folder = FolderImages(processed / "raw").open(name)

@@ -198,7 +198,7 @@ def test_the_pyfunc_loads_in_a_fresh_process_and_ranks(registered, tiny_data, ml
         or sorted((tiny_data / "data" / "synth").rglob("*.png"))[:3]
     )
     request = {
-        "image": [str(images[0]), _png(images[1]), _png(images[2]), None],
+        "image": [_png(images[0]), _png(images[1]), _png(images[2]), None],
         "text": ["a red circle", "a blue square", "", "two green triangles"],
     }
     (tmp_path / "request.json").write_text(json.dumps(request))
@@ -225,7 +225,7 @@ def test_bad_model_input_is_a_clear_error(registered, mlflow_sqlite):
     with pytest.raises(MlflowException, match=r"missing inputs.*text|missing column"):
         model.predict(pd.DataFrame({"image": ["x"]}))
     with pytest.raises(
-        MlflowException, match=r"row 0, column 'image': neither an existing image file nor base64"
+        MlflowException, match=r"row 0, column 'image': expected an image file's bytes as base64 text"
     ):
         model.predict(pd.DataFrame({"image": ["not an image!"], "text": ["a red circle"]}))
     garbage = base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()

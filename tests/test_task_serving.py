@@ -229,11 +229,11 @@ def test_register_each_task_gate_and_a_fresh_process_answers(
 
     requests = {
         "vqa": {
-            "image": [str(images[0]), b64(images[1])],
+            "image": [b64(images[0]), b64(images[1])],
             "question": ["what color is the circle?", "how many?"],
         },
         "ve": {"image": [b64(images[0])], "hypothesis": ["there is a red circle"]},
-        "nlvr": {"left_image": [str(images[0])], "right_image": [b64(images[1])], "text": ["two circles"]},
+        "nlvr": {"left_image": [b64(images[0])], "right_image": [b64(images[1])], "text": ["two circles"]},
     }
     (tmp_path / "requests.json").write_text(json.dumps(requests))
     script = (
@@ -272,13 +272,14 @@ def test_task_pyfunc_bad_input_is_a_clear_error(task_models, images, mlflow_sqli
     with mlflow.start_run():
         info = log_task_model("nlvr", task_models["nlvr"], max_tokens=16)
     model = mlflow.pyfunc.load_model(info.model_uri)
-    good = {"left_image": [str(images[0])], "right_image": [str(images[1])], "text": ["two circles"]}
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in images]
+    good = {"left_image": [b64[0]], "right_image": [b64[1]], "text": ["two circles"]}
     assert model.predict(pd.DataFrame(good))["label"][0] in ("True", "False")
     with pytest.raises(MlflowException, match=r"missing inputs.*right_image|missing column"):
-        model.predict(pd.DataFrame({"left_image": [str(images[0])], "text": ["two circles"]}))
+        model.predict(pd.DataFrame({"left_image": [b64[0]], "text": ["two circles"]}))
     with pytest.raises(MlflowException, match=r"row 0, column 'right_image': empty"):
         model.predict(pd.DataFrame({**good, "right_image": [""]}))
-    with pytest.raises(MlflowException, match=r"row 0, column 'left_image': neither an existing image file"):
+    with pytest.raises(MlflowException, match=r"row 0, column 'left_image': expected an image file's bytes"):
         model.predict(pd.DataFrame({**good, "left_image": ["not an image!"]}))
     with pytest.raises(MlflowException, match="no words left"):
         model.predict(pd.DataFrame({**good, "text": ["?!"]}))

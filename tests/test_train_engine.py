@@ -172,7 +172,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_data, tmp_pat
         ({"pretrain.batch_size": 5}, r"queue_size .*16.* divisible .*5"),
         ({"pretrain.precision": "bf16"}, r"needs a GPU"),
         ({"pretrain.crop_scale": [0.9, 0.1]}, r"crop_scale"),
-        ({"pretrain.lr": -1.0}, r"lr must be positive"),
+        ({"pretrain.lr": -1.0}, r"pretrain.lr must be > 0, got -1.0"),
     ],
 )
 def test_bad_settings_fail_before_training_with_the_key_named(tiny_data, tmp_path, override, message):

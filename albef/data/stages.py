@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from albef.config import ConfigError
+from albef.config import ConfigError, build_dataclass
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +21,6 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     if name not in params or not isinstance(params[name], dict):
         raise ConfigError(f"params.yaml has no '{name}' section")
     return dict(params[name])
-
-
-def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """``cls(**values)`` with unknown keys named in the error (typos in params.yaml fail loudly)."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{prefix}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    return cls(**values)
 
 
 def synth_stage(params: dict[str, Any], progress: bool = True) -> dict:

@@ -568,7 +568,8 @@ def evaluate_grounding_stage(
     pretrain, retrieval) on ``params.evaluate_grounding.test_files``: ``metrics.json``, ``results.json``
     (one entry per expression) and ``examples/*.png`` (heat maps per word) in ``out_dir``. Under torchrun
     the ranks share the expressions and rank 0 writes."""
-    from albef.data.stages import build_dataclass, section
+    from albef.config import build_dataclass
+    from albef.data.stages import section
     from albef.train.distributed import cleanup_distributed, init_distributed
 
     cfg = build_dataclass(GroundingEvalConfig, section(params, "evaluate_grounding"), "evaluate_grounding")

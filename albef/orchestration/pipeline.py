@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from albef.config import ConfigError
+from albef.sections import section_reader
 
 # flow name -> the DVC stages it runs (patterns), in pipeline order. A dvc.yaml stage no pattern names runs
 # with the flow of the next stage that is named (it is that stage's prerequisite), so no stage is skipped.
@@ -124,73 +125,6 @@ def select_stages(project: str | Path, requested: list[str] | None = None) -> li
 # ---------------------------------------------------------------------------------------------- overrides
 
 
-def _strip(values: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in keys}
-
-
-def _section_validator(name: str) -> Callable[[dict[str, Any]], Any] | None:
-    """The typed loader a stage applies to section ``name`` (None: the section has no typed config, so only
-    keys already in params.yaml may be set)."""
-    from albef.data.stages import build_dataclass
-
-    if name == "synth":
-        from albef.data.synth import SynthConfig
-
-        return lambda p: build_dataclass(SynthConfig, _strip(p["synth"], "out"), "synth")
-    if name == "preprocess":
-        from albef.data.preprocess import PreprocessConfig
-
-        return lambda p: build_dataclass(PreprocessConfig, _strip(p["preprocess"], "metrics"), "preprocess")
-    if name == "model":
-        from albef.config import ModelConfig
-
-        return lambda p: ModelConfig.from_dict(p["model"], prefix="model")
-    if name == "unimodal":
-        from albef.train.unimodal import UnimodalConfig
-
-        return lambda p: build_dataclass(UnimodalConfig, p["unimodal"], "unimodal")
-    # read as they are by albef.train.stages (grounding finetuning is retrieval training on other data)
-    if name in ("pretrain", "finetune_retrieval", "finetune_grounding"):
-        from albef.train.stages import split_train_section
-
-        return lambda p: split_train_section(p[name], name)
-    if name == "evaluate":
-        from albef.train.stages import EvaluateConfig
-
-        return lambda p: build_dataclass(EvaluateConfig, p["evaluate"], "evaluate")
-    if name == "evaluate_grounding":
-        from albef.eval.grounding import GroundingEvalConfig
-
-        return lambda p: build_dataclass(GroundingEvalConfig, p[name], name)
-    if name == "mlflow" or name == "register" or name.startswith("register_"):
-        try:  # the tracking sections' loaders (albef.tracking) where that package is present
-            from albef.tracking import config as tracking
-        except ImportError:
-            return None
-        if name == "mlflow":
-            return tracking.tracking_config
-        task = {section: task for task, section in tracking.REGISTER_SECTIONS.items()}.get(name)
-        return None if task is None else lambda p: tracking.register_config(p, task)
-    if name in ("finetune_vqa", "evaluate_vqa"):  # read as albef.train.vqa reads them
-        from albef.train import vqa
-
-        read = vqa.vqa_train_settings if name == "finetune_vqa" else vqa.vqa_eval_settings
-        return lambda p: read(p, name)
-    from albef.train.classify import EVAL_SECTIONS, TRAIN_SECTIONS
-
-    train_task = {section: task for task, section in TRAIN_SECTIONS.items()}.get(name)
-    if train_task is not None:
-        from albef.train.classify import classifier_train_settings
-
-        return lambda p: classifier_train_settings(p, train_task)
-    eval_task = {section: task for task, section in EVAL_SECTIONS.items()}.get(name)
-    if eval_task is not None:
-        from albef.train.classify import classifier_eval_settings
-
-        return lambda p: classifier_eval_settings(p, eval_task)
-    return None
-
-
 def _flatten(overrides: Mapping[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
     """``{"pretrain.epochs": 2}`` and ``{"pretrain": {"epochs": 2}}`` -> ``[(("pretrain", "epochs"), 2)]``.
 
@@ -251,7 +185,7 @@ def merge_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None)
             )
         if len(path) == 1:
             raise PlanError(f"override {key!r}: name a key inside the section, e.g. {key}.<key>")
-        typed = _section_validator(section_name) is not None
+        typed = section_reader(section_name) is not None
         node = merged
         for depth, part in enumerate(path[:-1]):
             child = node.get(part, _MISSING)
@@ -270,7 +204,7 @@ def merge_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None)
             result.changes.append((path, None if old is _MISSING else old, value))
         touched.setdefault(section_name, []).append(key)
     for section_name, keys in touched.items():
-        validator = _section_validator(section_name)
+        validator = section_reader(section_name)
         if validator is None:
             continue
         try:

@@ -26,15 +26,19 @@ from typing import Any
 import mlflow.pyfunc
 
 from albef.serving.pyfunc import (
+    DEFAULT_LIMITS,
     MODEL_ARTIFACT,
+    InputLimits,
     InvalidModelInput,
     _bad_input,
     _present,
     as_table,
+    check_text_cell,
     decode_image,
     example_png,
     log_albef_model,
     log_retrieval_model,
+    without_limits,
 )
 
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -45,7 +49,7 @@ TASK_COLUMNS: dict[str, tuple[str, ...]] = {
 IMAGE_COLUMNS = ("image", "left_image", "right_image")
 
 
-def read_rows(frame, columns: tuple[str, ...]) -> dict[str, list]:
+def read_rows(frame, columns: tuple[str, ...], limits: InputLimits = DEFAULT_LIMITS) -> dict[str, list]:
     """Per column, its values (images decoded); an empty request or an empty cell is InvalidModelInput."""
     frame = as_table(frame, columns)
     if len(frame) == 0:
@@ -58,12 +62,10 @@ def read_rows(frame, columns: tuple[str, ...]) -> dict[str, list]:
                 raise InvalidModelInput(
                     f"row {row}, column {column!r}: empty; every row needs {list(columns)}"
                 )
-            if column not in IMAGE_COLUMNS and not isinstance(value, str):
-                raise InvalidModelInput(
-                    f"row {row}, column {column!r}: expected text, got {type(value).__name__}"
-                )
+            if column not in IMAGE_COLUMNS:
+                check_text_cell(value, row, column, limits)
         if column in IMAGE_COLUMNS:
-            values = [decode_image(v, row, column) for row, v in enumerate(values)]
+            values = [decode_image(v, row, column, limits) for row, v in enumerate(values)]
         out[column] = values
     return out
 
@@ -77,13 +79,16 @@ class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
         from albef.serving.predict import PREDICTORS
 
         settings = dict(context.model_config or {})
-        self.predictor = PREDICTORS[self.task](Path(context.artifacts[MODEL_ARTIFACT]), **settings)
+        self.limits = InputLimits.from_config(settings)
+        self.predictor = PREDICTORS[self.task](
+            Path(context.artifacts[MODEL_ARTIFACT]), **without_limits(settings)
+        )
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         from albef.serving.predict import BadInput
 
         try:
-            return self.answer(read_rows(model_input, TASK_COLUMNS[self.task]))
+            return self.answer(read_rows(model_input, TASK_COLUMNS[self.task], self.limits))
         except (InvalidModelInput, BadInput) as exc:
             raise _bad_input(str(exc)) from exc
 
@@ -159,7 +164,7 @@ def _check_task(task: str) -> str:
 def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
     """The pyfunc's settings for ``task``: those of its evaluation section in ``params`` (``evaluate``,
     ``evaluate_vqa``, ``evaluate_<task>``), so the registered model answers as it was evaluated."""
-    from albef.data.stages import build_dataclass
+    from albef.config import build_dataclass
 
     if task in ("retrieval", "grounding"):  # the grounding model is a retrieval model: its pyfunc ranks pairs
         return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}

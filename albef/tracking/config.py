@@ -196,7 +196,7 @@ def validate_alias(alias: str, source: str = "alias") -> str:
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
-    from albef.data.stages import build_dataclass
+    from albef.config import build_dataclass
 
     if values is None:
         values = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from albef.data.stages import section
+from albef.sections import check_sections
 from albef.tracking.provenance import data_version
 from albef.tracking.run import StageRun, stage_run
 
@@ -43,6 +44,7 @@ def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool =
     """``pretrain`` / ``finetune_<task>`` with its MLflow run."""
     from albef.train.stages import finetune_stage, pretrain_stage
 
+    check_sections(params, (name, "model"))  # a bad value fails here, before any MLflow run is opened
     values = section(params, name)
     tags = _provenance_tags([values.get("data_dir", "data/processed"), values.get("init")])
     with stage_run(params, name, tags=tags) as run:
@@ -110,6 +112,7 @@ def tracked_evaluate(
     # Under DVC the stage name tells zero-shot from finetuned evaluation; elsewhere the output folder does.
     name = os.environ.get("DVC_STAGE") or f"evaluate_{Path(out_dir).name}"
     settings_name = evaluate_section(task)
+    check_sections(params, (settings_name,))  # before any MLflow run is opened
     evaluate = section(params, settings_name)
     tags = {
         **_provenance_tags([evaluate.get("data_dir", "data/processed"), str(model_dir)]),
@@ -163,6 +166,7 @@ def tracked_unimodal(params: dict[str, Any], progress: bool = True) -> dict[str,
     """The unimodal warm start with its MLflow run: held-out label and MLM figures."""
     from albef.train.unimodal import unimodal_stage
 
+    check_sections(params, ("unimodal", "model"))  # before any MLflow run is opened
     values = section(params, "unimodal")
     tags = _provenance_tags([values.get("data_dir", "data/processed")])
     with stage_run(params, "unimodal", tags=tags, log_params={"unimodal": values}) as run:

@@ -38,7 +38,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,7 +49,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from albef.config import ConfigError, LossSwitches
+from albef.config import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    LossSwitches,
+    check_range,
+)
 from albef.device import PRECISIONS, autocast, resolve_precision
 from albef.io import atomic_write_text
 from albef.models.components import RandomChoices
@@ -76,18 +84,23 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Settings of one training run (a ``pretrain:`` or ``finetune_*:`` section of ``params.yaml``)."""
 
-    epochs: int = 1
-    batch_size: int = 32  # per process; the global batch is batch_size x processes (x grad_accum per step)
-    grad_accum: int = 1  # micro-batches per optimisation step
-    lr: float = 1e-4
-    weight_decay: float = 0.02
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup_epochs: int = 1  # warm-up stairs of `warmup_stair` steps within epoch 0 (the official scheme)
-    warmup_stair: int = 100
-    alpha: float = 0.4  # distillation weight, ramped up over `alpha_ramp_epochs`
-    alpha_ramp_epochs: float = 1.0
-    grad_clip: float | None = None  # max global grad norm; the official code does not clip
+    epochs: int = field(default=1, metadata=AT_LEAST_ONE)
+    # per process; the global batch is batch_size x processes (x grad_accum per step)
+    batch_size: int = field(default=32, metadata=AT_LEAST_ONE)
+    grad_accum: int = field(default=1, metadata=AT_LEAST_ONE)  # micro-batches per optimisation step
+    lr: float = field(default=1e-4, metadata=POSITIVE)
+    weight_decay: float = field(default=0.02, metadata=NON_NEGATIVE)
+    warmup_lr: float = field(default=1e-5, metadata=NON_NEGATIVE)  # <= lr
+    min_lr: float = field(default=1e-6, metadata=NON_NEGATIVE)  # <= lr: the cosine ends here
+    # warm-up stairs of `warmup_stair` steps within epoch 0 (the official scheme)
+    warmup_epochs: int = field(default=1, metadata=NON_NEGATIVE)
+    warmup_stair: int = field(default=100, metadata=AT_LEAST_ONE)
+    alpha: float = field(
+        default=0.4, metadata=FRACTION
+    )  # distillation weight, ramped up over `alpha_ramp_epochs`
+    alpha_ramp_epochs: float = field(default=1.0, metadata=NON_NEGATIVE)
+    # max global grad norm; the official code does not clip
+    grad_clip: float | None = field(default=None, metadata=POSITIVE)
     seed: int = 42
     precision: str = (
         "auto"  # auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | fp32 | bf16 | fp16
@@ -95,33 +108,37 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N: where this process computes (albef.device)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (a GPU speed-up; checked before any work)
-    num_workers: int = 2
-    prefetch_factor: int = 2  # batches each worker loads ahead (with num_workers > 0)
-    checkpoint_every: int = 0  # steps between checkpoints (0: at epoch ends only)
-    keep_checkpoints: int = 2
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
+    # batches each worker loads ahead (with num_workers > 0)
+    prefetch_factor: int = field(default=2, metadata=AT_LEAST_ONE)
+    # steps between checkpoints (0: at epoch ends only)
+    checkpoint_every: int = field(default=0, metadata=NON_NEGATIVE)
+    keep_checkpoints: int = field(default=2, metadata=NON_NEGATIVE)
     resume: str = "auto"  # auto: newest matching checkpoint | never | path to a checkpoint file
-    log_every: int = 10  # steps between log rows
-    validate_every: int = 1  # epochs between validations (0: never)
+    log_every: int = field(default=10, metadata=AT_LEAST_ONE)  # steps between log rows
+    validate_every: int = field(default=1, metadata=NON_NEGATIVE)  # epochs between validations (0: never)
     select_metric: str | None = None  # export the weights with the best value of this validation metric
-    max_steps: int = 0  # stop after this many steps (0: all epochs), for smoke runs
+    max_steps: int = field(default=0, metadata=NON_NEGATIVE)  # stop after this many steps (0: all epochs)
     # which loss terms the forward computes (flat keys of the section: itc, mod_itc, ... / mod); the stage hands
     # them to the model (``use_losses``), and they are part of the run's fingerprint like every field here
     losses: LossSwitches = field(default_factory=LossSwitches)
 
     def __post_init__(self) -> None:
+        # Each field's own range is checked where params.yaml is read (build_dataclass: the error names the
+        # section and key); here, what a direct construction must hold too and what relates two fields.
         problems = []
-        for name in ("epochs", "batch_size", "grad_accum", "warmup_stair", "log_every", "prefetch_factor"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_epochs", "num_workers", "checkpoint_every", "keep_checkpoints", "max_steps"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive (got {self.lr})")
+        for f in fields(self):
+            try:
+                check_range(getattr(self, f.name), f, f.name)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        for name in ("min_lr", "warmup_lr"):
+            if getattr(self, name) > self.lr:
+                problems.append(f"{name} ({getattr(self, name)}) must be <= lr ({self.lr})")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
         if problems:
-            raise ConfigError("training settings: " + "; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that change the numbers a run produces (not logging, workers or checkpointing)."""

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,14 @@ from albef.checkpoint import (
     save_pretrained,
 )
 from albef.config import (
+    AT_LEAST_ONE,
     FINETUNE_LOSS_KEYS,
+    NON_NEGATIVE,
     PRETRAIN_LOSS_KEYS,
     ConfigError,
     LossSwitches,
     ModelConfig,
+    build_dataclass,
 )
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
@@ -65,12 +68,12 @@ class TrainStageConfig:
     run_dir: str = "runs/pretrain"  # checkpoints and logs; kept between runs so interrupted runs resume
     metrics: str | None = None  # a JSON for DVC
     plots: str | None = None  # a folder for loss/validation curves (CSV for DVC plots, PNG)
-    max_tokens: int = 30
+    max_tokens: int = field(default=30, metadata=AT_LEAST_ONE)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: bool = True  # the official flips; captions with "left"/"right" then lie half the time
     augment: bool = True  # RandomAugment(2, 7)
-    k_test: int = 16  # ITM re-ranking depth in validation
-    eval_batch_size: int = 64
+    k_test: int = field(default=16, metadata=AT_LEAST_ONE)  # ITM re-ranking depth in validation
+    eval_batch_size: int = field(default=64, metadata=AT_LEAST_ONE)
 
 
 @dataclass
@@ -80,15 +83,16 @@ class EvaluateConfig:
     data_dir: str = "data/processed"
     test_file: str = "retrieval_test.json"
     tokenizer: str | None = None  # default: the tokenizer saved with the model, else <data_dir>/tokenizer
-    k_test: int = 16  # the official uses 256 on COCO/Flickr30K; candidates per query re-ranked by ITM
-    max_tokens: int = 30
-    image_batch: int = 64
-    pair_batch: int = 256
-    num_workers: int = 2
+    # the official uses 256 on COCO/Flickr30K; candidates per query re-ranked by ITM
+    k_test: int = field(default=16, metadata=AT_LEAST_ONE)
+    max_tokens: int = field(default=30, metadata=AT_LEAST_ONE)
+    image_batch: int = field(default=64, metadata=AT_LEAST_ONE)
+    pair_batch: int = field(default=256, metadata=AT_LEAST_ONE)
+    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     precision: str = "auto"
-    examples: int = 4  # example queries drawn in examples.png
-    top: int = 10  # results kept per query in rankings.json
+    examples: int = field(default=4, metadata=NON_NEGATIVE)  # example queries drawn in examples.png
+    top: int = field(default=10, metadata=AT_LEAST_ONE)  # results kept per query in rankings.json
 
     def __post_init__(self) -> None:
         check_device(self.device, "evaluate.device")
@@ -137,13 +141,10 @@ def split_train_section(
             raise ConfigError(
                 f"{name}.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {scale}"
             )
-        stage_values["crop_scale"] = (float(scale[0]), float(scale[1]))
-    try:
-        train = TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_KEYS}, losses=losses)
-    except ConfigError as exc:
-        raise ConfigError(f"{name}: {exc}") from exc
+    train_values = {k: v for k, v in values.items() if k in _TRAIN_KEYS}
+    train = build_dataclass(TrainConfig, {**train_values, "losses": losses}, name)
     check_device(train.device, f"{name}.device")
-    return TrainStageConfig(**stage_values), train
+    return build_dataclass(TrainStageConfig, stage_values, name), train
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -502,7 +503,6 @@ def evaluate_stage(
     ITC-only for comparison), per-query rankings and a PNG of example queries in ``out_dir``."""
     from albef.checkpoint import load_pretrained
     from albef.data import datasets as ds
-    from albef.data.stages import build_dataclass
     from albef.data.transforms import eval_transform
     from albef.eval.retrieval import evaluate_retrieval, plot_examples, rankings
 

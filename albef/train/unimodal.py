@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from albef.config import ConfigError, ModelConfig
+from albef.config import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    ModelConfig,
+    build_dataclass,
+    in_range,
+)
 from albef.data.datasets import image_source
-from albef.data.stages import build_dataclass, section
+from albef.data.stages import section
 from albef.data.transforms import eval_transform
 from albef.device import check_device, resolve_device
 from albef.models.components import MaskSpec, RandomChoices
@@ -56,15 +64,15 @@ class UnimodalConfig:
     text_file: str = "pretrain.json"
     out: str = "models/unimodal"
     metrics: str = "metrics/unimodal.json"
-    vision_steps: int = 500
-    text_steps: int = 500
-    batch_size: int = 64
-    vision_lr: float = 1.0e-3
-    text_lr: float = 5.0e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    mask_probability: float = 0.15
-    max_tokens: int = 30
+    vision_steps: int = field(default=500, metadata=NON_NEGATIVE)
+    text_steps: int = field(default=500, metadata=NON_NEGATIVE)
+    batch_size: int = field(default=64, metadata=AT_LEAST_ONE)
+    vision_lr: float = field(default=1.0e-3, metadata=POSITIVE)
+    text_lr: float = field(default=5.0e-4, metadata=POSITIVE)
+    warmup_steps: int = field(default=50, metadata=NON_NEGATIVE)
+    weight_decay: float = field(default=0.05, metadata=NON_NEGATIVE)
+    mask_probability: float = field(default=0.15, metadata=in_range(0, 1, low_open=True))
+    max_tokens: int = field(default=30, metadata=AT_LEAST_ONE)
     heldout_fraction: float = 0.1  # images / captions kept out of training to measure what was learnt
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device); the draws are the same on every device

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from albef.config import ConfigError
-from albef.data.stages import build_dataclass, section
+from albef.config import ConfigError, build_dataclass
+from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.train.distributed import cleanup_distributed, init_distributed
 from albef.train.engine import Trainer, fingerprint
