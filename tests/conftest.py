@@ -456,11 +456,11 @@ from prefect_harness import (  # noqa: E402, F401
 
 # Parallel runs: the README's test command runs `pytest -n auto` (pytest-xdist). A worker takes a whole module at
 # a time, so module fixtures are built once, and the modules that use the Prefect harness go to one worker
-# together (one Prefect server and one full_pipeline run for all of them). The longest go first: the Prefect
-# modules, then the whole-pipeline `dvc repro` (test_dvc), then the rest in collection order. (xdist's own
-# `--dist loadgroup` is not used: with pytest 9 it groups nothing, the group suffix it writes to `item._nodeid`
-# is no longer read.)
-PREFECT_HARNESS_MODULES = ("test_prefect_flows.py", "test_ui_browser.py")
+# together, in the order listed (one Prefect server and one full_pipeline run for all of them; test_dvc_pipeline
+# last, as its DVC experiment changes the checkout). The longest go first: the Prefect modules, then the data and
+# remote tests of DVC, then the rest in collection order. (xdist's own `--dist loadgroup` is not used: with
+# pytest 9 it groups nothing, the group suffix it writes to `item._nodeid` is no longer read.)
+PREFECT_HARNESS_MODULES = ("test_prefect_flows.py", "test_ui_browser.py", "test_dvc_pipeline.py")
 LONGEST_FIRST = ("prefect-harness", "test_dvc.py")
 
 
@@ -490,9 +490,10 @@ def pytest_collection_modifyitems(config, items):
             "(else each xdist worker starts a Prefect server and a full_pipeline run of its own)"
         )
 
-    def rank(item) -> int:
-        scope = xdist_scope(item.nodeid)
-        name = scope if scope in LONGEST_FIRST else scope.rsplit("/", 1)[-1]
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    def rank(item) -> tuple[int, int]:
+        module = item.path.name
+        if module in PREFECT_HARNESS_MODULES:
+            return 0, PREFECT_HARNESS_MODULES.index(module)
+        return (LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)), 0
 
     items.sort(key=rank)
