@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,29 @@ def _run_in_process(argv: list[str], work: Path) -> int:
         os.chdir(here)
 
 
+def run_stage(name: str, cmd: str, work: Path, log_path: Path, in_process: bool = False) -> int:
+    """The albef command ``cmd`` of dvc.yaml's stage ``name``, run from ``work`` as ``python -m albef`` with its
+    output in ``log_path`` (or in this interpreter, ``in_process``); its exit code."""
+    argv = shlex.split(cmd)
+    if argv[0] != "albef":
+        raise SystemExit(f"{name}: expected an albef command, got {cmd!r}")
+    if in_process:
+        return _run_in_process(argv[1:], work)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        return subprocess.run(
+            [sys.executable, "-m", "albef", *argv[1:]],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        ).returncode
+
+
 def run(args: argparse.Namespace) -> int:
     params = read_params(REPO / "params.yaml")
     if args.profile != "none":
@@ -93,10 +117,6 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (work / "logs").mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
 
     stages = [
         s
@@ -107,22 +127,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     started = time.perf_counter()
     for i, (name, cmd, metric_files) in enumerate(stages, 1):
-        argv = shlex.split(cmd)
-        if argv[0] != "albef":
-            raise SystemExit(f"{name}: expected an albef command, got {cmd!r}")
         log_path = work / "logs" / f"{name}.log"
         t0 = time.perf_counter()
-        if args.in_process:
-            returncode = _run_in_process(argv[1:], work)
-        else:
-            with open(log_path, "w") as log:
-                returncode = subprocess.run(
-                    [sys.executable, "-m", "albef", *argv[1:]],
-                    cwd=work,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                ).returncode
+        returncode = run_stage(name, cmd, work, log_path, args.in_process)
         seconds = time.perf_counter() - t0
         if returncode != 0:
             tail = log_path.read_text().splitlines()[-30:] if log_path.is_file() else []
@@ -135,20 +142,52 @@ def run(args: argparse.Namespace) -> int:
                 results.update(headline(json.loads(path.read_text())))
         rows.append({"stage": name, "seconds": round(seconds, 1), "metrics": results})
         if args.json:  # after every stage: a run stopped by a time limit still leaves what it did
-            _write(args.json, args.profile, rows, time.perf_counter() - started, work, finished=False)
+            _write(args, rows, time.perf_counter() - started, work, finished=False)
         shown = ", ".join(f"{k} {v:g}" for k, v in results.items())
         print(f"[{i}/{len(stages)}] {name:<28} {seconds:7.1f} s  {shown}", flush=True)
     total = time.perf_counter() - started
     print(f"whole pipeline: {total:.1f} s ({total / 60:.1f} min)", flush=True)
     if args.json:
-        _write(args.json, args.profile, rows, total, work, finished=True)
+        _write(args, rows, total, work, finished=True)
     return 0
 
 
-def _write(path: str, profile: str, rows: list, seconds: float, work: Path, finished: bool) -> None:
-    payload = {"profile": profile, "finished": finished, "seconds": round(seconds, 1), "stages": rows}
-    payload["work"] = str(work)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+def _write(args: argparse.Namespace, rows: list, seconds: float, work: Path, finished: bool) -> None:
+    """The run's record: what ran where and when, each stage's time and headline metrics, and (once finished)
+    every task's row of ``albef report``; benchmarks/readme_results.py renders the README's figures from it."""
+    from dataclasses import asdict
+
+    from albef.report import TASKS, summarise
+
+    payload = {
+        "profile": args.profile,
+        "finished": finished,
+        "seconds": round(seconds, 1),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": _machine(),
+        "command": "python benchmarks/pipeline_run.py " + " ".join(shlex.quote(a) for a in args.argv),
+        "commit": _commit(),
+        "stages": rows,
+        "tasks": [asdict(row) for row in summarise(work)] if finished else [],
+        # each task's metrics file as the evaluation wrote it (what the README's targets are checked against)
+        "task_metrics": {
+            t.name: json.loads((work / t.metrics).read_text()) for t in TASKS if (work / t.metrics).is_file()
+        },
+        "work": str(work),
+    }
+    Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def _commit() -> str | None:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run every stage in this interpreter instead of one process per stage (faster; for smoke runs)",
     )
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run(args)
 
 
 if __name__ == "__main__":
