@@ -1,0 +1,88 @@
+"""The README's figures for the embedded default are the rendering of a measured run's record
+(benchmarks/readme_results.py over benchmarks/results/embedded-default.json), and the targets are judged right."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import readme_results  # noqa: E402
+
+RECORD = REPO / "benchmarks" / "results" / "embedded-default.json"
+
+
+def test_the_readme_block_is_the_rendering_of_the_committed_record():
+    record = json.loads(RECORD.read_text())
+    assert record["finished"] and record["profile"] == "none", (
+        "the README's figures come from a whole default run"
+    )
+    assert readme_results.readme_block(REPO / "README.md") == readme_results.render(record), (
+        "README.md's results block is stale: run benchmarks/readme_results.py "
+        "--record benchmarks/results/embedded-default.json --readme README.md"
+    )
+
+
+def _record(**metrics) -> dict:
+    tasks = [
+        {
+            "task": name,
+            "metric": "m",
+            "value": 1.0,
+            "baseline": None,
+            "baseline_name": "",
+            "champion": "",
+            "detail": "",
+        }
+        for name in metrics
+    ]
+    return {
+        "finished": True,
+        "profile": "none",
+        "date": "2026-12-05",
+        "machine": "2 CPU cores, no GPU",
+        "command": "python benchmarks/pipeline_run.py --profile none",
+        "commit": "abc1234",
+        "seconds": 1000.0,
+        "stages": [{"stage": "pretrain", "seconds": 183.2, "metrics": {"loss": 2.5}}],
+        "tasks": tasks,
+        "task_metrics": metrics,
+    }
+
+
+def test_targets_are_met_or_missed_as_issue_15_states_them():
+    target = readme_results._target
+    assert target("retrieval (finetuned)", {"txt_r1": 31.0, "img_r1": 20.0})[1] is True
+    assert target("retrieval (finetuned)", {"txt_r1": 31.0, "img_r1": 19.9})[1] is False
+    chance = {"txt": 0.2, "img": 0.2}
+    assert target("zero-shot retrieval", {"txt_r1": 2.0, "img_r1": 2.0, "chance_r1": chance})[1] is True
+    assert target("zero-shot retrieval", {"txt_r1": 2.0, "img_r1": 1.9, "chance_r1": chance})[1] is False
+    assert target("VQA", {"accuracy": 62.9, "question_only_accuracy": 47.8})[1] is True
+    assert target("VQA", {"accuracy": 62.7, "question_only_accuracy": 47.8})[1] is False
+    assert target("VQA", {"accuracy": 62.7})[1] is None  # no baseline: not judged
+    assert target("SNLI-VE", {"accuracy": 65.6, "hypothesis_only_accuracy": 71.9})[1] is False
+    assert target("SNLI-VE", {"accuracy": 61.0, "hypothesis_only_accuracy": 40.0})[1] is True
+    assert target("NLVR2", {"accuracy": 65.0})[1] is True
+    assert target("grounding (Grad-CAM)", {"accuracy": 17.2})[1] is False
+    assert target("NLVR2", None)[1] is None
+
+
+def test_the_rendering_shows_each_task_its_target_and_the_time_budget(tmp_path):
+    record = _record(**{"NLVR2": {"accuracy": 70.0}, "grounding (Grad-CAM)": {"accuracy": 12.0}})
+    block = readme_results.render(record)
+    assert "| NLVR2 | m | 1.0 () | - | ≥ 65 | yes |" in block
+    assert "| ≥ 30 | **no** |" in block
+    assert "Whole run: 16.7 min (1000 s; target ≤ 15 min: **no**)" in block
+    assert "| `pretrain` | 183 | loss 2.5 |" in block
+    assert "Measured 2026-12-05 on 2 CPU cores, no GPU, commit abc1234" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{readme_results.BEGIN}\nold\n{readme_results.END}\nb\n")
+    readme_results.write_readme(readme, block)
+    assert readme.read_text() == f"a\n{block}\nb\n" and readme_results.readme_block(readme) == block
+    with pytest.raises(SystemExit, match="unfinished"):
+        readme_results.render({**record, "finished": False})
