@@ -166,9 +166,14 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        if str(exc).startswith(prefix):
+        message = str(exc)
+        if message.startswith(prefix.split(".")[0]):  # already names its section (or this key of it)
             raise
-        raise ConfigError(f"{prefix}: {exc}") from exc
+        # a check naming the field by its place in the class ("gate.direction: ...") gets the section in front
+        last = prefix.rsplit(".", 1)[-1]
+        if message.startswith(f"{last}."):
+            raise ConfigError(f"{prefix}{message[len(last) :]}") from exc
+        raise ConfigError(f"{prefix}: {message}") from exc
     except (TypeError, ValueError) as exc:  # a check of the dataclass's own, or a missing required key
         raise ConfigError(f"{prefix}: {exc}") from exc
 

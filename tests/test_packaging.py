@@ -56,6 +56,7 @@ def _imports(folder: str) -> set[str]:
     files = list(root.rglob("*.py"))
     local = {p.name for p in REPO.iterdir() if p.is_dir() and any(p.glob("*.py"))}  # albef, flows, tests, ...
     local |= {p.stem for p in files}  # sibling modules: conftest, benchmarks' shared helpers
+    local |= {p.stem for p in (REPO / "benchmarks").glob("*.py")}  # the benchmarks tests import by name
     names: set[str] = set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
