@@ -62,36 +62,27 @@ FINETUNE_SECTIONS = (
 )
 TRAIN_SECTIONS = ("pretrain", "pretrain_nlvr", *FINETUNE_SECTIONS)
 
-# The rows of ALBEF Table 1, each the switches it sets (every row sets all of them, so rows do not depend on
-# params.yaml's values of the switches).
-ROWS: dict[str, tuple[str, dict[str, bool]]] = {
-    "mlm_itm": (
-        "MLM + ITM",
-        {
-            "itc": False,
-            "itm_hard_negatives": False,
-            "mod_itc": False,
-            "mod_mlm": False,
-            "finetune_mod": False,
-        },
-    ),
-    "itc": (
-        "+ ITC",
-        {"itc": True, "itm_hard_negatives": False, "mod_itc": False, "mod_mlm": False, "finetune_mod": False},
-    ),
-    "hard_neg": (
-        "+ ITM hard negatives",
-        {"itc": True, "itm_hard_negatives": True, "mod_itc": False, "mod_mlm": False, "finetune_mod": False},
-    ),
-    "mod_pretrain": (
-        "+ MoD in pretraining",
-        {"itc": True, "itm_hard_negatives": True, "mod_itc": True, "mod_mlm": True, "finetune_mod": False},
-    ),
-    "mod_finetune": (
-        "+ MoD in finetuning (full)",
-        {"itc": True, "itm_hard_negatives": True, "mod_itc": True, "mod_mlm": True, "finetune_mod": True},
-    ),
-}
+# The rows of ALBEF Table 1: each adds its switches to the row before, from everything off (MLM and ITM alone).
+_STEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("mlm_itm", "MLM + ITM", ()),
+    ("itc", "+ ITC", ("itc",)),
+    ("hard_neg", "+ ITM hard negatives", ("itm_hard_negatives",)),
+    ("mod_pretrain", "+ MoD in pretraining", ("mod_itc", "mod_mlm")),
+    ("mod_finetune", "+ MoD in finetuning (full)", ("finetune_mod",)),
+)
+
+
+def _rows() -> dict[str, tuple[str, dict[str, bool]]]:
+    """row -> (label, every switch's value): each row sets all of them, so rows do not depend on params.yaml."""
+    switches = dict.fromkeys(("itc", "itm_hard_negatives", "mod_itc", "mod_mlm", "finetune_mod"), False)
+    rows = {}
+    for name, label, added in _STEPS:
+        switches = {**switches, **dict.fromkeys(added, True)}
+        rows[name] = (label, switches)
+    return rows
+
+
+ROWS = _rows()
 
 # task -> (the dvc.yaml stages it runs after pretrain, its metrics: (column, file, key))
 TASKS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str, str], ...]]] = {
