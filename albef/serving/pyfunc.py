@@ -44,7 +44,7 @@ class InvalidModelInput(ValueError):
     """A request the model cannot answer; the message says which row and column."""
 
 
-def _bad_input(message: str):
+def bad_input(message: str):
     # MLflow's scoring server answers an MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with this
     # message; any other exception would be a 500 that hides it.
     from mlflow.exceptions import MlflowException
@@ -160,7 +160,7 @@ def check_text_cell(value: Any, row: int, column: str, limits: InputLimits) -> s
     return value
 
 
-def _present(value: Any) -> bool:
+def present(value: Any) -> bool:
     if value is None:
         return False
     if isinstance(value, float) and value != value:  # NaN: pandas' missing value
@@ -188,10 +188,10 @@ def split_input(frame, limits: InputLimits = DEFAULT_LIMITS) -> tuple[list[Any],
     """(images, texts) from the request table; missing columns and empty requests are InvalidModelInput."""
     frame = as_table(frame, COLUMNS)
     images = [
-        decode_image(v, i, "image", limits) for i, v in enumerate(frame["image"].tolist()) if _present(v)
+        decode_image(v, i, "image", limits) for i, v in enumerate(frame["image"].tolist()) if present(v)
     ]
     texts = [
-        check_text_cell(v, i, "text", limits) for i, v in enumerate(frame["text"].tolist()) if _present(v)
+        check_text_cell(v, i, "text", limits) for i, v in enumerate(frame["text"].tolist()) if present(v)
     ]
     if not images or not texts:
         raise InvalidModelInput(
@@ -222,7 +222,7 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
             images, texts = split_input(model_input, self.limits)
             texts = self.loaded.clean(texts, pre_caption, self.max_words)
         except (InvalidModelInput, BadInput) as exc:
-            raise _bad_input(str(exc)) from exc
+            raise bad_input(str(exc)) from exc
         return self.score(images, texts)
 
     def score(self, images: list, texts: list[str]) -> dict[str, list]:

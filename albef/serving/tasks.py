@@ -30,14 +30,14 @@ from albef.serving.pyfunc import (
     MODEL_ARTIFACT,
     InputLimits,
     InvalidModelInput,
-    _bad_input,
-    _present,
     as_table,
+    bad_input,
     check_text_cell,
     decode_image,
     example_png,
     log_albef_model,
     log_retrieval_model,
+    present,
     without_limits,
 )
 
@@ -58,7 +58,7 @@ def read_rows(frame, columns: tuple[str, ...], limits: InputLimits = DEFAULT_LIM
     for column in columns:
         values = frame[column].tolist()
         for row, value in enumerate(values):
-            if not _present(value):
+            if not present(value):
                 raise InvalidModelInput(
                     f"row {row}, column {column!r}: empty; every row needs {list(columns)}"
                 )
@@ -90,7 +90,7 @@ class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
         try:
             return self.answer(read_rows(model_input, TASK_COLUMNS[self.task], self.limits))
         except (InvalidModelInput, BadInput) as exc:
-            raise _bad_input(str(exc)) from exc
+            raise bad_input(str(exc)) from exc
 
     @abc.abstractmethod
     def answer(self, columns: dict[str, list]):
