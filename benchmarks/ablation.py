@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline_run import run_stage, stage_commands  # noqa: E402
+from readme_results import replace_block  # noqa: E402
 
 from albef.config import read_params  # noqa: E402
 from albef.profiles import apply_profile, load_profile  # noqa: E402
@@ -301,12 +302,7 @@ def readme_block(report: dict[str, Any]) -> str:
 
 
 def write_readme(readme: Path, report: dict[str, Any]) -> None:
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no ablation block ({README_BEGIN} ... {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(head + readme_block(report) + tail)
+    replace_block(readme, README_BEGIN, README_END, readme_block(report), "ablation")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,13 +96,19 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, block: str) -> None:
+def replace_block(readme: Path, begin: str, end: str, block: str, what: str) -> None:
+    """Put ``block`` in place of the text from ``begin`` to ``end`` in ``readme``; the README's other generated
+    blocks (benchmarks/ablation.py) are written the same way."""
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no results block ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {what} block ({begin} ... {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     readme.write_text(head + block + tail)
+
+
+def write_readme(readme: Path, block: str) -> None:
+    replace_block(readme, BEGIN, END, block, "results")
 
 
 def readme_block(readme: Path) -> str | None:
