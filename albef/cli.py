@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    from albef.checkpoint import CheckpointError
+    from albef.safe_load import CheckpointError  # torch-free: synth, preprocess, report start without the models
     from albef.config import ConfigError
 
     expected: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, ValueError)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,32 @@ def test_the_blocked_packages_are_hidden(bare_env):
 
 def test_albef_help_runs_without_the_pipeline_services(bare_env):
     run_bare(["-m", "albef", "--help"], bare_env)
+
+
+# The model libraries: a stage without a model must not pay for importing them (about 9 s a process on two cores,
+# once per stage and pipeline run).
+MODEL_LIBRARIES = ("torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors")
+
+
+def test_the_stages_without_a_model_run_without_the_model_libraries(tmp_path):
+    """``albef data synth`` and ``albef report`` (the summary stage) in an interpreter where torch, timm and
+    transformers cannot be imported at all."""
+    from conftest import TINY_SYNTH
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(blocked=(*BLOCKED, *MODEL_LIBRARIES)))
+    path = os.pathsep.join([str(folder), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path}
+    project = tmp_path / "project"
+    project.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["synth"].update(TINY_SYNTH)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run_bare(["-m", "albef", "data", "synth", "--params", "params.yaml", "--quiet"], env, cwd=project)
+    assert (project / "data" / "synth").is_dir()
+    table = run_bare(["-m", "albef", "report", "--out", "metrics/summary.json"], env, cwd=project)
+    assert "retrieval" in table and (project / "metrics" / "summary.json").is_file()
 
 
 def test_the_gpu_check_smoke_runs_every_part_without_the_pipeline_services(bare_env, tmp_path):
