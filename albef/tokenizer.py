@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from albef.config import TextConfig
+
+if TYPE_CHECKING:  # torch loads on first encoding: preprocessing (which only trains and saves vocabularies) needs none
+    import torch
 
 
 @dataclass
@@ -108,6 +109,8 @@ class ALBEFTokenizer:
             max_length=max_length + extra,
             padding=False,
         )["input_ids"]
+        import torch
+
         if not self.single_sentence_sep:
             sep = self.sep_token_id
             encoded = [ids[:-1] if ids and ids[-1] == sep else ids for ids in encoded]
@@ -120,7 +123,7 @@ class ALBEFTokenizer:
         return TokenBatch(input_ids, attention_mask)
 
     def decode(self, ids: torch.Tensor | list[int], skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
