@@ -501,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    from albef.safe_load import CheckpointError  # torch-free: synth, preprocess, report start without the models
+    # (both torch-free: synth, preprocess and report start without the models)
     from albef.config import ConfigError
+    from albef.safe_load import CheckpointError
 
     expected: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
     if args.command in ("data", "preprocess"):
