@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Literal
 
 from albef.config import TextConfig
 
-if TYPE_CHECKING:  # torch loads on first encoding: preprocessing (which only trains and saves vocabularies) needs none
+if (
+    TYPE_CHECKING
+):  # torch loads on first encoding: preprocessing (which only trains and saves vocabularies) needs none
     import torch
 
 
