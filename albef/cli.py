@@ -247,6 +247,26 @@ def _registry(args: argparse.Namespace) -> int:
         decision = registry.promote(args.version, force=args.force)
         print(f"{'promoted' if decision.promote else 'not promoted'}: {decision.reason}")
         return 0 if decision.promote else 1
+    elif args.registry_command == "fetch":
+        from albef.tracking.integrity import fetch_verified
+
+        if args.version:
+            version = registry.version(args.version).version
+        else:
+            holder = registry.holder(args.alias or cfg.champion_alias)
+            if holder is None:
+                print(
+                    f"{cfg.model_name}: no version holds {args.alias or cfg.champion_alias!r}",
+                    file=sys.stderr,
+                )
+                return 1
+            version = holder.version
+        folder = fetch_verified(registry.client, cfg.model_name, version, args.dst)
+        print(
+            f"{cfg.model_name} v{version}: every file matches its registration; in {folder}\n"
+            f"serve it with: MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve -m {folder} "
+            "--env-manager local"
+        )
     else:
         target = registry.rollback(args.to)
         print(f"{cfg.model_name}: {cfg.champion_alias} is now v{target}")
@@ -433,12 +453,13 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--out", help="also write the outcome as JSON here (for DVC)")
     reg.set_defaults(func=_register)
 
-    registry = sub.add_parser("registry", help="the MLflow model registry: list, promote, rollback")
+    registry = sub.add_parser("registry", help="the MLflow model registry: list, promote, rollback, fetch")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)
     for name, helptext in (
         ("list", "versions with their aliases, gate metric and promotion decision"),
         ("promote", "run the gate for a version against the champion (--force: skip the gate)"),
         ("rollback", "give the champion alias back to the previous champion (or --to N)"),
+        ("fetch", "download a version (default: the champion) and check every file against its registration"),
     ):
         cmd = registry_sub.add_parser(name, help=helptext)
         cmd.add_argument("--params", default="params.yaml")
@@ -456,6 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--force", action="store_true", help="promote without the gate")
         if name == "rollback":
             cmd.add_argument("--to", help="version to make champion (default: the previous champion)")
+        if name == "fetch":
+            which = cmd.add_mutually_exclusive_group()
+            which.add_argument("--version", help="the version to fetch")
+            which.add_argument(
+                "--alias", help="the alias whose version to fetch (default: the champion alias)"
+            )
+            cmd.add_argument("--dst", required=True, help="folder to download the checked model into")
         cmd.set_defaults(func=_registry)
 
     mlf = sub.add_parser("mlflow", help="MLflow tracking utilities")

@@ -1,10 +1,11 @@
-"""``mlflow models serve`` answering real HTTP requests for ``models:/albef-retrieval@champion``, and a
-tracking server whose artifact store is S3 (moto's server on loopback, a real HTTP endpoint)."""
+"""``mlflow models serve`` answering real HTTP requests for the champion that ``albef registry fetch`` checked,
+and a tracking server whose artifact store is S3 (moto's server on loopback, a real HTTP endpoint)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -43,6 +44,20 @@ def test_models_serve_answers_invocations_for_the_champion(
     }
     assert register_stage(params)["promoted"]
 
+    # the README's way: fetch the champion, every file checked against its registration, and serve that copy
+    # with MLflow's pickle loading off
+    env = mlflow_env(MLFLOW_TRACKING_URI=mlflow_server.url, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    (tmp_path / "params.yaml").write_text(json.dumps({"register": {"model_name": name}}))
+    served = tmp_path / "served"
+    fetched = subprocess.run(
+        [str(Path(sys.executable).parent / "albef"), "registry", "fetch", "--dst", str(served)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fetched.returncode == 0 and "every file matches its registration" in fetched.stdout, fetched.stderr
     port = free_port()
     server = ServiceProcess(
         [
@@ -50,7 +65,7 @@ def test_models_serve_answers_invocations_for_the_champion(
             "models",
             "serve",
             "-m",
-            f"models:/{name}@champion",
+            str(served),
             "--env-manager",
             "local",
             "--host",
@@ -60,7 +75,7 @@ def test_models_serve_answers_invocations_for_the_champion(
         ],
         f"http://127.0.0.1:{port}",
         tmp_path / "serve.log",
-        mlflow_env(MLFLOW_TRACKING_URI=mlflow_server.url),
+        env,
         ready="/ping",
     )
     try:

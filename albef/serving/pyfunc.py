@@ -25,6 +25,9 @@ import mlflow.pyfunc
 
 COLUMNS = ("image", "text")
 MODEL_ARTIFACT = "albef_model"
+MODEL_CODE = Path(__file__).with_name(
+    "model_code.py"
+)  # the file MLflow runs to build the pyfunc when loading
 _REQUIREMENTS = (
     "torch",
     "torchvision",
@@ -284,7 +287,6 @@ def pip_requirements() -> list[str]:
 def log_albef_model(
     model_dir: str | Path,
     task: str,
-    python_model: mlflow.pyfunc.PythonModel,
     columns: tuple[str, ...],
     input_example: Any,
     model_config: dict[str, Any],
@@ -293,9 +295,12 @@ def log_albef_model(
     **kwargs: Any,
 ):
     """Log the exported ``task`` model in ``model_dir`` (model.safetensors, config.json, tokenizer/ and the
-    ``required`` files) as the pyfunc ``python_model``, with a string signature of ``columns`` and an input
-    example; albef's source goes along, so the model loads with only the libraries of
-    :func:`pip_requirements` installed. Returns MLflow's ``ModelInfo``."""
+    ``required`` files) as a pyfunc, with a string signature of ``columns`` and an input example; albef's
+    source goes along, so the model loads with only the libraries of :func:`pip_requirements` installed.
+
+    Logged as code (:data:`MODEL_CODE`, MLflow's "models from code"), not as a pickled ``python_model``:
+    loading it runs no pickle, so a file swapped in the artifact store cannot smuggle in code that way.
+    Returns MLflow's ``ModelInfo``."""
     import albef
     from albef.checkpoint import read_config
 
@@ -308,7 +313,7 @@ def log_albef_model(
             raise FileNotFoundError(f"{model_dir / needed} not found: export the model with its {needed}")
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=python_model,
+        python_model=str(MODEL_CODE),
         artifacts={MODEL_ARTIFACT: str(model_dir)},
         code_paths=[str(Path(albef.__file__).parent)],
         signature=string_signature(columns),
@@ -325,7 +330,6 @@ def log_retrieval_model(model_dir: str | Path, name: str = "model", max_tokens: 
     return log_albef_model(
         model_dir,
         "retrieval",
-        RetrievalModel(),
         COLUMNS,
         example_input(),
         {"max_tokens": max_tokens},

@@ -30,6 +30,7 @@ from albef.serving.pyfunc import (
     MODEL_ARTIFACT,
     InputLimits,
     InvalidModelInput,
+    RetrievalModel,
     as_table,
     bad_input,
     check_text_cell,
@@ -138,6 +139,24 @@ class NLVRModel(ClassifierModel):
 
 
 MODELS: dict[str, type[TaskModel]] = {"vqa": VQAModel, "ve": VEModel, "nlvr": NLVRModel}
+
+
+class ServedModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc every registered albef model is (set by :mod:`albef.serving.model_code`): when it loads, it
+    becomes the pyfunc of the task its exported model holds (``config.json`` of the ``albef_model``
+    artifact: retrieval, which grounding models are too, VQA, SNLI-VE or NLVR2)."""
+
+    def load_context(self, context) -> None:
+        from albef.checkpoint import read_config
+
+        task, _ = read_config(Path(context.artifacts[MODEL_ARTIFACT]))
+        self.model = RetrievalModel() if task == "retrieval" else MODELS[_check_task(task)]()
+        self.model.load_context(context)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
+        return self.model.predict(context, model_input, params)
+
+
 _EXAMPLE_TEXT = {
     "question": "what color is the square",
     "hypothesis": "there is a red square",
@@ -189,8 +208,7 @@ def log_task_model(task: str, model_dir: str | Path, name: str = "model", **sett
 
     return log_albef_model(
         model_dir,
-        task,
-        MODELS[_check_task(task)](),
+        _check_task(task),
         TASK_COLUMNS[task],
         example_input(task),
         settings,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from albef.tracking.config import register_config, tracking_config
+from albef.tracking.integrity import MANIFEST_TAG, seal
 from albef.tracking.provenance import git_state
 from albef.tracking.redact import redact_uri
 from albef.tracking.registry import Registry, RegistryError, gate_metric, read_metrics
@@ -59,7 +60,9 @@ def register_stage(
             )
         with _fluent_uri(uri), mlflow.start_run(run_id=run.run_id):
             info = log_task_model(task, cfg.model_dir, name="model", **settings)
+            sealed = seal(info.model_uri)  # what the artifact store now holds, checked before any later load
         tags = {
+            MANIFEST_TAG: sealed,
             "data_version": provenance["albef.data_version"],
             "git_commit": git.get("commit", "unknown"),
             "git_dirty": git.get("dirty", "unknown"),
