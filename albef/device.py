@@ -102,7 +102,7 @@ def resolve_precision(precision: str, device: torch.device, key: str = "precisio
     """The autocast dtype for ``precision`` on ``device`` (``None``: fp32, no autocast); a ConfigError naming
     ``key`` for a precision this device cannot run.
 
-    bf16 support is asked of the current CUDA device, the one :func:`albef.train.distributed.init_distributed`
+    bf16 support is asked of the current CUDA device, the one :func:`albef.distributed.init_distributed`
     selects; emulation does not count, so ``auto`` picks fp16 with a scaler on GPUs without native bf16."""
     check_precision(precision, key)
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):

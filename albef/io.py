@@ -68,3 +68,13 @@ def can_draw(path: str | Path) -> bool:
         return True
     logging.getLogger(__name__).warning("matplotlib is not installed: %s is not drawn", path)
     return False
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """``data`` as indented JSON with sorted keys (a metrics or summary file), written atomically; the folder is
+    made if needed."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

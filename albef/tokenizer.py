@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from albef.config import TextConfig
+from albef.config import ModelConfig, TextConfig
 
 if (
     TYPE_CHECKING
@@ -131,3 +131,14 @@ class ALBEFTokenizer:
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(directory))
+
+
+def load_tokenizer(path: str | Path, cfg: ModelConfig) -> ALBEFTokenizer:
+    """The tokenizer folder ``path`` for a model of config ``cfg`` (its single-sentence rule), checked against the
+    model's vocabulary and special ids; a missing folder is a FileNotFoundError saying how to make one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer not found: {path} (run the preprocess stage, or set tokenizer:)")
+    tok = ALBEFTokenizer.from_pretrained(path, single_sentence_sep=cfg.quirks.single_sentence_sep)
+    tok.check_compatible(cfg.text)
+    return tok

@@ -7,8 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Literal
 
-from albef.orchestration.pipeline import dvc_stages, stage_choices
-from albef.orchestration.workspace import MODES
+from albef.orchestration.pipeline import MODES, dvc_stages, stage_choices
 
 # The names `stages` accepts, read from the dvc.yaml beside flows/ (the checkout the deployments run in).
 STAGE_NAMES = tuple(stage_choices(dvc_stages(Path(__file__).resolve().parents[1])))

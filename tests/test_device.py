@@ -22,10 +22,10 @@ from conftest import TINY_MODEL
 from torch import nn
 
 import albef.device
+import albef.distributed
 import albef.eval.grounding
 import albef.serving.predict
 import albef.train.classify
-import albef.train.distributed
 import albef.train.stages
 import albef.train.unimodal
 import albef.train.vqa
@@ -106,11 +106,11 @@ def test_precision_follows_the_device(two_gpus, monkeypatch):
 def test_init_distributed_applies_the_rule_before_joining_anything(no_cuda, monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
-    assert albef.train.distributed.init_distributed("cpu", "x.device")[1] == torch.device("cpu")
+    assert albef.distributed.init_distributed("cpu", "x.device")[1] == torch.device("cpu")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # a process group would wait for a second rank: it must not start
     with pytest.raises(ConfigError, match=r"^finetune_ve\.device: 'cuda' was asked for"):
-        albef.train.distributed.init_distributed("cuda", "finetune_ve.device")
+        albef.distributed.init_distributed("cuda", "finetune_ve.device")
     assert not torch.distributed.is_initialized()
 
 

@@ -54,7 +54,7 @@ def test_queue_holds_every_ranks_features(tmp_path):
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from albef.train.distributed import gather_rows
+    from albef.distributed import gather_rows
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

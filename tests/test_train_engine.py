@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from albef.config import ConfigError
+from albef.distributed import WorldInfo
 from albef.train.checkpointing import list_checkpoints
-from albef.train.distributed import WorldInfo
 from albef.train.engine import CheckpointWriteError, TrainConfig, Trainer, TrainingDiverged
 from albef.train.stages import finetune_stage, pretrain_stage, split_train_section
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from albef.orchestration import workspace
-from albef.orchestration.pipeline import PlanError, apply_overrides
+from albef.orchestration.pipeline import PlanError, apply_overrides, choose_mode
 
 pytestmark = pytest.mark.slow
 
@@ -196,13 +196,13 @@ def test_the_stage_environment_points_at_the_checkouts_mlflow_store(checkout: Pa
 
 
 def test_modes_and_names():
-    assert workspace.choose_mode("auto", {"a.b": 1}) == "experiment"
-    assert workspace.choose_mode("auto", None) == "checkout"
-    assert workspace.choose_mode("experiment", None) == "experiment"
+    assert choose_mode("auto", {"a.b": 1}) == "experiment"
+    assert choose_mode("auto", None) == "checkout"
+    assert choose_mode("experiment", None) == "experiment"
     with pytest.raises(PlanError, match="never writes the checkout's params.yaml"):
-        workspace.choose_mode("checkout", {"a.b": 1})
+        choose_mode("checkout", {"a.b": 1})
     with pytest.raises(PlanError, match="workspace: expected one of auto, checkout, experiment"):
-        workspace.choose_mode("tmp", None)
+        choose_mode("tmp", None)
     name = workspace.experiment_name("crimson owl/1", "0f3e8a2c-1111-2222-3333-444455556666")
     assert name == "crimson-owl-1-0f3e8a2c"
 

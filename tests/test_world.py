@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from albef.train.distributed import WorldInfo, _first_slurm_host, init_distributed, world_info_from_env
+from albef.distributed import WorldInfo, _first_slurm_host, init_distributed, world_info_from_env
 
 
 def test_torchrun_slurm_and_single_process_environments():

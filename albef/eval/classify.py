@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from albef.device import autocast
-from albef.train.distributed import evaluation_share, gather_rows
+from albef.distributed import evaluation_share, gather_rows
 
 
 @dataclass

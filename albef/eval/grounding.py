@@ -306,7 +306,7 @@ def evaluate_grounding(
     """
     from tqdm import tqdm
 
-    from albef.train.distributed import evaluation_share, gather_objects
+    from albef.distributed import evaluation_share, gather_objects
 
     device = torch.device(device)
     layer = check_layer(model.cfg, cfg.layer, "evaluate_grounding.layer")
@@ -546,13 +546,13 @@ def explain(
     ``device`` (``--device``: auto, cpu, cuda or cuda:N)."""
     from albef.checkpoint import load_pretrained
     from albef.data.images import open_rgb
-    from albef.train.stages import _tokenizer
+    from albef.tokenizer import load_tokenizer
 
     placed = resolve_device(device, "--device")
     model = load_pretrained(model_dir).to(placed)
     layer = check_layer(model.cfg, layer, "--layer")
     tok_dir = tokenizer or Path(model_dir) / "tokenizer"
-    tok = _tokenizer(tok_dir, model.cfg)
+    tok = load_tokenizer(tok_dir, model.cfg)
     picture = open_rgb(Path(image))
     return explain_image(model, tok, picture, text, out, layer)
 
@@ -570,7 +570,7 @@ def evaluate_grounding_stage(
     the ranks share the expressions and rank 0 writes."""
     from albef.config import build_dataclass
     from albef.data.stages import section
-    from albef.train.distributed import cleanup_distributed, init_distributed
+    from albef.distributed import cleanup_distributed, init_distributed
 
     cfg = build_dataclass(GroundingEvalConfig, section(params, "evaluate_grounding"), "evaluate_grounding")
     world, device = init_distributed(cfg.device, "evaluate_grounding.device")
@@ -594,7 +594,8 @@ def _evaluate_and_write(
     from albef.checkpoint import load_pretrained, read_config
     from albef.data import datasets as ds
     from albef.data.transforms import eval_transform
-    from albef.train.stages import _tokenizer, _write_json
+    from albef.io import write_json
+    from albef.tokenizer import load_tokenizer
 
     task, _ = read_config(model_dir)
     model = load_pretrained(model_dir).to(device)
@@ -605,7 +606,7 @@ def _evaluate_and_write(
         if (Path(model_dir) / "tokenizer").exists()
         else Path(cfg.data_dir) / "tokenizer"
     )
-    tokenizer = _tokenizer(tok_dir, model.cfg)
+    tokenizer = load_tokenizer(tok_dir, model.cfg)
     data = Path(cfg.data_dir)
     assets = load_assets(data / cfg.assets)
     images = ds.image_source(cfg.data_dir)
@@ -618,7 +619,7 @@ def _evaluate_and_write(
         return metrics
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", {"results": results})
+    write_json(out / "results.json", {"results": results})
     drawn: list[Path] = []
     examples = pick_examples(results, cfg.examples) if can_draw(out / "examples") else []
     for n, r in enumerate(examples):
@@ -642,9 +643,9 @@ def _evaluate_and_write(
         drawn.append(path)
     if drawn:  # one sheet at a fixed path: a DVC plot, a Prefect artifact, an MLflow image
         stack_pngs(drawn, out / "examples.png")
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     if metrics_path:
-        _write_json(metrics_path, metrics)
+        write_json(metrics_path, metrics)
     log.info(
         "evaluate grounding %s: %s over %d expressions (%s skipped) in %.1f s",
         model_dir,

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from albef.data.datasets import RetrievalEvalDataset
 from albef.device import autocast
+from albef.distributed import evaluation_share, gather_rows
 from albef.io import atomic_write
 from albef.models.base import ContrastiveModel
 from albef.models.retrieval import itm_scores, text_features
 from albef.tokenizer import ALBEFTokenizer
-from albef.train.distributed import evaluation_share, gather_rows
 
 UNSCORED = -100.0  # the official fill value for pairs outside the top-k lists
 

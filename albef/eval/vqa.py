@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Subset
 
 from albef.data.vqa import tokenize_answers
 from albef.device import autocast
+from albef.distributed import evaluation_share, gather_objects
 from albef.eval.vqa_answers import normalize_answer
-from albef.train.distributed import evaluation_share, gather_objects
 
 
 def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:

@@ -28,9 +28,9 @@ from albef.models.base import check_text
 from albef.models.components import copy_to_momentum, momentum_update
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import (
+    MLMHeadContainer,
     Mode,
     TextEncoder,
-    _MLMHeadContainer,
     hf_bert_config,
     partial_init,
 )
@@ -73,7 +73,7 @@ class AnswerDecoder(nn.Module):
         dec = decoder_config(cfg)
         self.cfg = dec
         self.bert = TextEncoder(dec)
-        self.cls = _MLMHeadContainer(hf_bert_config(dec), self.bert.embeddings.word_embeddings)
+        self.cls = MLMHeadContainer(hf_bert_config(dec), self.bert.embeddings.word_embeddings)
         self.cls.predictions.transform.apply(partial_init(dec.text.initializer_range))
         nn.init.zeros_(self.cls.predictions.bias)
 

@@ -350,7 +350,7 @@ class MLMPredictionHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
-class _MLMHeadContainer(nn.Module):
+class MLMHeadContainer(nn.Module):
     """Holds ``predictions`` so keys read ``cls.predictions.*`` as in the official checkpoints."""
 
     def __init__(self, bert_cfg: BertConfig, word_embeddings: nn.Embedding):
@@ -365,7 +365,7 @@ class TextEncoderForMLM(nn.Module):
         super().__init__()
         self.bert = TextEncoder(cfg)
         bert_cfg = hf_bert_config(cfg)
-        self.cls = _MLMHeadContainer(bert_cfg, self.bert.embeddings.word_embeddings)
+        self.cls = MLMHeadContainer(bert_cfg, self.bert.embeddings.word_embeddings)
         init = partial_init(cfg.text.initializer_range)
         self.cls.predictions.transform.apply(init)
         nn.init.zeros_(self.cls.predictions.bias)

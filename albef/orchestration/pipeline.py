@@ -45,6 +45,25 @@ class PlanError(ConfigError):
     """A flow run asked for something the project does not have (a stage, a key, GPUs)."""
 
 
+MODES = ("auto", "checkout", "experiment")  # where a flow run works (albef.orchestration.workspace)
+
+
+def choose_mode(mode: str, overrides: Any) -> str:
+    """``auto``: an experiment workspace when there are overrides, else the checkout. ``checkout`` with
+    overrides is refused: a flow never writes the checkout's params.yaml."""
+    if mode not in MODES:
+        raise PlanError(f"workspace: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "experiment" if overrides else "checkout"
+    if mode == "checkout" and overrides:
+        raise PlanError(
+            "workspace='checkout' with overrides: a flow never writes the checkout's params.yaml (concurrent "
+            "runs would run with each other's settings); use workspace='experiment' (the default with "
+            "overrides), or edit and commit params.yaml and run without overrides"
+        )
+    return mode
+
+
 def dvc_stages(project: str | Path) -> list[str]:
     """The stage names ``dvc.yaml`` declares, in its order."""
     path = Path(project) / "dvc.yaml"
@@ -330,7 +349,6 @@ def prepare(
     """Every check a flow makes at its start, in order: stage names, GPUs, where it works, overrides
     (validated, not written: see :mod:`albef.orchestration.workspace`)."""
     from albef.config import read_params
-    from albef.orchestration.workspace import choose_mode
 
     project = Path(project).resolve()
     selected = select_stages(project, stages)

@@ -40,7 +40,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -51,7 +50,6 @@ WORKSPACES = Path(".dvc") / "tmp" / "albef-workspaces"
 _GIT_LOCK = Path(".dvc") / "tmp" / "albef-git.lock"  # worktree add/remove, dvc exp save
 _CHECKOUT_LOCK = Path(".dvc") / "tmp" / "albef-checkout.lock"  # a flow run working in the checkout
 _MARKER = Path(".dvc") / "tmp" / "albef-workspace.json"  # in a workspace: its checkout and experiment
-MODES = ("auto", "checkout", "experiment")
 
 
 @dataclass(frozen=True)
@@ -63,22 +61,6 @@ class Workspace:
     @property
     def isolated(self) -> bool:
         return self.experiment is not None
-
-
-def choose_mode(mode: str, overrides: Any) -> str:
-    """``auto``: an experiment workspace when there are overrides, else the checkout. ``checkout`` with
-    overrides is refused: a flow never writes the checkout's params.yaml."""
-    if mode not in MODES:
-        raise PlanError(f"workspace: expected one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "auto":
-        return "experiment" if overrides else "checkout"
-    if mode == "checkout" and overrides:
-        raise PlanError(
-            "workspace='checkout' with overrides: a flow never writes the checkout's params.yaml (concurrent "
-            "runs would run with each other's settings); use workspace='experiment' (the default with "
-            "overrides), or edit and commit params.yaml and run without overrides"
-        )
-    return mode
 
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")

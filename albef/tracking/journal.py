@@ -25,6 +25,7 @@ from typing import Any
 
 from albef.io import atomic_write_text
 from albef.tracking.redact import redact_text
+from albef.tracking.store import ensure_experiment, is_permanent
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,8 @@ PIPELINE_TAG = "albef.pipeline"
 STAGE_TAG = "albef.stage"
 KIND_TAG = "albef.kind"  # pipeline | stage
 PARENT_TAG = "mlflow.parentRunId"
-_PERMANENT = {
-    "INVALID_PARAMETER_VALUE",
-    "RESOURCE_ALREADY_EXISTS",
-    "RESOURCE_DOES_NOT_EXIST",
-    "BAD_REQUEST",
-    "INVALID_STATE",
-    "ENDPOINT_NOT_FOUND",
-    "PERMISSION_DENIED",
-    "UNAUTHENTICATED",
-}
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """True when retrying cannot help: the store answered and refused the call itself."""
-    from mlflow.exceptions import MlflowException
-
-    return isinstance(exc, MlflowException) and exc.error_code in _PERMANENT
 
 
 def now_ms() -> int:
@@ -227,8 +211,6 @@ class Deliverer:
     # -- calls --------------------------------------------------------------------------------------------
     def experiment_id(self, name: str, artifact_location: str | None = None) -> str:
         if name not in self._experiments:
-            from albef.tracking.store import ensure_experiment
-
             self._experiments[name] = ensure_experiment(self.client, self.uri, name, artifact_location)
         return self._experiments[name]
 

@@ -20,7 +20,7 @@ from albef.tracking.provenance import git_state
 from albef.tracking.redact import redact_uri
 from albef.tracking.registry import Registry, RegistryError, gate_metric, read_metrics
 from albef.tracking.run import stage_run
-from albef.tracking.stages import _provenance_tags
+from albef.tracking.stages import provenance_tags
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def register_stage(
     registry = Registry(cfg, uri)
     registry.evaluate_gate(value)  # so does an unusable champion
 
-    provenance = _provenance_tags([cfg.model_dir, cfg.metrics])
+    provenance = provenance_tags([cfg.model_dir, cfg.metrics])
     git = git_state()
     section = params.get(cfg.section) or {}
     with stage_run(params, cfg.section, tags=provenance, log_params={cfg.section: section}) as run:

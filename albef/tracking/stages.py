@@ -22,7 +22,7 @@ def _lock_file() -> Path:
     return Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock"
 
 
-def _provenance_tags(inputs: list[str | None]) -> dict[str, str]:
+def provenance_tags(inputs: list[str | None]) -> dict[str, str]:
     versions = data_version([i for i in inputs if i], _lock_file())
     return {
         "albef.data_version": versions.pop("version"),
@@ -46,7 +46,7 @@ def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool =
 
     check_sections(params, (name, "model"))  # a bad value fails here, before any MLflow run is opened
     values = section(params, name)
-    tags = _provenance_tags([values.get("data_dir", "data/processed"), values.get("init")])
+    tags = provenance_tags([values.get("data_dir", "data/processed"), values.get("init")])
     with stage_run(params, name, tags=tags) as run:
         if run is not None:
             run.log_dict(params, "params.json", "config")
@@ -115,7 +115,7 @@ def tracked_evaluate(
     check_sections(params, (settings_name,))  # before any MLflow run is opened
     evaluate = section(params, settings_name)
     tags = {
-        **_provenance_tags([evaluate.get("data_dir", "data/processed"), str(model_dir)]),
+        **provenance_tags([evaluate.get("data_dir", "data/processed"), str(model_dir)]),
         "albef.model_dir": str(model_dir),
         "albef.task": task,
     }
@@ -168,7 +168,7 @@ def tracked_unimodal(params: dict[str, Any], progress: bool = True) -> dict[str,
 
     check_sections(params, ("unimodal", "model"))  # before any MLflow run is opened
     values = section(params, "unimodal")
-    tags = _provenance_tags([values.get("data_dir", "data/processed")])
+    tags = provenance_tags([values.get("data_dir", "data/processed")])
     with stage_run(params, "unimodal", tags=tags, log_params={"unimodal": values}) as run:
         metrics = unimodal_stage(params, progress=progress)
         if run is not None:

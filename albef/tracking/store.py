@@ -44,6 +44,26 @@ def sqlite_file(uri: str) -> Path | None:
     return (Path.cwd() / path).resolve()
 
 
+# MLflow error codes of a store that answered and refused the call: retrying cannot help
+_PERMANENT = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "ENDPOINT_NOT_FOUND",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when retrying cannot help: the store answered and refused the call itself."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in _PERMANENT
+
+
 def ensure_experiment(
     client: Any,
     uri: str,
@@ -54,8 +74,6 @@ def ensure_experiment(
     """The id of experiment ``name`` (created when missing, restored when deleted). Without a configured
     ``artifact_location``, a sqlite store in ``project`` (default: the working directory) gets the portable
     location ``mlruns/<id>`` (see the module docstring)."""
-    from albef.tracking.journal import is_permanent
-
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:

@@ -35,18 +35,18 @@ import torch
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
-from albef.train.distributed import cleanup_distributed, init_distributed
+from albef.distributed import cleanup_distributed, init_distributed
+from albef.io import write_json
+from albef.tokenizer import load_tokenizer
 from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
     TASK_LOSS_KEYS,
-    _data_digest,
-    _initial_model,
-    _tokenizer,
-    _train_metrics,
-    _write_json,
+    data_digest,
     export_model,
+    initial_model,
     load_task_model,
     split_train_section,
+    train_metrics,
     write_curves,
 )
 
@@ -210,11 +210,11 @@ def finetune_classifier_stage(
         # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank
-        model, init_info = _initial_model(stage, task, params)
+        model, init_info = initial_model(stage, task, params)
         if task != "nlvr_ta":  # text assignment has no loss switches
             model.use_losses(train.losses)
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
-        tokenizer = _tokenizer(tokenizer_dir, model.cfg)
+        tokenizer = load_tokenizer(tokenizer_dir, model.cfg)
         images = ds.image_source(stage.data_dir)
         size = model.cfg.vision.image_size
         train_file = Path(stage.data_dir) / stage.train_file
@@ -268,7 +268,7 @@ def finetune_classifier_stage(
             {"max_words": max_words, "missing_images": missing_images},
             model.cfg.to_dict(),
             init_info,
-            _data_digest(stage, tokenizer_dir),
+            data_digest(stage, tokenizer_dir),
             world.world_size,
         )
         trainer = Trainer(
@@ -287,7 +287,7 @@ def finetune_classifier_stage(
             name=name,
         )
         result = trainer.fit()
-        metrics = _train_metrics(result, trainer)
+        metrics = train_metrics(result, trainer)
         metrics.update(data_info)
         if world.is_main:
             best_dir = Path(stage.run_dir) / "best" if train.select_metric and result.best else None
@@ -306,7 +306,7 @@ def finetune_classifier_stage(
             }
             export_model(model, stage.out, tokenizer, best_dir, summary)
             if stage.metrics:
-                _write_json(stage.metrics, metrics)
+                write_json(stage.metrics, metrics)
             write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
             log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
         return metrics
@@ -423,12 +423,12 @@ def evaluate_classifier_stage(
             ]
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            _write_json(out / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
             (out / "predictions.json").write_text(json.dumps(rows, indent=0) + "\n")
             if dataset.skipped:
-                _write_json(out / "skipped.json", {"records": dataset.skipped})
+                write_json(out / "skipped.json", {"records": dataset.skipped})
             if metrics_path:
-                _write_json(metrics_path, metrics)
+                write_json(metrics_path, metrics)
             log.info(
                 "%s %s: accuracy %.2f%% on %d records (%s)",
                 name,

@@ -59,6 +59,7 @@ from albef.config import (
     check_range,
 )
 from albef.device import PRECISIONS, autocast, resolve_precision
+from albef.distributed import WorldInfo
 from albef.io import atomic_write_text
 from albef.models.components import RandomChoices
 from albef.safe_load import UnreadableCheckpoint
@@ -73,7 +74,6 @@ from albef.train.checkpointing import (
     set_aside,
     set_rng_state,
 )
-from albef.train.distributed import WorldInfo
 from albef.train.optim import build_optimizer
 from albef.train.sampler import EpochSampler, SeededSamples, preserved_rng
 

@@ -44,8 +44,9 @@ from albef.config import (
 )
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
-from albef.io import atomic_write_text, can_draw
-from albef.train.distributed import WorldInfo, cleanup_distributed, init_distributed
+from albef.distributed import WorldInfo, cleanup_distributed, init_distributed
+from albef.io import can_draw, write_json
+from albef.tokenizer import load_tokenizer
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
 
 log = logging.getLogger(__name__)
@@ -196,17 +197,6 @@ _CROPPING = ("pretrain", "train")
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _tokenizer(path: str | Path, cfg: ModelConfig):
-    from albef.tokenizer import ALBEFTokenizer
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer not found: {path} (run the preprocess stage, or set tokenizer:)")
-    tok = ALBEFTokenizer.from_pretrained(path, single_sentence_sep=cfg.quirks.single_sentence_sep)
-    tok.check_compatible(cfg.text)
-    return tok
-
-
 def load_task_model(
     model_dir: str | Path,
     task: str,
@@ -227,10 +217,10 @@ def load_task_model(
     if tokenizer_dir is None:
         own = Path(model_dir) / "tokenizer"
         tokenizer_dir = own if own.exists() or data_dir is None else Path(data_dir) / "tokenizer"
-    return model, _tokenizer(tokenizer_dir, model.cfg)
+    return model, load_tokenizer(tokenizer_dir, model.cfg)
 
 
-def _initial_model(stage: TrainStageConfig, task: str, params: dict[str, Any]):
+def initial_model(stage: TrainStageConfig, task: str, params: dict[str, Any]):
     """The model a training stage starts from, and a digest of where its weights came from."""
     base = ModelConfig.from_dict(params["model"], prefix="model") if "model" in params else None
     if stage.init:
@@ -250,7 +240,7 @@ def _initial_model(stage: TrainStageConfig, task: str, params: dict[str, Any]):
     return model, {"init_bert": stage.init_bert, "init_deit": stage.init_deit}
 
 
-def _data_digest(stage: TrainStageConfig, tokenizer_dir: Path) -> dict[str, str]:
+def data_digest(stage: TrainStageConfig, tokenizer_dir: Path) -> dict[str, str]:
     data = Path(stage.data_dir)
     out = {"train_file": file_digest(data / stage.train_file)}
     manifest = data / "manifest.json"
@@ -260,12 +250,6 @@ def _data_digest(stage: TrainStageConfig, tokenizer_dir: Path) -> dict[str, str]
         if (tokenizer_dir / name).is_file():
             out[name] = file_digest(tokenizer_dir / name)
     return out
-
-
-def _write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def export_model(model, out: str | Path, tokenizer, best_dir: Path | None, summary: dict) -> Path:
@@ -284,7 +268,7 @@ def export_model(model, out: str | Path, tokenizer, best_dir: Path | None, summa
     else:
         save_pretrained(model, partial)
     tokenizer.save(partial / "tokenizer")
-    _write_json(partial / "training.json", summary)
+    write_json(partial / "training.json", summary)
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -371,11 +355,11 @@ def train_stage(
         # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
-        model, init_info = _initial_model(stage, MODEL_TASK.get(task, task), params)
+        model, init_info = initial_model(stage, MODEL_TASK.get(task, task), params)
         model.use_losses(train.losses)
         model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
-        tokenizer = _tokenizer(tokenizer_dir, model.cfg)
+        tokenizer = load_tokenizer(tokenizer_dir, model.cfg)
         images = ds.image_source(stage.data_dir)
         size = model.cfg.vision.image_size
         crop = {"scale": stage.crop_scale} if transform_name in _CROPPING else {}
@@ -399,7 +383,7 @@ def train_stage(
             {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
             model.cfg.to_dict(),
             init_info,
-            _data_digest(stage, tokenizer_dir),
+            data_digest(stage, tokenizer_dir),
             world.world_size,
         )
         trainer = Trainer(
@@ -418,7 +402,7 @@ def train_stage(
             name=name,
         )
         result = trainer.fit()
-        metrics = _train_metrics(result, trainer)
+        metrics = train_metrics(result, trainer)
         if world.is_main:
             best_dir = Path(stage.run_dir) / "best" if train.select_metric and result.best else None
             summary = {
@@ -431,7 +415,7 @@ def train_stage(
             }
             export_model(model, stage.out, tokenizer, best_dir, summary)
             if stage.metrics:
-                _write_json(stage.metrics, metrics)
+                write_json(stage.metrics, metrics)
             write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
             log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
         return metrics
@@ -439,7 +423,7 @@ def train_stage(
         cleanup_distributed()
 
 
-def _train_metrics(result: FitResult, trainer: Trainer) -> dict[str, Any]:
+def train_metrics(result: FitResult, trainer: Trainer) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "steps": result.step,
         # epochs trained, fractional when max_steps stopped the run inside an epoch
@@ -517,7 +501,7 @@ def evaluate_stage(
             if (Path(model_dir) / "tokenizer").exists()
             else Path(cfg.data_dir) / "tokenizer"
         )
-        tokenizer = _tokenizer(tok_dir, model.cfg)
+        tokenizer = load_tokenizer(tok_dir, model.cfg)
         images = ds.image_source(cfg.data_dir)
         dataset = ds.RetrievalEvalDataset(
             Path(cfg.data_dir) / cfg.test_file, images, eval_transform(model.cfg.vision.image_size)
@@ -549,12 +533,12 @@ def evaluate_stage(
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             ranked = rankings(result, dataset, top=cfg.top)
-            _write_json(out / "rankings.json", ranked)
+            write_json(out / "rankings.json", ranked)
             if cfg.examples and can_draw(out / "examples.png"):
                 plot_examples(ranked, dataset, out / "examples.png", queries=cfg.examples)
-            _write_json(out / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
             if metrics_path:
-                _write_json(metrics_path, metrics)
+                write_json(metrics_path, metrics)
             log.info(
                 "evaluate %s: TR@1 %.2f IR@1 %.2f r_mean %.2f (ITC only: TR@1 %.2f IR@1 %.2f) in %.1f s",
                 model_dir,

@@ -24,18 +24,18 @@ import torch
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
-from albef.train.distributed import cleanup_distributed, init_distributed
+from albef.distributed import cleanup_distributed, init_distributed
+from albef.io import write_json
+from albef.tokenizer import load_tokenizer
 from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
     TASK_LOSS_KEYS,
-    _data_digest,
-    _initial_model,
-    _tokenizer,
-    _train_metrics,
-    _write_json,
+    data_digest,
     export_model,
+    initial_model,
     load_task_model,
     split_train_section,
+    train_metrics,
     write_curves,
 )
 
@@ -119,10 +119,10 @@ def finetune_vqa_stage(
         # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)
-        model, init_info = _initial_model(stage, "vqa", params)
+        model, init_info = initial_model(stage, "vqa", params)
         model.use_losses(train.losses)
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
-        tokenizer = _tokenizer(tokenizer_dir, model.cfg)
+        tokenizer = load_tokenizer(tokenizer_dir, model.cfg)
         images = ds.image_source(stage.data_dir)
         transform = build_transform(
             "train",
@@ -150,7 +150,7 @@ def finetune_vqa_stage(
                 f"{name}: {train_file} has {len(dataset)} questions, fewer than one global batch "
                 f"({train.batch_size} x {world.world_size} processes)"
             )
-        digest = _data_digest(stage, tokenizer_dir)
+        digest = data_digest(stage, tokenizer_dir)
         run_fp = fingerprint(
             "vqa",
             train.fingerprint_fields(),
@@ -176,7 +176,7 @@ def finetune_vqa_stage(
             name=name,
         )
         result = trainer.fit()
-        metrics = _train_metrics(result, trainer)
+        metrics = train_metrics(result, trainer)
         metrics["train_answers"] = unknown
         if world.is_main:
             summary = {
@@ -189,7 +189,7 @@ def finetune_vqa_stage(
             out = export_model(model, stage.out, tokenizer, None, summary)
             shutil.copyfile(answer_list_path, out / ANSWER_LIST_FILE)
             if stage.metrics:
-                _write_json(stage.metrics, metrics)
+                write_json(stage.metrics, metrics)
             write_curves(Path(stage.run_dir), stage.plots, f"{name} (vqa)")
             log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
         return metrics
@@ -288,11 +288,11 @@ def evaluate_vqa_stage(
         if world.is_main:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            _write_json(out / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
             (out / "vqa_result.json").write_text(json.dumps(result.predictions) + "\n")
-            _write_json(out / "top_answers.json", {str(q): v for q, v in result.top.items()})
+            write_json(out / "top_answers.json", {str(q): v for q, v in result.top.items()})
             if metrics_path:
-                _write_json(metrics_path, metrics)
+                write_json(metrics_path, metrics)
             log.info("%s %s: %s", name, model_dir, json.dumps(metrics, sort_keys=True))
         return metrics
     finally:
