@@ -896,3 +896,24 @@ def test_adding_the_shifted_split_leaves_every_other_file_unchanged(out: Path, t
     assert changed == ["data_card.json", "data_card.md"]  # it counts the new split
     added = {n for n in with_shift if n not in without}
     assert added and all(n.startswith("images/shifted_test/") for n in added)
+
+
+def test_caption_overlap_counts_captions_shared_word_for_word(out: Path, tmp_path: Path) -> None:
+    """benchmarks/caption_overlap.py, on the generated files and on a hand-made one."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import caption_overlap
+
+    records = [
+        {"image": "a.jpg", "caption": ["a red circle", "two shapes"]},
+        {"image": "b.jpg", "caption": ["a blue square", "two shapes"]},
+        {"image": "c.jpg", "caption": "two shapes"},
+    ]
+    row = caption_overlap.overlap(records)
+    assert (row["captions"], row["distinct"], row["shared"]) == (5, 3, 3)
+    assert row["most_shared"][0] == ["two shapes", 3]
+    assert caption_overlap.main([str(out), "--json", str(tmp_path / "overlap.json")]) == 0
+    counts = json.loads((tmp_path / "overlap.json").read_text())
+    assert {"pretrain.json", "retrieval_test.json"} <= set(counts)
+    assert all(0 <= c["shared"] <= c["captions"] for c in counts.values())
