@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from albef.data.shards import sha256_file
 from albef.tracking.registry import RegistryError
 
 MANIFEST_TAG = "albef.manifest_sha256"  # on the model version: the SHA-256 of its manifest's bytes
@@ -35,14 +36,6 @@ class IntegrityError(RegistryError):
     """A registered model whose files are not the ones that were registered; nothing of it was loaded."""
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest(root: str | Path) -> dict[str, str]:
     """``{relative path: SHA-256}`` of every file under ``root`` (links are refused: a model holds none)."""
     root = Path(root)
@@ -52,7 +45,7 @@ def manifest(root: str | Path) -> dict[str, str]:
         if path.is_symlink():
             raise IntegrityError(f"{rel}: a symbolic link in a model folder")
         if path.is_file() and rel not in _DOWNLOAD_ONLY:
-            files[rel] = file_digest(path)
+            files[rel] = sha256_file(path)
     return files
 
 
