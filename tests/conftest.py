@@ -18,7 +18,13 @@ import torch  # noqa: E402
 
 from albef.config import ModelConfig, tiny_config  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Intra-op threads per test process: the cores shared among pytest-xdist's workers (`-n auto`: one worker per
+# core, so one thread each). Set in the environment too, so that every process a test starts (stages, torchrun
+# workers, flow runs) gets the same share: OpenMP threads spin while they wait, and two workers' processes each
+# running two threads on two cores spend a good part of the machine spinning.
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

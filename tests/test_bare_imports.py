@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import THREADS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def bare_env(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("bare_site")
     (folder / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(blocked=BLOCKED))
     path = os.pathsep.join([str(folder), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(THREADS)}
     for key in ("MLFLOW_TRACKING_URI", "ALBEF_MLFLOW_PARENT_RUN_ID", "ALBEF_MLFLOW_PIPELINE"):
         env.pop(key, None)
     return env
