@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
+from albef.config import RETIRED_MODEL_KEYS, ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
 from albef.io import atomic_write
 from albef.models.nlvr import ALBEFNLVR, ALBEFTextAssignment
 from albef.models.pretrain import ALBEFPretrain
@@ -143,7 +143,7 @@ def config_from_official(
     for key in ("embed_dim", "queue_size"):
         if key in config:
             setattr(cfg, key, int(config[key]))
-    for key in ("temp", "momentum", "alpha", "mlm_probability"):
+    for key in ("temp", "momentum", "mlm_probability"):  # (alpha is the training loop's: forward's argument)
         if key in config:
             setattr(cfg, key, float(config[key]))
     if "distill" in config:
@@ -470,7 +470,8 @@ def read_config(directory: str | Path) -> tuple[str, ModelConfig]:
         raise CheckpointError(f"{path}: not an albef config (format={meta.get('format')!r})")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer albef (format_version {meta['format_version']})")
-    return meta["task"], ModelConfig.from_dict(meta["model"], prefix=f"{path.name}:model")
+    model = {k: v for k, v in meta["model"].items() if k not in RETIRED_MODEL_KEYS}  # (saved by older albef)
+    return meta["task"], ModelConfig.from_dict(model, prefix=f"{path.name}:model")
 
 
 def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> ALBEFModel:
@@ -506,6 +507,41 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
+def unhonoured_settings(base: ModelConfig, source: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """``model.<key>: (params value, source model's value)`` for every setting of ``base`` (params.yaml's model
+    section) that a model initialised from ``source`` does not take: all of them but the quirks (the sizes,
+    queue, temperature and momentum are the source model's)."""
+
+    def flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    wanted, saved = flat(base.to_dict(), "model."), flat(source.to_dict(), "model.")
+    return {
+        k: (v, saved.get(k))
+        for k, v in wanted.items()
+        if not k.startswith("model.quirks.") and saved.get(k) != v
+    }
+
+
+def warn_unhonoured(base: ModelConfig, source: ModelConfig, where: Path) -> None:
+    """Say which of params.yaml's model settings a stage starting from the model in ``where`` ignores."""
+    differ = unhonoured_settings(base, source)
+    if differ:
+        shown = ", ".join(f"{k} = {mine!r} (the model: {theirs!r})" for k, (mine, theirs) in differ.items())
+        log.warning(
+            "params.yaml's model section differs from the model this stage starts from (%s), whose settings "
+            "win: %s; retrain the source model to change them",
+            where,
+            shown,
+        )
+
+
 def load_for_task(
     source: str | Path, task: str, base: ModelConfig | None = None
 ) -> tuple[ALBEFModel, LoadReport | None]:
@@ -521,6 +557,8 @@ def load_for_task(
     source = Path(source)
     if source.is_dir():
         saved_task, cfg = read_config(source)
+        if base is not None:
+            warn_unhonoured(base, cfg, source)
         if saved_task == task:
             return load_pretrained(source, task), None
         if base is not None:  # a new task: the sizes are the source's, the quirk switches this run's

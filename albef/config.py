@@ -311,7 +311,6 @@ class ModelConfig:
     temp: float = 0.07
     queue_size: int = 65536
     momentum: float = 0.995
-    alpha: float = 0.4
     mlm_probability: float = 0.15
     distill: bool = True
     quirks: QuirksConfig = field(default_factory=QuirksConfig)
@@ -360,8 +359,6 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.vision.drop_path must be in [0, 1), got {v.drop_path}")
         if not 0.0 < self.momentum < 1.0:
             raise ConfigError(f"{prefix}.momentum must be in (0, 1), got {self.momentum}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"{prefix}.alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"{prefix}.mlm_probability must be in (0, 1), got {self.mlm_probability}")
         q = self.quirks
@@ -417,9 +414,19 @@ class ModelConfig:
         return _build(cls, merged, prefix).validate(prefix)
 
 
+# Keys a ModelConfig once had, with where the setting lives now: params.yaml naming one is told where to go, and a
+# model exported before is read without it.
+RETIRED_MODEL_KEYS = {
+    "alpha": "momentum distillation's weight is a training setting, one per stage (pretrain.alpha, "
+    "finetune_retrieval.alpha, ...), passed to the model's forward",
+}
+
+
 def _merge(base: dict, override: dict, schema: type, prefix: str) -> dict:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in override.items():
+        if schema is ModelConfig and key in RETIRED_MODEL_KEYS:
+            raise ConfigError(f"{prefix}.{key}: no longer a model setting: {RETIRED_MODEL_KEYS[key]}")
         if key not in fields:
             raise ConfigError(f"{prefix}.{key}: unknown key; expected one of {sorted(fields)}")
         sub = _dataclass_type(fields[key])

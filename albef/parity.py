@@ -94,6 +94,11 @@ def reference_config(ref: dict[str, Any]) -> ModelConfig:
     return cfg.validate()
 
 
+def reference_alpha(ref: dict[str, Any]) -> float:
+    """The distillation weight the official training loop passes its model's forward (its config's alpha)."""
+    return float(json.loads(ref["meta"]["config"]).get("alpha", 0.0))
+
+
 # ---------------------------------------------------------------------------- per-model computations
 
 
@@ -319,7 +324,7 @@ def compute_vqa(ref: dict) -> dict[str, torch.Tensor]:
             train["answer_mask"],
             k=list(train["k"]),
             weights=train["weights"],
-            alpha=cfg.alpha,
+            alpha=reference_alpha(ref),
         )
         out["train/loss"] = fwd.loss
         out["train/answer_output_loss"] = fwd.answer_loss
@@ -341,7 +346,7 @@ def _classifier_entries(
         "outputs/logits": model.logits(images, ids, mask),
     }
     model = _fresh(model_cls, cfg, ref)
-    step = model(images, ids, mask, targets, alpha=cfg.alpha)
+    step = model(images, ids, mask, targets, alpha=reference_alpha(ref))
     out.update(
         {"train/loss": step.loss, "train/prediction": step.logits, "train/prediction_m": step.logits_m}
     )

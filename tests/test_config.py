@@ -16,13 +16,7 @@ def test_presets_are_valid_and_base_is_the_official_model():
         12,
     )
     assert (base.text.text_layers, base.text.fusion_layers, base.text.hidden) == (6, 6, 768)
-    assert (base.embed_dim, base.queue_size, base.momentum, base.alpha, base.temp) == (
-        256,
-        65536,
-        0.995,
-        0.4,
-        0.07,
-    )
+    assert (base.embed_dim, base.queue_size, base.momentum, base.temp) == (256, 65536, 0.995, 0.07)
     assert base.quirks.single_sentence_sep is False
 
 
@@ -80,3 +74,47 @@ def test_load_from_params_yaml(tmp_path):
         load_model_config(params)
     with pytest.raises(ConfigError, match="not found"):
         load_model_config(tmp_path / "missing.yaml")
+
+
+def test_alpha_has_one_home_the_training_sections(tmp_path):
+    """``model.alpha`` was accepted and tracked but changed no loss (each training section's alpha is what the
+    forward gets): params.yaml naming it is told where the setting lives; a model saved with it still loads."""
+    import json
+
+    import torch
+
+    from albef.checkpoint import build_model, load_pretrained, save_pretrained
+
+    with pytest.raises(ConfigError, match=r"model\.alpha: no longer a model setting.*pretrain\.alpha"):
+        ModelConfig.from_dict({"preset": "tiny", "alpha": 0.4})
+    torch.manual_seed(0)
+    saved = save_pretrained(build_model("retrieval", tiny_config()), tmp_path / "old")
+    config = json.loads((saved / "config.json").read_text())
+    config["model"]["alpha"] = 0.4  # as albef wrote it before
+    (saved / "config.json").write_text(json.dumps(config))
+    assert load_pretrained(saved).cfg == tiny_config()
+
+
+def test_a_stage_starting_from_a_model_warns_about_the_model_settings_it_cannot_take(tmp_path, caplog):
+    """A finetune stage's model is the source model's (sizes, queue, temperature): params.yaml values that
+    differ are named in a warning, not silently dropped; the quirks are this run's and are taken."""
+    import logging
+
+    import torch
+
+    from albef.checkpoint import build_model, load_for_task, save_pretrained
+
+    torch.manual_seed(0)
+    source = save_pretrained(build_model("pretrain", tiny_config()), tmp_path / "pretrain")
+    same = ModelConfig.from_dict(tiny_config().to_dict())
+    same.quirks.single_sentence_sep = not same.quirks.single_sentence_sep
+    with caplog.at_level(logging.WARNING, logger="albef.checkpoint"):
+        model, _ = load_for_task(source, "retrieval", same)
+    assert not caplog.records and model.cfg.quirks == same.quirks
+    other = ModelConfig.from_dict({**tiny_config().to_dict(), "queue_size": 64, "temp": 0.05})
+    with caplog.at_level(logging.WARNING, logger="albef.checkpoint"):
+        model, _ = load_for_task(source, "retrieval", other)
+    (record,) = caplog.records
+    assert "model.queue_size = 64 (the model: 32)" in record.message, record.message
+    assert "model.temp = 0.05 (the model: 0.07)" in record.message and "quirks" not in record.message
+    assert model.cfg.queue_size == 32

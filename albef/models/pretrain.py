@@ -75,19 +75,19 @@ class ALBEFPretrain(ContrastiveModel):
         images: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        alpha: float | None = None,
+        alpha: float = 0.0,
         choices: ChoiceSource | None = None,
         losses: LossSwitches | None = None,
     ) -> PretrainOutput:
         """One pretraining step's losses. Updates the momentum encoders and the queues as a side effect
-        (as the official forward does), so call it once per optimisation step.
+        (as the official forward does), so call it once per optimisation step. ``alpha``: the weight of the
+        momentum teacher's soft targets (0: hard targets), the training stage's ``pretrain.alpha`` as ramped.
 
         ``losses`` (default: the model's, :meth:`use_losses`; the full model unless set) switches ITC, hard
         ITM negatives and the distillation of ITC and MLM off for the paper's ablation; what only a
         switched-off term needs is not computed (without ITC: the momentum text features, the similarities
         and the queue update)."""
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
-        alpha = self.cfg.alpha if alpha is None else alpha
         choices = self.default_choices(choices)
         losses = (self.losses if losses is None else losses).validate()
         distill_mlm = self.cfg.distill and losses.mod_mlm

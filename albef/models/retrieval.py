@@ -31,18 +31,18 @@ class ALBEFRetrieval(ContrastiveModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         idx: torch.Tensor,
-        alpha: float | None = None,
+        alpha: float = 0.0,
         choices: ChoiceSource | None = None,
         losses: LossSwitches | None = None,
     ) -> RetrievalOutput:
-        """One finetuning step (updates the momentum encoders and the queues). ``losses.mod`` (default: the
+        """One finetuning step (updates the momentum encoders and the queues). ``alpha``: the weight of the
+        teacher's soft ITC targets (the stage's ``finetune_retrieval.alpha``). ``losses.mod`` (default: the
         model's, :meth:`use_losses`) False: hard ITC targets, no teacher similarities computed."""
         check_text(input_ids, attention_mask, self.cfg, images.shape[0])
         if idx.numel() != images.shape[0]:
             raise ValueError(
                 f"idx: expected one image id per sample ({images.shape[0]}), got {tuple(idx.shape)}"
             )
-        alpha = self.cfg.alpha if alpha is None else alpha
         choices = self.default_choices(choices)
         losses = self.losses if losses is None else losses
 

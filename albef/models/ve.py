@@ -149,11 +149,12 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         targets: torch.Tensor,
-        alpha: float | None = None,
+        alpha: float = 0.0,
         losses: LossSwitches | None = None,
     ) -> ClassifierOutput:
         """One training step's loss. With ``distill`` this updates the momentum twins (EMA) first, as the
-        official forward does, so call it once per optimisation step. ``losses.mod`` (default: the model's,
+        official forward does, so call it once per optimisation step. ``alpha``: the teacher's weight (the
+        stage's ``alpha``). ``losses.mod`` (default: the model's,
         :meth:`use_losses`) False: the plain cross-entropy, the teacher is not run (the twins still follow)."""
         if targets.dim() != 1 or targets.shape[0] != input_ids.shape[0]:
             raise ValueError(
@@ -161,7 +162,6 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
             )
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
             raise ValueError(f"targets: labels must lie in [0, {self.num_classes}), got {targets.tolist()}")
-        alpha = self.cfg.alpha if alpha is None else alpha
         losses = self.losses if losses is None else losses
         logits = self.logits(images, input_ids, attention_mask)
         teacher = None

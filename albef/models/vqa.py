@@ -236,15 +236,15 @@ class ALBEFVQA(nn.Module):
         answer_mask: torch.Tensor,
         k: Sequence[int] | torch.Tensor,
         weights: torch.Tensor,
-        alpha: float | None = None,
+        alpha: float = 0.0,
         losses: LossSwitches | None = None,
     ) -> VQAOutput:
         """Weighted answer-generation loss. Answers of all questions are stacked: question ``b`` owns the next
         ``k[b]`` rows of ``answer_ids`` (``[CLS] wordpieces [SEP]``, padded), each with a ``weights`` entry.
 
-        With ``distill`` the momentum twins are first advanced one EMA step, then give soft targets, unless
+        With ``distill`` the momentum twins are first advanced one EMA step, then give soft targets weighted by
+        ``alpha`` (the stage's ``finetune_vqa.alpha``), unless
         ``losses.mod`` (default: the model's, :meth:`use_losses`) is False: then the teacher is not run."""
-        alpha = self.cfg.alpha if alpha is None else alpha
         losses = self.losses if losses is None else losses
         per_question = torch.as_tensor(k, dtype=torch.long, device=question_ids.device)
         if per_question.numel() != question_ids.shape[0]:
