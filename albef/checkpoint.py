@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from albef.config import RETIRED_MODEL_KEYS, ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
+from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
 from albef.io import atomic_write
+from albef.model_files import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, read_config
 from albef.models.nlvr import ALBEFNLVR, ALBEFTextAssignment
 from albef.models.pretrain import ALBEFPretrain
 from albef.models.retrieval import ALBEFRetrieval
@@ -50,10 +51,6 @@ TASKS: dict[str, type[ALBEFModel]] = {
     "nlvr": ALBEFNLVR,
     "nlvr_ta": ALBEFTextAssignment,  # text-assignment pretraining of the NLVR2 model
 }
-FORMAT_NAME = "albef"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 _QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
 _MOMENTUM_PREFIXES = (
@@ -456,22 +453,6 @@ def save_pretrained(model: ALBEFModel, directory: str | Path, task: str | None =
         out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True))
     )
     return out
-
-
-def read_config(directory: str | Path) -> tuple[str, ModelConfig]:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: not an albef model directory")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: malformed JSON ({exc})") from exc
-    if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path}: not an albef config (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by a newer albef (format_version {meta['format_version']})")
-    model = {k: v for k, v in meta["model"].items() if k not in RETIRED_MODEL_KEYS}  # (saved by older albef)
-    return meta["task"], ModelConfig.from_dict(model, prefix=f"{path.name}:model")
 
 
 def load_pretrained(directory: str | Path, task: str | None = None, strict: bool = True) -> ALBEFModel:

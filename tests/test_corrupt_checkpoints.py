@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 
 from albef.checkpoint import CheckpointError, build_model, read_official_state_dict, save_pretrained
 from albef.config import ModelConfig, tiny_config
-from albef.distributed import WorldInfo
 from albef.train.checkpointing import CORRUPT_DIR, list_checkpoints
 from albef.train.engine import TrainConfig, Trainer
+from albef.world import WorldInfo
 
 REPO = Path(__file__).resolve().parents[1]
 

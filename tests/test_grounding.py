@@ -468,8 +468,8 @@ def test_finetune_then_evaluate_grounding_through_the_cli(
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from albef.checkpoint import read_config
     from albef.cli import main
+    from albef.model_files import read_config
     from albef.tokenizer import ALBEFTokenizer
     from albef.train.stages import export_model
 

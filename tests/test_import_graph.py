@@ -17,6 +17,8 @@ BOTTOM = (
     "albef.io",
     "albef.device",
     "albef.distributed",
+    "albef.world",
+    "albef.model_files",
     "albef.safe_load",
     "albef.tokenizer",
     "albef.schedule",

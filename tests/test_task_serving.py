@@ -283,3 +283,49 @@ def test_task_pyfunc_bad_input_is_a_clear_error(task_models, images, mlflow_sqli
         model.predict(pd.DataFrame({**good, "left_image": ["not an image!"]}))
     with pytest.raises(MlflowException, match="no words left"):
         model.predict(pd.DataFrame({**good, "text": ["?!"]}))
+
+
+def test_the_register_stage_loads_no_model_library(task_models, mlflow_sqlite, tmp_path):
+    """``albef register --task vqa`` (the stage dvc.yaml runs) in an interpreter where torch, torchvision, timm
+    and safetensors cannot be imported: registration reads the exported model's files and config and logs them
+    as code and data, so it pays no model-library import (about half of each register stage's time)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_bare_imports import _SITECUSTOMIZE, MODEL_LIBRARIES
+
+    from albef.tracking.config import register_config
+    from albef.tracking.registry import Registry
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(blocked=MODEL_LIBRARIES))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo)])}
+    params = _params(tmp_path, "vqa", task_models["vqa"], 50.0)
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "albef",
+            "register",
+            "--task",
+            "vqa",
+            "--params",
+            "params.yaml",
+            "--out",
+            "out.json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    outcome = json.loads((tmp_path / "out.json").read_text())
+    assert outcome["registered"] and outcome["promoted"] and outcome["version"] == 1, outcome
+    version = Registry(register_config(params, "vqa"), mlflow_sqlite).version(1)
+    assert version.tags["metric.accuracy"] == "50" and version.tags["albef.manifest_sha256"]

@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from albef.config import ConfigError
-from albef.distributed import WorldInfo
 from albef.train.checkpointing import list_checkpoints
 from albef.train.engine import CheckpointWriteError, TrainConfig, Trainer, TrainingDiverged
 from albef.train.stages import finetune_stage, pretrain_stage, split_train_section
+from albef.world import WorldInfo
 
 
 def _copy_data(tiny_data: Path, root: Path) -> Path:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from albef.distributed import WorldInfo, _first_slurm_host, init_distributed, world_info_from_env
+from albef.distributed import init_distributed
+from albef.world import WorldInfo, first_slurm_host, world_info_from_env
 
 
 def test_torchrun_slurm_and_single_process_environments():
@@ -14,10 +15,10 @@ def test_torchrun_slurm_and_single_process_environments():
     assert world_info_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).source == "single"
 
 
-def test_first_slurm_host():
-    assert _first_slurm_host("node[03-05,07],gpu1") == "node03"
-    assert _first_slurm_host("gpu1,gpu2") == "gpu1"
-    assert _first_slurm_host("single") == "single"
+def testfirst_slurm_host():
+    assert first_slurm_host("node[03-05,07],gpu1") == "node03"
+    assert first_slurm_host("gpu1,gpu2") == "gpu1"
+    assert first_slurm_host("single") == "single"
 
 
 def test_a_plain_process_needs_no_process_group(monkeypatch):

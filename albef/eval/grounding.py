@@ -591,10 +591,11 @@ def _evaluate_and_write(
     progress: bool,
     writes: bool,  # rank 0 writes; the other ranks only share the evaluation
 ) -> dict[str, Any]:
-    from albef.checkpoint import load_pretrained, read_config
+    from albef.checkpoint import load_pretrained
     from albef.data import datasets as ds
     from albef.data.transforms import eval_transform
     from albef.io import write_json
+    from albef.model_files import read_config
     from albef.tokenizer import load_tokenizer
 
     task, _ = read_config(model_dir)

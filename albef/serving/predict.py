@@ -98,7 +98,7 @@ class VQAPredictor(TaskPredictor):
         device: str | torch.device | None = None,
     ):
         from albef.data.vqa import read_answer_list, tokenize_answers
-        from albef.train.vqa import ANSWER_LIST_FILE
+        from albef.eval.settings import ANSWER_LIST_FILE
 
         if k < 1 or top < 1:
             raise ValueError(f"k and top must be >= 1, got k={k}, top={top}")

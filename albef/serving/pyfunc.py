@@ -302,7 +302,7 @@ def log_albef_model(
     loading it runs no pickle, so a file swapped in the artifact store cannot smuggle in code that way.
     Returns MLflow's ``ModelInfo``."""
     import albef
-    from albef.checkpoint import read_config
+    from albef.model_files import read_config
 
     model_dir = Path(model_dir)
     saved, _ = read_config(model_dir)

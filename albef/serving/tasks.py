@@ -147,7 +147,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
     artifact: retrieval, which grounding models are too, VQA, SNLI-VE or NLVR2)."""
 
     def load_context(self, context) -> None:
-        from albef.checkpoint import read_config
+        from albef.model_files import read_config
 
         task, _ = read_config(Path(context.artifacts[MODEL_ARTIFACT]))
         self.model = RetrievalModel() if task == "retrieval" else MODELS[_check_task(task)]()
@@ -188,11 +188,11 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
     if task in ("retrieval", "grounding"):  # the grounding model is a retrieval model: its pyfunc ranks pairs
         return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}
     if task == "vqa":
-        from albef.train.vqa import VQAEvalConfig
+        from albef.eval.settings import VQAEvalConfig
 
         cfg = build_dataclass(VQAEvalConfig, params.get("evaluate_vqa") or {}, "evaluate_vqa")
         return {"k": cfg.k_test, "max_words": cfg.max_words}
-    from albef.train.classify import EVAL_SECTIONS, ClassifierEvalConfig
+    from albef.eval.settings import EVAL_SECTIONS, ClassifierEvalConfig
 
     name = EVAL_SECTIONS[_check_task(task)]
     cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
@@ -204,7 +204,7 @@ def log_task_model(task: str, model_dir: str | Path, name: str = "model", **sett
     ``settings`` as its model config. Returns MLflow's ``ModelInfo``."""
     if task in ("retrieval", "grounding"):
         return log_retrieval_model(model_dir, name=name, **settings)
-    from albef.train.vqa import ANSWER_LIST_FILE
+    from albef.eval.settings import ANSWER_LIST_FILE
 
     return log_albef_model(
         model_dir,

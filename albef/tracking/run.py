@@ -77,7 +77,7 @@ def pipeline_key(params: dict[str, Any], cwd: str | Path | None = None) -> str:
 
 
 def _is_main_process() -> bool:
-    from albef.distributed import world_info_from_env
+    from albef.world import world_info_from_env
 
     return world_info_from_env().is_main
 

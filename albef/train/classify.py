@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
+from albef.eval.settings import EVAL_SECTIONS, ClassifierEvalConfig
 from albef.io import write_json
 from albef.tokenizer import load_tokenizer
 from albef.train.engine import Trainer, fingerprint
@@ -54,8 +55,6 @@ log = logging.getLogger(__name__)
 
 #: training task -> its params.yaml section
 TRAIN_SECTIONS = {"ve": "finetune_ve", "nlvr": "finetune_nlvr", "nlvr_ta": "pretrain_nlvr"}
-#: evaluation task -> its params.yaml section
-EVAL_SECTIONS = {"ve": "evaluate_ve", "nlvr": "evaluate_nlvr"}
 
 # Defaults of each training section (official configs); anything in params.yaml wins.
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -94,25 +93,6 @@ _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_tokens": 30,
     },
 }
-
-
-@dataclass
-class ClassifierEvalConfig:
-    """``params.evaluate_ve`` / ``params.evaluate_nlvr``."""
-
-    data_dir: str = "data/processed"
-    test_file: str | None = None  # default: ve_test.json / nlvr_test.json
-    tokenizer: str | None = None  # default: the model's tokenizer, else <data_dir>/tokenizer
-    batch_size: int = 64
-    num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
-    precision: str = "auto"
-    max_tokens: int = 40
-    max_words: int = 30  # sentence words kept (official 30)
-    missing_images: str = "error"  # error | skip (counted in the metrics)
-    # the sentence-only baseline (albef.eval.text_baseline) trains on this file; default ve_train.json /
-    # nlvr_train.json, null: no baseline
-    train_file: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- forwards

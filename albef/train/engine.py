@@ -59,7 +59,6 @@ from albef.config import (
     check_range,
 )
 from albef.device import PRECISIONS, autocast, resolve_precision
-from albef.distributed import WorldInfo
 from albef.io import atomic_write_text
 from albef.models.components import RandomChoices
 from albef.safe_load import UnreadableCheckpoint
@@ -76,6 +75,7 @@ from albef.train.checkpointing import (
 )
 from albef.train.optim import build_optimizer
 from albef.train.sampler import EpochSampler, SeededSamples, preserved_rng
+from albef.world import WorldInfo
 
 log = logging.getLogger(__name__)
 

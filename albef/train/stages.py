@@ -24,14 +24,7 @@ from typing import Any
 
 import torch
 
-from albef.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    build_model,
-    load_for_task,
-    read_config,
-    save_pretrained,
-)
+from albef.checkpoint import build_model, load_for_task, save_pretrained
 from albef.config import (
     AT_LEAST_ONE,
     FINETUNE_LOSS_KEYS,
@@ -44,10 +37,12 @@ from albef.config import (
 )
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
-from albef.distributed import WorldInfo, cleanup_distributed, init_distributed
+from albef.distributed import cleanup_distributed, init_distributed
 from albef.io import can_draw, write_json
+from albef.model_files import CONFIG_FILE, WEIGHTS_FILE, read_config
 from albef.tokenizer import load_tokenizer
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
+from albef.world import WorldInfo
 
 log = logging.getLogger(__name__)
 # DataLoader workers tokenize in forked processes; the Rust tokenizer's own threads must not be inherited.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
+from albef.eval.settings import ANSWER_LIST_FILE, VQAEvalConfig
 from albef.io import write_json
 from albef.tokenizer import load_tokenizer
 from albef.train.engine import Trainer, fingerprint
@@ -40,27 +41,6 @@ from albef.train.stages import (
 )
 
 log = logging.getLogger(__name__)
-
-ANSWER_LIST_FILE = "answer_list.json"  # copied next to the exported weights, for prediction
-
-
-@dataclass
-class VQAEvalConfig:
-    """``params.evaluate_vqa``."""
-
-    data_dir: str = "data/processed"
-    test_file: str = "vqa_test.json"
-    answer_list: str = ANSWER_LIST_FILE
-    test_answers: str | None = "vqa_test_answers.json"  # {question_id: [human answers]}; null: no accuracy
-    tokenizer: str | None = None  # default: the model's tokenizer, else <data_dir>/tokenizer
-    k_test: int = 128  # candidates re-ranked per question (official 128)
-    batch_size: int = 32
-    num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
-    precision: str = "auto"
-    max_words: int = 50  # question words kept at test time (official 50)
-    # the question-only baseline (albef.eval.text_baseline) trains on these questions; null: no baseline
-    train_file: str | None = "vqa_train.json"
 
 
 def vqa_forward(model, batch, alpha, choices):
