@@ -12,12 +12,11 @@ from torch import nn
 from albef.config import LossSwitches, ModelConfig
 from albef.models.components import (
     ChoiceSource,
+    MomentumTwins,
     RandomChoices,
-    copy_to_momentum,
     enqueue,
     gather_no_grad,
     itc_targets,
-    momentum_update,
     negative_probabilities,
     soft_cross_entropy,
 )
@@ -109,7 +108,7 @@ def check_text(
         )
 
 
-class ContrastiveModel(nn.Module):
+class ContrastiveModel(MomentumTwins, nn.Module):
     """ViT + BERT with ITC (momentum distillation, queues) and ITM (contrastive hard negatives)."""
 
     #: extra index queue of image ids (retrieval) or not (pretraining)
@@ -133,7 +132,7 @@ class ContrastiveModel(nn.Module):
         self.vision_proj_m = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_encoder_m = text_encoder_m
         self.text_proj_m = nn.Linear(text_width, cfg.embed_dim)
-        copy_to_momentum(self.momentum_pairs())
+        self.copy_params()
 
         q = cfg.queue_size
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
@@ -170,15 +169,6 @@ class ContrastiveModel(nn.Module):
         self.losses = losses.validate()
         for p in (*self.vision_proj.parameters(), *self.text_proj.parameters(), self.temp):
             p.requires_grad_(losses.itc)
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Reset every momentum twin to its online module (after loading new online weights)."""
-        copy_to_momentum(self.momentum_pairs())
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        momentum_update(self.momentum_pairs(), self.cfg.momentum)
 
     # ------------------------------------------------------------------ features
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,30 @@ def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], m: float) -> N
             twins.append(p_m.data)
     torch._foreach_mul_(twins, m)
     torch._foreach_add_(twins, online, alpha=1.0 - m)
+
+
+class MomentumTwins:
+    """A model whose online modules have momentum twins (EMA copies that give the distillation targets and, in
+    the contrastive models, the queued features). The model lists its pairs in :meth:`momentum_pairs` (none
+    when it does not distil) and calls :meth:`copy_params` once its twins exist; its forward calls
+    :meth:`momentum_update` once per optimisation step, as the official forwards do."""
+
+    cfg: Any  # the model's ModelConfig (momentum)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Reset every momentum twin to its online module (after loading new online weights) and freeze it."""
+        copy_to_momentum(self.momentum_pairs())
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """One EMA step of every twin towards its online module (one fused multi-tensor update)."""
+        pairs = self.momentum_pairs()
+        if pairs:
+            momentum_update(pairs, self.cfg.momentum)
 
 
 # ---------------------------------------------------------------------------- distributed gather

@@ -22,7 +22,7 @@ from torch import nn
 
 from albef.config import LossSwitches, ModelConfig
 from albef.models.base import check_text
-from albef.models.components import copy_to_momentum, momentum_update, soft_cross_entropy
+from albef.models.components import MomentumTwins, soft_cross_entropy
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import Mode, TextEncoder
 
@@ -57,7 +57,7 @@ def distillation_loss(
     return (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1))
 
 
-class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
+class DistilledClassifier(MomentumTwins, nn.Module, metaclass=abc.ABCMeta):
     """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
 
     num_classes: int = 2
@@ -78,7 +78,7 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
             self.visual_encoder_m = ImageEncoder(cfg.vision)
             self.text_encoder_m = text_encoder_m
             self.cls_head_m = classifier_head(hidden, self.num_classes)
-            copy_to_momentum(self.momentum_pairs())
+            self.copy_params()
 
     # ------------------------------------------------------------------ structure
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -101,15 +101,6 @@ class DistilledClassifier(nn.Module, metaclass=abc.ABCMeta):
     def use_losses(self, losses: LossSwitches) -> None:
         """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
         self.losses = losses
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        """Reset every momentum twin to its online module."""
-        copy_to_momentum(self.momentum_pairs())
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        momentum_update(self.momentum_pairs(), self.cfg.momentum)
 
     # ------------------------------------------------------------------ computation
     def encode_image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ from torch import nn
 
 from albef.config import LossSwitches, ModelConfig
 from albef.models.base import check_text
-from albef.models.components import copy_to_momentum, momentum_update
+from albef.models.components import MomentumTwins
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import (
     MLMHeadContainer,
@@ -149,7 +149,7 @@ class AnswerRanking:
     topk_probs: torch.Tensor  # (Q, k) re-ranked probabilities, descending
 
 
-class ALBEFVQA(nn.Module):
+class ALBEFVQA(MomentumTwins, nn.Module):
     """ViT + BERT question encoder + BERT answer decoder, with momentum twins for distillation."""
 
     #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
@@ -166,7 +166,7 @@ class ALBEFVQA(nn.Module):
             self.visual_encoder_m = ImageEncoder(cfg.vision)
             self.text_encoder_m = TextEncoder(cfg)
             self.text_decoder_m = AnswerDecoder(cfg)
-            copy_to_momentum(self.momentum_pairs())
+            self.copy_params()
 
     # ------------------------------------------------------------------ structure
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -190,15 +190,6 @@ class ALBEFVQA(nn.Module):
     def use_losses(self, losses: LossSwitches) -> None:
         """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
         self.losses = losses
-
-    @torch.no_grad()
-    def copy_params(self) -> None:
-        copy_to_momentum(self.momentum_pairs())
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        if self.cfg.distill:
-            momentum_update(self.momentum_pairs(), self.cfg.momentum)
 
     # ------------------------------------------------------------------ encoding
     def encode_question(
