@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config
+from albef.config import ConfigError, ModelConfig, TextConfig, VisionConfig, base_config, flatten
 from albef.io import atomic_write
 from albef.model_files import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, read_config
 from albef.models.nlvr import ALBEFNLVR, ALBEFTextAssignment
@@ -492,17 +492,7 @@ def unhonoured_settings(base: ModelConfig, source: ModelConfig) -> dict[str, tup
     """``model.<key>: (params value, source model's value)`` for every setting of ``base`` (params.yaml's model
     section) that a model initialised from ``source`` does not take: all of them but the quirks (the sizes,
     queue, temperature and momentum are the source model's)."""
-
-    def flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-        out = {}
-        for key, value in values.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    wanted, saved = flat(base.to_dict(), "model."), flat(source.to_dict(), "model.")
+    wanted, saved = flatten(base.to_dict(), "model"), flatten(source.to_dict(), "model")
     return {
         k: (v, saved.get(k))
         for k, v in wanted.items()

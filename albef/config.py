@@ -414,6 +414,18 @@ class ModelConfig:
         return _build(cls, merged, prefix).validate(prefix)
 
 
+def flatten(values: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}``: nested mappings become dotted keys."""
+    out: dict[str, Any] = {}
+    if isinstance(values, dict):
+        for key, value in values.items():
+            name = f"{prefix}{sep}{key}" if prefix else str(key)
+            out.update(flatten(value, name, sep))
+    elif prefix:
+        out[prefix] = values
+    return out
+
+
 # Keys a ModelConfig once had, with where the setting lives now: params.yaml naming one is told where to go, and a
 # model exported before is read without it.
 RETIRED_MODEL_KEYS = {

@@ -16,9 +16,8 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from albef.config import ConfigError
+from albef.config import ConfigError, flatten
 from albef.tracking.config import TrackingConfig, validate_tracking_uri
-from albef.tracking.provenance import flatten
 from albef.tracking.redact import REDACTED, is_secret_key, redact, redact_text, redact_uri
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -3,6 +3,7 @@ hard-negative sampling and MLM masking, and the source of random choices."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,7 +42,7 @@ def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], m: float) -> N
     torch._foreach_add_(twins, online, alpha=1.0 - m)
 
 
-class MomentumTwins:
+class MomentumTwins(abc.ABC):
     """A model whose online modules have momentum twins (EMA copies that give the distillation targets and, in
     the contrastive models, the queued features). The model lists its pairs in :meth:`momentum_pairs` (none
     when it does not distil) and calls :meth:`copy_params` once its twins exist; its forward calls
@@ -49,8 +50,9 @@ class MomentumTwins:
 
     cfg: Any  # the model's ModelConfig (momentum)
 
+    @abc.abstractmethod
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        raise NotImplementedError
+        """``(online module, its momentum twin)`` pairs; empty for a model built without distillation."""
 
     @torch.no_grad()
     def copy_params(self) -> None:

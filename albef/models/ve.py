@@ -57,7 +57,7 @@ def distillation_loss(
     return (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1))
 
 
-class DistilledClassifier(MomentumTwins, nn.Module, metaclass=abc.ABCMeta):
+class DistilledClassifier(MomentumTwins, nn.Module):
     """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
 
     num_classes: int = 2

@@ -124,18 +124,6 @@ def data_version(inputs: list[str | Path], lock_file: str | Path = "dvc.lock") -
     return {"version": combined, **{f"input.{k}": v for k, v in found.items()}}
 
 
-def flatten(values: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [1, 2]}`` -> ``{"a.b": 1, "c": [1, 2]}``: nested mappings become dotted keys."""
-    out: dict[str, Any] = {}
-    if isinstance(values, dict):
-        for key, value in values.items():
-            name = f"{prefix}{sep}{key}" if prefix else str(key)
-            out.update(flatten(value, name, sep))
-    elif prefix:
-        out[prefix] = values
-    return out
-
-
 def numeric_items(values: dict[str, Any]) -> dict[str, float]:
     """The entries of a flat mapping that are numbers (bools excluded): what MLflow accepts as metrics."""
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from albef.config import ConfigError
+from albef.config import ConfigError, flatten
 from albef.tracking.config import GateConfig, RegisterConfig, validate_alias, validate_model_name
-from albef.tracking.provenance import flatten, numeric_items
+from albef.tracking.provenance import numeric_items
 
 log = logging.getLogger(__name__)
 

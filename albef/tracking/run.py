@@ -38,9 +38,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from albef.config import flatten
 from albef.tracking.config import TrackingConfig, tracking_config
 from albef.tracking.journal import PIPELINE_TAG, STAGE_TAG, Deliverer, Journal, now_ms
-from albef.tracking.provenance import flatten, git_state, library_versions, numeric_items
+from albef.tracking.provenance import git_state, library_versions, numeric_items
 from albef.tracking.redact import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
