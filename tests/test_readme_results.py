@@ -86,3 +86,29 @@ def test_the_rendering_shows_each_task_its_target_and_the_time_budget(tmp_path):
     assert readme.read_text() == f"a\n{block}\nb\n" and readme_results.readme_block(readme) == block
     with pytest.raises(SystemExit, match="unfinished"):
         readme_results.render({**record, "finished": False})
+
+
+def test_reproducibility_compares_weights_byte_for_byte_and_metrics_without_timing(tmp_path):
+    """benchmarks/reproducibility.py: two runs are the same when their data, weights and metrics are, whatever
+    their wall times; one changed byte of a weight file or one changed metric makes them differ."""
+    import reproducibility
+
+    def run(name: str, weight: bytes, loss: float, seconds: float) -> Path:
+        work = tmp_path / name
+        (work / "models" / "pretrain").mkdir(parents=True)
+        (work / "data").mkdir()
+        (work / "metrics").mkdir()
+        (work / "models" / "pretrain" / "model.safetensors").write_bytes(weight)
+        (work / "data" / "pretrain.json").write_text("[]")
+        metrics = {"loss": loss, "train_seconds": seconds, "samples_per_s": 1 / seconds, "val": {"r_mean": 7}}
+        (work / "metrics" / "pretrain.json").write_text(json.dumps(metrics))
+        return work
+
+    a = run("a", b"\x00\x01", 0.5, 10.0)
+    assert reproducibility.main([str(a), str(run("b", b"\x00\x01", 0.5, 12.5))]) == 0
+    result = reproducibility.compare(a, run("c", b"\x00\x02", 0.5, 10.0))
+    assert result["different"] == ["models/pretrain/model.safetensors"] and result["weights_compared"] == 1
+    assert reproducibility.compare(a, run("d", b"\x00\x01", 0.6, 10.0))["different"] == [
+        "metrics/pretrain.json"
+    ]
+    assert reproducibility.main([str(a), str(tmp_path / "missing")]) == 1

@@ -116,7 +116,6 @@ def NP(p: str) -> str:
 REL = rf"(?P<rel>{_alt(REL_OF)})"
 ART = r"(?:a|an)"
 EXISTENTIAL_REL = re.compile(rf"\b{ART} {NP('a')} (?:is )?{REL} {ART} {NP('b')}$")
-COUNTED = re.compile(rf"\b(?P<num>{_alt(NUMBER_OF)}) {NP('a')}\b")
 
 
 def desc(m: re.Match, p: str) -> tuple[str | None, str | None, str | None]:
@@ -540,17 +539,46 @@ def _captions(out: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def test_relations_and_counts_in_captions_are_true(out: Path, scenes: dict) -> None:
-    n_rel = n_count = 0
-    for image, caption in _captions(out):
-        objects = scenes[image]["objects"]
-        if m := EXISTENTIAL_REL.search(caption):
-            assert existential_rel(objects, m), (image, caption)
-            n_rel += 1
-        for m in COUNTED.finditer(caption):
-            assert count(objects, desc(m, "a")) == NUMBER_OF[m["num"]], (image, caption)
-            n_count += 1
-    assert n_rel >= 15 and n_count >= 15
+PREFIX = re.compile(
+    r"^(?:there is|there are|we see|the picture shows|an image of|a picture of|this image "
+    r"contains|you can see|a drawing of) "
+)
+GROUP = re.compile(rf"(?P<num>{ART}|{_alt(NUMBER_OF)}) {NP('a')}")
+
+
+def listed_groups(listing: str) -> list[tuple[int, tuple]] | None:
+    """``(count, description)`` of each group of a listing ("a red circle, two blue squares and a star");
+    None if it is not one."""
+    groups = []
+    for part in re.split(r", | and ", listing):
+        if not (m := GROUP.fullmatch(part)):
+            return None
+        groups.append((1 if m["num"] in ("a", "an") else NUMBER_OF[m["num"]], desc(m, "a")))
+    return groups
+
+
+def check_caption(objects: list[dict], caption: str) -> str:
+    """Asserts that a caption lists every object of the scene (in groups with their exact counts), or relates
+    two objects truly after a listing of the others; its kind ("listing" or "relation")."""
+    body, _, relation = PREFIX.sub("", caption).partition(", and ")
+    if m := EXISTENTIAL_REL.search(relation or caption):
+        assert existential_rel(objects, m), caption
+        if not relation:  # a two-object scene: the relation is the whole caption
+            assert len(objects) == 2, caption
+            return "relation"
+    else:
+        body = re.sub(r" on (?:a |an )?[a-z ]+$", "", body)  # the background
+    groups = listed_groups(body)
+    assert groups is not None, caption
+    for n, d in groups:
+        assert count(objects, d) == n, caption
+    assert sum(n for n, _ in groups) == len(objects) - (2 if relation else 0), caption
+    return "relation" if relation else "listing"
+
+
+def test_captions_describe_the_whole_scene_truly(out: Path, scenes: dict) -> None:
+    kinds = Counter(check_caption(scenes[image]["objects"], caption) for image, caption in _captions(out))
+    assert kinds["relation"] >= 15 and kinds["listing"] >= 15
 
 
 def test_caption_function_relations_are_true() -> None:
@@ -566,19 +594,54 @@ def test_caption_function_relations_are_true() -> None:
     assert n > 100
 
 
+CLAIM = re.compile(
+    rf"the {NP('a')} is (?:{ART} (?P<shape>{_alt(SHAPE_OF)})|(?P<color>{_alt(COLOR_WORDS)})|(?P<size>{_alt(SIZE_OF)}))"
+)
+
+
+def claim_label(objects: list[dict], m: re.Match) -> str:
+    """The label of a definite claim ("the big object is red"): entailment when every object the subject
+    describes has the value, contradiction when none has, neutral when some have and some have not."""
+    referents = [o for o in objects if matches(o, desc(m, "a"))]
+    assert referents, f"{m[0]!r} describes no object"
+    if m["shape"]:
+        n = sum(o["shape"] == SHAPE_OF[m["shape"]] for o in referents)
+    elif m["color"]:
+        n = sum(o["color"] == m["color"] for o in referents)
+    else:
+        n = sum(o["size"] == SIZE_OF[m["size"]] for o in referents)
+    return "entailment" if n == len(referents) else "contradiction" if n == 0 else "neutral"
+
+
 def test_ve_labels_are_true_of_the_picture(out: Path, scenes: dict) -> None:
     checked = Counter()
     for split in ("ve_train", "ve_dev", "ve_test"):
         for r in load(out, f"{split}.json"):
             objects = scenes[r["image"] + ".jpg"]["objects"]
-            truth = statement_truth(objects, r["sentence"])
-            if r["label"] == "neutral":
-                assert truth is None, r  # the picture cannot decide it
-                continue
-            if truth is not None:
-                assert truth == (r["label"] == "entailment"), r
+            if m := CLAIM.fullmatch(r["sentence"]):
+                assert claim_label(objects, m) == r["label"], r
                 checked[r["label"]] += 1
-    assert checked["entailment"] >= 5 and checked["contradiction"] >= 5
+                continue
+            truth = statement_truth(objects, r["sentence"])  # a twin's near-miss relation
+            assert truth is not None and r["label"] != "neutral", r
+            assert truth == (r["label"] == "entailment"), r
+            checked["relation"] += 1
+    assert min(checked.values()) >= 5 and len(checked) == 4
+
+
+def test_ve_hypotheses_need_the_picture(out: Path) -> None:
+    """Every hypothesis form takes all three labels: the words alone do not give the label away."""
+    labels_of_form: dict[str, set[str]] = {}
+    for split in ("ve_train", "ve_dev", "ve_test"):
+        for r in load(out, f"{split}.json"):
+            if m := CLAIM.fullmatch(r["sentence"]):
+                named = (bool(m["asize"]), bool(m["acolor"]), SHAPE_OF[m["anoun"]] is not None)
+                about = next(k for k in ("shape", "color", "size") if m[k])
+                labels_of_form.setdefault(f"{named} {about}", set()).add(r["label"])
+    assert len(labels_of_form) >= 3
+    assert all(labels == {"entailment", "neutral", "contradiction"} for labels in labels_of_form.values()), (
+        labels_of_form
+    )
 
 
 def test_vqa_answers_are_true(out: Path, scenes: dict) -> None:
@@ -874,14 +937,8 @@ def test_shifted_test_set_is_a_valid_retrieval_split_of_another_distribution(out
                     assert min(palette, key=lambda c: float(np.sum((palette[c] - px) ** 2))) == o["color"]
     assert np.mean(spread["shifted"]) < 0.85 * np.mean(spread["in"])
     # captions are true of the shifted scenes (the same independent reading as in-domain)
-    n = 0
-    for r in records:
-        objects = shifted[r["image"]]["objects"]
-        for caption in r["caption"]:
-            for m in COUNTED.finditer(caption):
-                assert count(objects, desc(m, "a")) == NUMBER_OF[m["num"]], (r["image"], caption)
-                n += 1
-    assert n > 0
+    kinds = Counter(check_caption(shifted[r["image"]]["objects"], c) for r in records for c in r["caption"])
+    assert kinds["relation"] > 0 and kinds["listing"] > 0
     card = load(out, "data_card.json")
     assert card["images_per_split"]["shifted_test"] == len(records)
     assert sum(card["shifted"]["objects_per_image"].values()) == len(records)

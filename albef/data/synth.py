@@ -13,6 +13,12 @@ Semantics (CLEVR-like, documented in the data card):
     * An indefinite statement ("a red circle left of a blue square") is existential: some red circle is
       left of some blue square. A definite one ("the red circle") presupposes exactly one such object.
     * A count ("two red circles") is exact.
+    * An SNLI-VE hypothesis is a definite claim ("the big object is red") about whichever object its subject
+      means: entailment when all of them have the value, contradiction when none has, neutral when some have
+      and some have not. Each picture's three hypotheses share one form, so the words do not give the label
+      away: the label needs the picture.
+    * Captions describe the whole scene (every object, or a relation after a listing of the other objects),
+      so that a caption is true of few images besides its own.
 
 Bag of words is not enough: some image pairs are attribute-swapped twins (the same layout with the colours
 of two objects exchanged), and each twin carries the near-miss text of the other (for example "a red circle
@@ -68,7 +74,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (250, 250, 250),
     "black": (15, 15, 15),
 }
-SIZES: dict[str, float] = {"small": 0.085, "big": 0.15}  # circumradius as a fraction of the image size
+SIZES: dict[str, float] = {"small": 0.11, "big": 0.17}  # circumradius as a fraction of the image size: at the
+# model's 48 pixels a small shape spans about 10 pixels, enough to tell its shape
 BACKGROUNDS: tuple[str, ...] = ("gradient", "stripes", "checker", "noise")
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
 CONVERSE: dict[str, str] = {"left": "right", "right": "left", "above": "below", "below": "above"}
@@ -141,7 +148,8 @@ CRISP = 0.06  # minimum centre difference on each axis between any two objects
 GAP = 0.04  # minimum free space between the bounding circles of two objects
 MARGIN = 0.03  # minimum distance between a bounding circle and the border
 CIRCLE_SCALE = 0.9  # a circle's radius relative to the circumradius of the other shapes
-N_OBJECTS_P = (0.15, 0.3, 0.3, 0.25)  # probability of 1, 2, 3, 4 objects
+N_OBJECTS_P = (0.05, 0.3, 0.35, 0.3)  # probability of 1, 2, 3, 4 objects (few single-object scenes: their
+# captions are the least specific)
 MAX_ROTATION = {
     "circle": 0,
     "square": 12,
@@ -173,7 +181,7 @@ SPLITS: tuple[str, ...] = (  # the position of a split is its code in the per-im
 SHIFTED_SPLITS: tuple[str, ...] = ("shifted_test",)
 
 # The shifted split's distribution: more objects per scene and another "camera".
-SHIFT_N_OBJECTS_P = (0.0, 0.1, 0.4, 0.5)  # probability of 1, 2, 3, 4 objects (in-domain: N_OBJECTS_P)
+SHIFT_N_OBJECTS_P = (0.0, 0.0, 0.3, 0.7)  # probability of 1, 2, 3, 4 objects (in-domain: N_OBJECTS_P)
 SHIFT_CONTRAST = (0.6, 0.8)  # contrast factor range (1: unchanged); colours stay nearest their names
 SHIFT_BLUR = (0.4, 0.8)  # Gaussian blur radius range, pixels
 
@@ -549,20 +557,22 @@ def _with_prefix(rng: np.random.Generator, body: str, plural: bool = False) -> s
     return f"{prefix} {body}" if prefix else body
 
 
-def relation_text(rel: Rel, rng: np.random.Generator, style: str = "caption") -> str:
-    """Text of an existential relation. ``style``: ``caption`` (with a caption prefix, possibly the
-    converse), ``statement`` (a full sentence), ``question`` (a yes/no question) or ``nlvr:<side>``.
-    The random choices do not depend on the words, so two relations that differ only in their colours
-    (twins) get texts with the same words."""
+def relation_text(rel: Rel, rng: np.random.Generator, style: str = "caption", prefix: bool = True) -> str:
+    """Text of an existential relation. ``style``: ``caption`` (with a caption prefix unless not ``prefix``,
+    possibly the converse), ``statement`` (a full sentence), ``question`` (a yes/no question) or
+    ``nlvr:<side>``. The random choices do not depend on the words, so two relations that differ only in
+    their colours (twins) get texts with the same words."""
     rel_words = _pick(rng, REL_WORDS[rel.rel])
     np1, np2 = _a(np_text(rel.d1, rng)), _a(np_text(rel.d2, rng))
     form = int(rng.integers(3))
     if style == "caption":
-        if form == 0:
-            return _with_prefix(rng, f"{np1} {rel_words} {np2}")
         if form == 1:
             return f"{np1} is {rel_words} {np2}"
-        return _with_prefix(rng, f"{np2} {_pick(rng, REL_WORDS[CONVERSE[rel.rel]])} {np1}")
+        if form == 0:
+            body = f"{np1} {rel_words} {np2}"
+        else:
+            body = f"{np2} {_pick(rng, REL_WORDS[CONVERSE[rel.rel]])} {np1}"
+        return _with_prefix(rng, body) if prefix else body
     if style == "statement":
         return f"there is {np1} {rel_words} {np2}" if form == 0 else f"{np1} is {rel_words} {np2}"
     if style == "question":
@@ -583,9 +593,10 @@ def _desc_of(o: Obj, rng: np.random.Generator, forms: Sequence[str] = ("cs", "cs
 def _absent_desc(
     scene: Scene, rng: np.random.Generator, forms: Sequence[str] = ("s", "cs", "cs", "zcs")
 ) -> Desc:
-    """A description that matches no object of the scene."""
+    """A description that matches no object of the scene, of a form drawn once: redrawing the form too would
+    favour the specific forms (a "big red circle" is more often absent than a "circle"), a hint in the words."""
+    form = _pick(rng, forms)
     for _ in range(100):
-        form = _pick(rng, forms)
         desc = Desc(
             _pick(rng, SHAPES) if "s" in form else None,
             _pick(rng, tuple(COLORS)) if "c" in form else None,
@@ -594,7 +605,7 @@ def _absent_desc(
         if scene.count(desc) == 0:
             return desc
     shape = next(s for s in SHAPES if scene.count(Desc(s)) == 0)  # 7 shapes, at most 4 objects
-    return Desc(shape)
+    return Desc(shape, next(c for c in COLORS if scene.count(Desc(color=c)) == 0) if "c" in form else None)
 
 
 def unique_descs(scene: Scene, o: Obj, with_color: bool = True) -> list[Desc]:
@@ -615,16 +626,30 @@ def unique_descs(scene: Scene, o: Obj, with_color: bool = True) -> list[Desc]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _listing(objects: Sequence[Obj], rng: np.random.Generator, with_size: bool) -> tuple[str, bool]:
+    """Every object of ``objects`` by colour and shape (and size), grouped with their counts, in random order
+    ("a big red circle, two blue squares and a green star"); and whether the first group is plural."""
+    groups: Counter[Desc] = Counter(Desc(o.shape, o.color, o.size if with_size else None) for o in objects)
+    items = list(groups.items())
+    items = [items[i] for i in rng.permutation(len(items))]
+    return _join([_counted(n, d, rng) for d, n in items]), items[0][1] > 1
+
+
 def _cap_listing(scene: Scene, rng: np.random.Generator) -> str | None:
-    with_size = bool(rng.random() < 0.5)
-    groups: Counter[Desc] = Counter(
-        Desc(o.shape, o.color, o.size if with_size else None) for o in scene.objects
-    )
-    parts = [_counted(n, d, rng) for d, n in groups.items()]
-    body = _join(parts)
+    body, plural = _listing(scene.objects, rng, with_size=bool(rng.random() < 0.5))
     if rng.random() < 0.4:
         body += " on " + _pick(rng, BACKGROUND_WORDS[scene.background])
-    return _with_prefix(rng, body, plural=next(iter(groups.values())) > 1)
+    return _with_prefix(rng, body, plural=plural)
+
+
+def _relation_caption(rel: Rel, rest: Sequence[Obj], rng: np.random.Generator, with_size: bool) -> str:
+    """A relation between two objects after a listing of the scene's other objects ``rest`` ("a green star,
+    and a red circle left of a blue square"): the whole scene in one caption. The random choices do not
+    depend on the words, so twins (same ``rest``, swapped colours in ``rel``) get the same words."""
+    if not rest:
+        return relation_text(rel, rng, "caption")
+    listing, plural = _listing(rest, rng, with_size)
+    return _with_prefix(rng, f"{listing}, and " + relation_text(rel, rng, "caption", prefix=False), plural)
 
 
 def _cap_relation(scene: Scene, rng: np.random.Generator) -> str | None:
@@ -633,68 +658,23 @@ def _cap_relation(scene: Scene, rng: np.random.Generator) -> str | None:
     i, j = (int(k) for k in rng.choice(len(scene.objects), size=2, replace=False))
     a, b = scene.objects[i], scene.objects[j]
     rel = _pick(rng, [r for r in RELATIONS if relation_holds(a, r, b)])
-    return relation_text(Rel(_desc_of(a, rng), rel, _desc_of(b, rng)), rng, "caption")
-
-
-def _cap_count(scene: Scene, rng: np.random.Generator) -> str | None:
-    desc = _desc_of(_pick(rng, scene.objects), rng, ("s", "cs", "c", "zs"))
-    n = scene.count(desc)
-    body = _counted(n, desc, rng)
-    if n > 1 and rng.random() < 0.3:
-        body = "exactly " + body
-    return _with_prefix(rng, body, plural=n > 1)
-
-
-def _cap_total(scene: Scene, rng: np.random.Generator) -> str | None:
-    n = len(scene.objects)
-    noun = _pick(rng, GENERIC_WORDS)
-    body = f"a single {noun}" if n == 1 else f"{NUMBER_WORDS[n]} {PLURALS[noun]}"
-    if rng.random() < 0.6:
-        body += " on " + _pick(rng, BACKGROUND_WORDS[scene.background])
-    return _with_prefix(rng, body, plural=n > 1)
-
-
-def _cap_attribute(scene: Scene, rng: np.random.Generator) -> str | None:
-    options: list[str] = []
-    for o in scene.objects:
-        shape_word = _pick(rng, SHAPE_WORDS[o.shape])
-        if scene.count(Desc(o.shape)) == 1:
-            options.append(f"the {shape_word} is {o.color}")
-            options.append(f"the {shape_word} is {_pick(rng, SIZE_WORDS[o.size])}")
-        if scene.count(Desc(color=o.color)) == 1:
-            options.append(f"the {o.color} {_pick(rng, GENERIC_WORDS)} is {_a(shape_word)}")
-        if scene.count(Desc(size=o.size)) == 1 and len(scene.objects) > 1:
-            options.append(
-                f"the {_pick(rng, SIZE_WORDS[o.size])} {_pick(rng, GENERIC_WORDS)} is {_a(shape_word)}"
-            )
-    return _pick(rng, options) if options else None
-
-
-def _cap_negation(scene: Scene, rng: np.random.Generator) -> str | None:
-    desc = _absent_desc(scene, rng)
-    form = int(rng.integers(4))
-    if form == 0:
-        return f"there is no {np_text(desc, rng)}"
-    if form == 1:
-        return f"there are no {np_text(desc, rng, plural=True)}"
-    if form == 2:
-        return f"no {np_text(desc, rng, plural=True)} in this picture"
-    return f"a picture without {np_text(desc, rng, plural=True)}"
+    with_size = bool(rng.random() < 0.5)
+    forms = ("zcs",) if with_size else ("cs",)
+    rest = [o for k, o in enumerate(scene.objects) if k not in (i, j)]
+    return _relation_caption(Rel(_desc_of(a, rng, forms), rel, _desc_of(b, rng, forms)), rest, rng, with_size)
 
 
 CAPTION_KINDS: dict[str, Callable[[Scene, np.random.Generator], str | None]] = {
     "listing": _cap_listing,
     "relation": _cap_relation,
-    "count": _cap_count,
-    "total": _cap_total,
-    "attribute": _cap_attribute,
-    "negation": _cap_negation,
 }
 
 
 def captions(scene: Scene, rng: np.random.Generator, k: int, near_miss: str | None = None) -> list[str]:
-    """``k`` distinct true captions of different kinds (listing, relation, count, total, attribute,
-    negation), in random order. ``near_miss`` (a twin's relation caption) replaces the relation kind."""
+    """``k`` distinct true captions, in random order, each of which describes the whole scene: listings of
+    every object and relations between two objects after a listing of the others (vague captions such as "a
+    blue object" or "four shapes" are true of many images, which caps retrieval and makes in-batch negatives
+    true matches). ``near_miss`` (a twin's relation caption) replaces the first relation caption."""
     out = [near_miss] if near_miss else []
     kinds = [kind for kind in CAPTION_KINDS if not (near_miss and kind == "relation")]
     order = [kinds[i] for i in rng.permutation(len(kinds))]
@@ -802,10 +782,17 @@ def _q_shape(scene: Scene, rng: np.random.Generator) -> Question | None:
 
 
 def _q_count(scene: Scene, rng: np.random.Generator) -> Question:
-    if rng.random() < 0.2:
-        desc = _absent_desc(scene, rng, ("s", "cs"))
-    else:
-        desc = _desc_of(_pick(rng, scene.objects), rng, ("s", "cs", "c", "zs", "", ""))  # "": all objects
+    # The answer first, uniformly over the counts the scene offers, then a description with that count: drawn
+    # the other way round most answers would be "1", which the question's words alone would guess.
+    # The form of the description first ("" is every object), so that the form alone says little either.
+    form = _pick(rng, ("s", "cs", "c", "zs", ""))
+    descs = [_desc_of(o, rng, (form,)) for o in scene.objects]
+    if form:
+        descs.append(_absent_desc(scene, rng, (form,)))
+    by_count: dict[int, list[Desc]] = {}
+    for d in descs:
+        by_count.setdefault(scene.count(d), []).append(d)
+    desc = _pick(rng, by_count[_pick(rng, sorted(by_count))])
     template = _pick(
         rng, ("how many {} are there?", "how many {} can you see?", "how many {} are in the picture?")
     )
@@ -816,9 +803,8 @@ def _q_count(scene: Scene, rng: np.random.Generator) -> Question:
 
 def _q_existence(scene: Scene, rng: np.random.Generator) -> Question:
     present = bool(rng.random() < 0.5)
-    desc = (
-        _desc_of(_pick(rng, scene.objects), rng, ("s", "cs", "zcs")) if present else _absent_desc(scene, rng)
-    )
+    forms = ("s", "cs", "zcs")  # the same for present and absent objects: the words do not hint at the answer
+    desc = _desc_of(_pick(rng, scene.objects), rng, forms) if present else _absent_desc(scene, rng, forms)
     if rng.random() < 0.5:
         text = f"is there {_a(np_text(desc, rng))}?"
     else:
@@ -848,14 +834,17 @@ def _q_relation(scene: Scene, rng: np.random.Generator) -> Question | None:
 
 
 def _true_or_false_rel(scene: Scene, rng: np.random.Generator, truth: bool) -> Rel | None:
-    """An existential relation with the given truth value in the scene (None if none was found)."""
+    """An existential relation with the given truth value in the scene (None if none was found). The forms of
+    the two descriptions are drawn once, whatever the truth: false relations are easier to find between
+    specific descriptions, and redrawing the forms would let them hint at the truth."""
     if len(scene.objects) < 2:
         return None
+    forms = [(_pick(rng, ("cs", "s", "zcs")),), (_pick(rng, ("cs", "s", "zcs")),)]
     for _ in range(30):
         i, j = (int(k) for k in rng.choice(len(scene.objects), size=2, replace=False))
         a, b = scene.objects[i], scene.objects[j]
         rel = _pick(rng, [r for r in RELATIONS if relation_holds(a, r, b) == truth])
-        cand = Rel(_desc_of(a, rng, ("cs", "s", "zcs")), rel, _desc_of(b, rng, ("cs", "s", "zcs")))
+        cand = Rel(_desc_of(a, rng, forms[0]), rel, _desc_of(b, rng, forms[1]))
         if cand.holds(scene) == truth:
             return cand
     return None
@@ -879,88 +868,87 @@ def vqa_questions(scene: Scene, rng: np.random.Generator, near_miss: Sequence[st
 # SNLI-VE
 # ----------------------------------------------------------------------------------------------------------
 
-MATERIALS = ("wood", "metal", "paper", "plastic", "glass", "clay", "felt", "stone")
-WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+# The subjects of the definite claims: which of (size, colour, shape) the description names.
+CLAIM_SUBJECTS: tuple[tuple[str, ...], ...] = (
+    ("shape",),
+    ("color",),
+    ("size",),
+    ("color", "shape"),
+    ("size", "shape"),
+    ("size", "color"),
+)
+CLAIM_VALUES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES)}
 
 
-def _statement(scene: Scene, rng: np.random.Generator, truth: bool) -> str:
-    """A statement about the picture that is true (``truth``) or false, of a random kind."""
-    kinds = ["exists", "count", "relation", "attribute", "total", "background", "negation"]
-    for k in rng.permutation(len(kinds)):
-        text = _statement_of_kind(kinds[k], scene, rng, truth)
-        if text is not None:
-            return text
-    raise AssertionError("unreachable: 'exists' always succeeds")
+@dataclass(frozen=True)
+class Claim:
+    """The definite claim "the <subject> is <value>" ("the big object is red", "the red shape is a circle").
+
+    It is about whichever object the subject means, so its label needs the picture: entailment when every
+    object the subject describes has the value, contradiction when none has, neutral when some have and some
+    have not (the picture cannot tell which one the sentence is about). The same words take each label in
+    some picture, so the hypothesis alone does not give the label away."""
+
+    subject: Desc
+    attribute: str  # "color", "shape" or "size"
+    value: str
+
+    def label(self, scene: Scene) -> str:
+        referents = scene.select(self.subject)
+        n = sum(getattr(o, self.attribute) == self.value for o in referents)
+        return "entailment" if n == len(referents) else "contradiction" if n == 0 else "neutral"
+
+    def text(self, rng: np.random.Generator) -> str:
+        if self.attribute == "shape":
+            value = _a(_pick(rng, SHAPE_WORDS[self.value]))
+        elif self.attribute == "size":
+            value = _pick(rng, SIZE_WORDS[self.value])
+        else:
+            value = self.value
+        return f"the {np_text(self.subject, rng)} is {value}"
+
+    @property
+    def form(self) -> tuple[tuple[str, ...], str]:
+        """What the subject names and what the claim is about: ``(("size",), "color")`` for "the big object is
+        red"."""
+        named = tuple(a for a in ("shape", "color", "size") if getattr(self.subject, a) is not None)
+        return named, self.attribute
 
 
-def _statement_of_kind(kind: str, scene: Scene, rng: np.random.Generator, truth: bool) -> str | None:
-    objects = scene.objects
-    if kind in ("exists", "negation"):
-        present = truth if kind == "exists" else not truth
-        desc = _desc_of(_pick(rng, objects), rng, ("s", "cs", "zcs")) if present else _absent_desc(scene, rng)
-        if kind == "negation":
-            return f"there is no {np_text(desc, rng)}"
-        return _pick(rng, ("there is {}", "the picture contains {}", "{} is visible")).format(
-            _a(np_text(desc, rng))
-        )
-    if kind == "count":
-        desc = _desc_of(_pick(rng, objects), rng, ("s", "cs", "c"))
-        c = scene.count(desc)
-        n = c if truth else c + _pick(rng, (-1, 1) if c > 1 else (1,))
-        verb = "is" if n == 1 else "are"
-        return f"there {verb} exactly {NUMBER_WORDS[n]} {np_text(desc, rng, plural=n != 1)}"
-    if kind == "relation":
-        rel = _true_or_false_rel(scene, rng, truth)
-        return None if rel is None else relation_text(rel, rng, "statement")
-    if kind == "attribute":
-        uniques = [o for o in objects if scene.count(Desc(o.shape)) == 1]
-        if not uniques:
-            return None
-        o = _pick(rng, uniques)
-        color = o.color if truth else _pick(rng, [c for c in COLORS if c != o.color])
-        return f"the {_pick(rng, SHAPE_WORDS[o.shape])} is {color}"
-    if kind == "total":
-        n = len(objects) if truth else len(objects) + _pick(rng, (-1, 1) if len(objects) > 1 else (1,))
-        if n == 1:
-            return f"there is exactly one {_pick(rng, GENERIC_WORDS)} in the picture"
-        return f"there are exactly {NUMBER_WORDS[n]} {PLURALS[_pick(rng, GENERIC_WORDS)]} in the picture"
-    if kind == "background":
-        bg = scene.background if truth else _pick(rng, [b for b in BACKGROUNDS if b != scene.background])
-        return f"the background is {BACKGROUND_ADJECTIVES[bg]}"
-    raise ValueError(f"unknown statement kind {kind!r}")
-
-
-def _neutral(scene: Scene, rng: np.random.Generator) -> str:
-    """A statement the picture cannot decide: about a depicted object, but not about what is drawn."""
-    o = _pick(rng, scene.objects)
-    descs = unique_descs(scene, o)
-    subject = "the " + np_text(_pick(rng, descs) if descs else Desc(o.shape, o.color, o.size), rng)
-    others = [p for p in scene.objects if p is not o and unique_descs(scene, p)]
-    templates: list[str] = [
-        f"{subject} is made of {_pick(rng, MATERIALS)}",
-        f"{subject} was drawn by a child",
-        f"{subject} was added to the picture last",
-        f"{subject} is about to move to the {_pick(rng, ('left', 'right'))}",
-        f"{subject} is warm to the touch",
-        f"{subject} is the favorite shape of the artist",
-        f"the picture was drawn on a {_pick(rng, WEEKDAYS)}",
-    ]
-    if others:
-        other = "the " + np_text(_pick(rng, unique_descs(scene, _pick(rng, others))), rng)
-        templates += [f"someone drew {subject} before {other}", f"{subject} is heavier than {other}"]
-    return _pick(rng, templates)
+def ve_claims(scene: Scene) -> dict[tuple[tuple[str, ...], str], dict[str, list[Claim]]]:
+    """The definite claims about the scene's objects, by form and label, for the forms that take all three
+    labels in this scene (sorted, so a choice among them is a function of the generator). Drawing the three
+    hypotheses of a picture from one form leaves their words nothing that tells the labels apart."""
+    found: dict[tuple[tuple[str, ...], str], dict[str, set[Claim]]] = {}
+    for o in scene.objects:
+        for named in CLAIM_SUBJECTS:
+            subject = Desc(*(getattr(o, a) if a in named else None for a in ("shape", "color", "size")))
+            for attribute in (a for a in ("color", "shape", "size") if a not in named):
+                for value in CLAIM_VALUES[attribute]:
+                    claim = Claim(subject, attribute, value)
+                    found.setdefault(claim.form, {}).setdefault(claim.label(scene), set()).add(claim)
+    return {
+        form: {label: sorted(by_label[label], key=repr) for label in VE_LABELS}
+        for form, by_label in sorted(found.items())
+        if len(by_label) == len(VE_LABELS)
+    }
 
 
 def ve_statements(
     scene: Scene, rng: np.random.Generator, near_miss: Sequence[str] = ()
-) -> list[tuple[str, str]]:
-    """One entailment, one neutral, one contradiction hypothesis, in random order. ``near_miss``: for a
-    twin, ``(text_true_here, text_false_here)`` are the entailment and the contradiction."""
+) -> list[tuple[str, str]] | None:
+    """One entailment, one neutral, one contradiction hypothesis, in random order, all three definite claims
+    of one form; None when no form takes all three labels in this scene (the caller draws another scene).
+    ``near_miss``: for a twin, ``(text_true_here, text_false_here)`` are the entailment and the contradiction
+    (the neutral one is still a claim)."""
+    claims = ve_claims(scene)
+    if not claims:
+        return None
+    by_label = claims[_pick(rng, list(claims))]
+    texts = {label: _pick(rng, by_label[label]).text(rng) for label in VE_LABELS}
     if near_miss:
-        ent, con = near_miss
-    else:
-        ent, con = _statement(scene, rng, True), _statement(scene, rng, False)
-    items = [(ent, "entailment"), (_neutral(scene, rng), "neutral"), (con, "contradiction")]
+        texts["entailment"], texts["contradiction"] = near_miss
+    items = [(texts[label], label) for label in VE_LABELS]
     return [items[i] for i in rng.permutation(3)]
 
 
@@ -1239,17 +1227,31 @@ def _build_item(c: _Chunk, index: int) -> dict[str, Any]:
     pair = index // 2
     twin = pair % c.twin_period == 0 and 2 * pair + 1 < c.n
     near: tuple[Rel, Rel] | None = None
+    # SNLI-VE wants a form of claim that takes every label in each scene; the scenes without one are drawn
+    # again from the same generator.
     if twin:
-        a, b, rel_a, rel_b = make_twins(rng(2 * pair, 1), c.image_size)
+        twin_rng = rng(2 * pair, 1)
+        a, b, rel_a, rel_b = make_twins(twin_rng, c.image_size)
+        while task == "ve" and not (ve_claims(a) and ve_claims(b)):
+            a, b, rel_a, rel_b = make_twins(twin_rng, c.image_size)
         scene, near = (a, (rel_a, rel_b)) if index % 2 == 0 else (b, (rel_b, rel_a))
     else:
-        scene = make_scene(rng(index, 0), c.image_size)
+        scene_rng = rng(index, 0)
+        scene = make_scene(scene_rng, c.image_size)
+        while task == "ve" and not ve_claims(scene):
+            scene = make_scene(scene_rng, c.image_size)
     text_rng = rng(index, 2)
 
     def near_text(style: str) -> tuple[str, str]:
         # The same generator state for both relations and both twins: same words, different bindings.
         assert near is not None
         mine, other = near
+        if style == "caption":  # the whole scene: the twins' other objects are the same
+            rest = [o for o, o_twin in zip(a.objects, b.objects) if o == o_twin]
+            return (
+                _relation_caption(mine, rest, rng(2 * pair, 3), with_size=False),
+                _relation_caption(other, rest, rng(2 * pair, 3), with_size=False),
+            )
         return relation_text(mine, rng(2 * pair, 3), style), relation_text(other, rng(2 * pair, 3), style)
 
     rel = image_name(c.split, index)
@@ -1544,7 +1546,9 @@ def _card(cfg: SynthConfig, out: _Outputs, counts: dict[str, int]) -> dict[str, 
         "semantics": (
             "relations compare object centres (left: x smaller; above: y smaller, image y grows downwards); every "
             f"pair of objects differs by >= {CRISP} x image size on both axes; indefinite statements are "
-            "existential, definite ones ('the red circle') name exactly one object, counts are exact"
+            "existential, definite ones ('the red circle') name exactly one object, counts are exact; an SNLI-VE "
+            "claim ('the big object is red') is about whichever object its subject means: entailment when all "
+            "of them have the value, contradiction when none has, neutral when some have"
         ),
     }
 
