@@ -6,7 +6,8 @@ JSON under ``metrics/`` with its timing fields left out (wall time and throughpu
     python benchmarks/pipeline_run.py --profile none --work /tmp/run-b
     python benchmarks/reproducibility.py /tmp/run-a /tmp/run-b --json reproducibility.json
 
-Exit code 0 when everything compared is identical, 1 otherwise (the differing files are listed).
+Exit code 0 when everything compared is identical, 1 otherwise (the differing files are listed). ``--shared-only``
+compares what both runs have (a rerun of the first stages against a whole run).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", type=Path, help="one run's work folder")
     parser.add_argument("b", type=Path, help="the other run's work folder")
     parser.add_argument("--json", help="also write the comparison here")
+    parser.add_argument(
+        "--shared-only", action="store_true", help="ignore files only one run has (a run of the first stages only)"
+    )
     args = parser.parse_args(argv)
     result = compare(args.a, args.b)
     print(
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {key.replace('_', ' ')}: {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    same = not (result["different"] or result["only_in_a"] or result["only_in_b"])
+    one_sided = not args.shared_only and (result["only_in_a"] or result["only_in_b"])
+    same = not (result["different"] or one_sided)
     return 0 if same and result["compared"] else 1
 
 
