@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("b", type=Path, help="the other run's work folder")
     parser.add_argument("--json", help="also write the comparison here")
     parser.add_argument(
-        "--shared-only", action="store_true", help="ignore files only one run has (a run of the first stages only)"
+        "--shared-only",
+        action="store_true",
+        help="ignore files only one run has (a run of the first stages only)",
     )
     args = parser.parse_args(argv)
     result = compare(args.a, args.b)
