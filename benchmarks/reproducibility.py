@@ -1,6 +1,7 @@
 """Do two runs of the pipeline give the same result? Compares two work folders of ``benchmarks/pipeline_run.py``
-(or two ``dvc repro`` checkouts): every file under ``data/`` and ``models/`` byte for byte, and every metrics
-JSON under ``metrics/`` with its timing fields left out (wall time and throughput differ between any two runs).
+(or two ``dvc repro`` checkouts): every file under ``data/`` and ``models/`` byte for byte (restart bookkeeping in
+dot-folders aside), and every metrics JSON under ``metrics/`` and each model's ``training.json`` with their
+timing fields left out (wall time and throughput differ between any two runs).
 
     python benchmarks/pipeline_run.py --profile none --work /tmp/run-a
     python benchmarks/pipeline_run.py --profile none --work /tmp/run-b
@@ -47,9 +48,14 @@ def fingerprint(work: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     for folder in COMPARED:
         for path in sorted((work / folder).rglob("*")):
-            if path.is_file():
+            # dot-folders hold restart bookkeeping (preprocess's .processed.state names the folders it read)
+            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(work).parts):
                 found[str(path.relative_to(work))] = _digest(path)
-    for path in sorted((work / METRICS).rglob("*.json")):
+    # metrics, and the training record an exported model carries (models/*/training.json), hold timings too
+    for path in [
+        *sorted((work / METRICS).rglob("*.json")),
+        *sorted((work / "models").rglob("training.json")),
+    ]:
         body = json.dumps(_without_timing(json.loads(path.read_text())), sort_keys=True)
         found[str(path.relative_to(work))] = hashlib.sha256(body.encode()).hexdigest()
     return found

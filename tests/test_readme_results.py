@@ -99,7 +99,11 @@ def test_reproducibility_compares_weights_byte_for_byte_and_metrics_without_timi
         (work / "data").mkdir()
         (work / "metrics").mkdir()
         (work / "models" / "pretrain" / "model.safetensors").write_bytes(weight)
+        training = {"steps": 3, "train_seconds": seconds}  # the exported model's training record
+        (work / "models" / "pretrain" / "training.json").write_text(json.dumps(training))
         (work / "data" / "pretrain.json").write_text("[]")
+        (work / "data" / ".processed.state").mkdir()  # restart bookkeeping, which names its run's folder
+        (work / "data" / ".processed.state" / "done.json").write_text(json.dumps({"root": str(work)}))
         metrics = {"loss": loss, "train_seconds": seconds, "samples_per_s": 1 / seconds, "val": {"r_mean": 7}}
         (work / "metrics" / "pretrain.json").write_text(json.dumps(metrics))
         return work
