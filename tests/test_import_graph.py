@@ -4,54 +4,17 @@ round a loop), and the shared helpers at the bottom import nothing above them (i
 
 from __future__ import annotations
 
-import ast
-from collections import defaultdict
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(REPO / "albef").rglob("*.py"), *(REPO / "flows").rglob("*.py")])
-# The bottom layer: what every stage, evaluation and service shares (settings, files, devices, processes,
-# weights, tokenizer, schedules). They may import each other, nothing above.
-BOTTOM = (
-    "albef.config",
-    "albef.io",
-    "albef.device",
-    "albef.distributed",
-    "albef.world",
-    "albef.model_files",
-    "albef.safe_load",
-    "albef.tokenizer",
-    "albef.schedule",
-)
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+import import_diagram  # noqa: E402  (the one reader of the import graph; it also draws the README's picture)
 
-def _module(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-MODULES = {_module(p): p for p in SOURCES}
-
-
-def _ours(name: str) -> bool:
-    return name.split(".")[0] in ("albef", "flows")
-
-
-def _imports() -> dict[str, set[tuple[str, str | None]]]:
-    """module -> {(imported module, imported name or None)} for every import of albef or flows."""
-    found: dict[str, set[tuple[str, str | None]]] = defaultdict(set)
-    for name, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and _ours(node.module):
-                for alias in node.names:
-                    sub = f"{node.module}.{alias.name}"
-                    found[name].add((sub, None) if sub in MODULES else (node.module, alias.name))
-            elif isinstance(node, ast.Import):
-                found[name].update((alias.name, None) for alias in node.names if _ours(alias.name))
-    return found
-
-
-IMPORTS = _imports()
+BOTTOM = import_diagram.BOTTOM
+MODULES = import_diagram.sources(REPO)
+IMPORTS = import_diagram.imports(REPO)
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -107,3 +70,9 @@ def test_evaluation_does_not_import_training():
         if target.startswith("albef.train")
     )
     assert not upward, "\n".join(upward)
+
+
+def test_the_readme_layout_picture_is_the_current_import_graph():
+    assert import_diagram.readme_block(REPO / "README.md") == import_diagram.render(REPO), (
+        "README.md's import diagram is stale: run python benchmarks/import_diagram.py --readme README.md"
+    )
