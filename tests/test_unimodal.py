@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def test_stage_learns_and_writes_pretrain_initialisation(tiny_data, tmp_path):
             "metrics": str(tmp_path / "unimodal.json"),
             "vision_steps": 200,
             "vision_lr": 3e-3,
-            "text_steps": 60,
+            "text_steps": 150,
+            "text_lr": 2e-3,
             "batch_size": 8,
             "warmup_steps": 5,
             "heldout_fraction": 0.25,
@@ -64,7 +66,12 @@ def test_stage_learns_and_writes_pretrain_initialisation(tiny_data, tmp_path):
     # 18 training images: the encoder fits them far below the label-frequency floor (on the embedded
     # default it beats the floor on held-out images too: README figures)
     assert metrics["image_train_bce"] < 0.7 * metrics["image_heldout_bce_prior"]
-    assert metrics["text_heldout_mlm_accuracy"] > 0.2
+    # The text encoder learns the captions' language: its held-out MLM loss is far below a uniform guess over the
+    # vocabulary. (Accuracy on the dozen held-out captions is a coarse measure: half their words are the
+    # colours, shapes and sizes of a random scene, which no context predicts.)
+    vocab = TINY_MODEL["text"]["vocab_size"]
+    assert metrics["text_heldout_mlm_loss"] < 0.6 * math.log(vocab)
+    assert metrics["text_heldout_mlm_accuracy"] > 10 / vocab
     out = tmp_path / "unimodal"
     assert not (tmp_path / "unimodal.partial").exists()
     model = build_model("pretrain", ModelConfig.from_dict(TINY_MODEL))
