@@ -782,9 +782,9 @@ def _q_shape(scene: Scene, rng: np.random.Generator) -> Question | None:
 
 
 def _q_count(scene: Scene, rng: np.random.Generator) -> Question:
-    # The answer first, uniformly over the counts the scene offers, then a description with that count: drawn
-    # the other way round most answers would be "1", which the question's words alone would guess.
-    # The form of the description first ("" is every object), so that the form alone says little either.
+    # The description's form first ("" is every object), then the answer uniformly over the counts that form
+    # offers in this scene, then a description with that count: drawn the other way round most answers would
+    # be "1", which the question's words alone would guess.
     form = _pick(rng, ("s", "cs", "c", "zs", ""))
     descs = [_desc_of(o, rng, (form,)) for o in scene.objects]
     if form:
