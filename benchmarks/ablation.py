@@ -15,7 +15,9 @@ The data (``synth``, ``preprocess``) and the unimodal encoders (``unimodal``) ar
 taken from the project (after ``dvc repro unimodal``) or, when it has none, made once under ``--work``. Each
 (row, seed) then runs the stage commands of dvc.yaml from ``pretrain`` on, as ``dvc repro`` runs them, in a folder
 of its own (MLflow off); the seed replaces every training stage's ``seed``. A finished (row, seed) is kept and
-skipped on the next invocation, so an interrupted ablation continues where it stopped.
+skipped on the next invocation, and so is each finished stage of an unfinished one, so an interrupted ablation
+continues where it stopped. The ``mod_finetune`` row reuses ``mod_pretrain``'s pretraining of the same seed
+(the same switches: only the finetuning differs).
 
     dvc repro unimodal && python benchmarks/ablation.py                      # 5 rows x 3 seeds, every task
     python benchmarks/ablation.py --tasks retrieval --seeds 0 1 2           # zero-shot, finetuned, shifted only
@@ -156,25 +158,56 @@ def shared_inputs(project: Path, params: dict[str, Any], work: Path, in_process:
     return base
 
 
+def _pretrain_switches(row: str) -> dict[str, bool]:
+    return {k: v for k, v in row_overrides(row, 0).items() if k.startswith("pretrain.")}
+
+
+def shared_pretraining(row: str, seed: int, work: Path) -> Path | None:
+    """A finished pretraining of an earlier row with the same pretraining switches and seed (the
+    ``mod_finetune`` row pretrains exactly as ``mod_pretrain``): its model is reused, not trained again."""
+    for other in ROWS:
+        if other == row:
+            return None
+        folder = work / other / f"seed{seed}"
+        if _pretrain_switches(other) == _pretrain_switches(row) and (folder / "logs/pretrain.done").exists():
+            return folder / "models" / "pretrain"
+    return None
+
+
 def run_one(
     row: str, seed: int, params: dict[str, Any], tasks: list[str], shared: Path, work: Path, in_process: bool
 ) -> dict[str, Any]:
-    """Pretrain with the row's switches and ``seed``, then every task's stages; the metrics by column."""
+    """Pretrain with the row's switches and ``seed``, then every task's stages; the metrics by column. A
+    stage that finished (``logs/<stage>.done``) is not run again when an interrupted run is continued with
+    the same params."""
     folder = work / row / f"seed{seed}"
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    shutil.rmtree(folder, ignore_errors=True)
-    (folder / "models").mkdir(parents=True)
-    for rel in SHARED_OUTPUTS:
-        (folder / rel).symlink_to((shared / rel).resolve(), target_is_directory=True)
     run_params = _set(params, row_overrides(row, seed))
-    (folder / "params.yaml").write_text(yaml.safe_dump(run_params, sort_keys=False))
+    params_text = yaml.safe_dump(run_params, sort_keys=False)
+    params_file = folder / "params.yaml"
+    if not params_file.is_file() or params_file.read_text() != params_text:
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "models").mkdir(parents=True)
+        for rel in SHARED_OUTPUTS:
+            (folder / rel).symlink_to((shared / rel).resolve(), target_is_directory=True)
+        params_file.write_text(params_text)
     commands = {name: cmd for name, cmd, _ in stage_commands(REPO / "dvc.yaml")}
     stages = ["pretrain"] + [s for task in tasks for s in TASKS[task][0] if s in commands]
-    started = time.perf_counter()
+    pretrained = shared_pretraining(row, seed, work)
+    if pretrained is not None and not (folder / "models/pretrain").exists():
+        (folder / "models/pretrain").symlink_to(pretrained.resolve(), target_is_directory=True)
+    seconds = 0.0  # the stages' own time (each marker holds its stage's), also across interruptions
     for stage in stages:
-        _run_stage(stage, commands[stage], folder, in_process)
+        done = folder / "logs" / f"{stage}.done"
+        if stage == "pretrain" and pretrained is not None:
+            continue
+        if not done.exists():
+            started = time.perf_counter()
+            _run_stage(stage, commands[stage], folder, in_process)
+            done.write_text(f"{time.perf_counter() - started:.1f}")
+        seconds += float(done.read_text() or 0)
     metrics: dict[str, float] = {}
     for task in tasks:
         for column, rel, key in TASKS[task][1]:
@@ -184,7 +217,7 @@ def run_one(
     result = {
         "row": row,
         "seed": seed,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
         "metrics": metrics,
     }
     result_file.write_text(json.dumps(result, indent=2) + "\n")

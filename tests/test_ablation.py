@@ -142,3 +142,24 @@ def test_a_smoke_ablation_runs_each_row_and_seed_and_a_rerun_is_identical(tmp_pa
     rerun = json.loads((again / "ablation.json").read_text())["runs"][0]
     assert _digest(again / "mlm_itm/seed1/models/pretrain/model.safetensors") == weights[("mlm_itm", 1)]
     assert rerun["metrics"] == report["runs"][1]["metrics"]
+
+    # an interrupted run continues: finished stages are not run again, the unfinished one is
+    run_dir = again / "mlm_itm/seed1"
+    pretrained = run_dir / "models/pretrain/model.safetensors"
+    pretrained_at = pretrained.stat().st_mtime_ns
+    (run_dir / "result.json").unlink()
+    (run_dir / "logs/evaluate_retrieval.done").unlink()
+    (run_dir / "metrics/retrieval.json").unlink()
+    assert ablation.main([*rerun_argv, "--rows", "mlm_itm", "--seeds", "1", "--tasks", "retrieval"]) == 0
+    assert pretrained.stat().st_mtime_ns == pretrained_at
+    assert json.loads((again / "ablation.json").read_text())["runs"][0]["metrics"] == rerun["metrics"]
+
+    # the full model's row pretrains exactly as the row before it: it reuses that pretraining
+    argv = [*rerun_argv, "--rows", "mod_pretrain", "mod_finetune", "--seeds", "1", "--tasks", "retrieval"]
+    assert ablation.main(argv) == 0
+    reused = again / "mod_finetune/seed1/models/pretrain"
+    assert (
+        reused.is_symlink() and reused.resolve() == (again / "mod_pretrain/seed1/models/pretrain").resolve()
+    )
+    assert not (again / "mod_finetune/seed1/logs/pretrain.done").exists()
+    assert _digest(reused / "model.safetensors") == weights[("mod_finetune", 1)]
