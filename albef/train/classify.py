@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,13 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
 from albef.eval.settings import EVAL_SECTIONS, ClassifierEvalConfig
 from albef.io import write_json
-from albef.tokenizer import load_tokenizer
-from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
     TASK_LOSS_KEYS,
-    data_digest,
-    export_model,
-    initial_model,
+    Collate,
+    TrainingData,
     load_task_model,
+    run_training,
     split_train_section,
-    train_metrics,
-    write_curves,
 )
 
 log = logging.getLogger(__name__)
@@ -178,120 +173,59 @@ def finetune_classifier_stage(
 ) -> dict[str, Any]:
     """Train ``task`` (``ve``, ``nlvr`` or ``nlvr_ta``) with the settings of ``params[name]`` (default
     :data:`TRAIN_SECTIONS`); returns the metrics written for DVC."""
-    from albef.data import datasets as ds
-    from albef.data.classify import ClassificationCollate, ClassificationDataset
-    from albef.data.transforms import build_transform, eval_transform
-    from albef.train.stages import Collate
-
     stage, train, max_words, missing_images = classifier_train_settings(params, task, name)
     name = name or TRAIN_SECTIONS[task]
-    world, device = init_distributed(train.device, f"{name}.device")
-    try:
-        # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
-        resolve_precision(train.precision, device, f"{name}.precision")
-        torch.manual_seed(train.seed)  # the same initial weights on every rank
-        model, init_info = initial_model(stage, task, params)
-        if task != "nlvr_ta":  # text assignment has no loss switches
-            model.use_losses(train.losses)
-        tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
-        tokenizer = load_tokenizer(tokenizer_dir, model.cfg)
+
+    def build_data(model, tokenizer, world, device) -> TrainingData:
+        from albef.data import datasets as ds
+        from albef.data.classify import ClassificationCollate, ClassificationDataset
+        from albef.data.transforms import build_transform, eval_transform
+
         images = ds.image_source(stage.data_dir)
         size = model.cfg.vision.image_size
         train_file = Path(stage.data_dir) / stage.train_file
-        data_info: dict[str, Any] = {}
-        validate = None
+        settings = {"max_words": max_words, "missing_images": missing_images}
         if task == "nlvr_ta":
             transform = build_transform(
                 "pretrain", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
             )
-            dataset = ds.PretrainDataset(train_file, images, transform, max_words=max_words)
-            collate = Collate(tokenizer, stage.max_tokens, with_idx=False)
-            forward = text_assignment_forward
             # kept for the official checkpoint keys, unused by the TA forward: frozen, so DDP does not wait for
             # their gradients (AdamW leaves a parameter without gradient unchanged either way)
             model.text_proj.requires_grad_(False)
             model.temp.requires_grad_(False)
-        else:
-            transform = build_transform(
-                "train", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
+            return TrainingData(
+                ds.PretrainDataset(train_file, images, transform, max_words=max_words),
+                Collate(tokenizer, stage.max_tokens, with_idx=False),
+                text_assignment_forward,
+                unit="records",
+                settings=settings,
             )
-            dataset = ClassificationDataset(
-                train_file, task, images, transform, max_words=max_words, missing_images=missing_images
-            )
-            data_info["train_records"] = len(dataset)
-            data_info["skipped_missing_images"] = len(dataset.skipped)
-            collate = ClassificationCollate(tokenizer, stage.max_tokens)
-            forward = classifier_forward
-            if stage.val_file:
-                val_set = ClassificationDataset(
-                    Path(stage.data_dir) / stage.val_file,
-                    task,
-                    images,
-                    eval_transform(size),
-                    max_words=max_words,
-                    missing_images=missing_images,
-                )
-                data_info["val_records"] = len(val_set)
-                data_info["val_skipped_missing_images"] = len(val_set.skipped)
-                validate = _accuracy_validator(
-                    val_set, collate, stage.eval_batch_size, device, train.precision
-                )
-        if len(dataset) < train.batch_size * world.world_size:
-            raise ConfigError(
-                f"{name}: {train_file} has {len(dataset)} records, fewer than one global batch "
-                f"({train.batch_size} x {world.world_size} processes)"
-            )
-        run_fp = fingerprint(
-            task,
-            train.fingerprint_fields(),
-            {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
-            {"max_words": max_words, "missing_images": missing_images},
-            model.cfg.to_dict(),
-            init_info,
-            data_digest(stage, tokenizer_dir),
-            world.world_size,
+        transform = build_transform(
+            "train", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
         )
-        trainer = Trainer(
-            model,
-            dataset,
-            collate,
-            forward,
-            train,
-            stage.run_dir,
-            world,
-            device,
-            run_fp,
-            validate=validate,
-            on_log=on_log,
-            progress=progress,
-            name=name,
+        dataset = ClassificationDataset(
+            train_file, task, images, transform, max_words=max_words, missing_images=missing_images
         )
-        result = trainer.fit()
-        metrics = train_metrics(result, trainer)
-        metrics.update(data_info)
-        if world.is_main:
-            best_dir = Path(stage.run_dir) / "best" if train.select_metric and result.best else None
-            summary = {
-                "stage": name,
-                "task": task,
-                "fingerprint": run_fp,
-                "settings": {
-                    "train": asdict(train),
-                    "stage": asdict(stage),
-                    "max_words": max_words,
-                    "missing_images": missing_images,
-                },
-                "metrics": metrics,
-                "selected": result.best,
-            }
-            export_model(model, stage.out, tokenizer, best_dir, summary)
-            if stage.metrics:
-                write_json(stage.metrics, metrics)
-            write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
-            log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
-        return metrics
-    finally:
-        cleanup_distributed()
+        info = {"train_records": len(dataset), "skipped_missing_images": len(dataset.skipped)}
+        collate = ClassificationCollate(tokenizer, stage.max_tokens)
+        validate = None
+        if stage.val_file:
+            val_set = ClassificationDataset(
+                Path(stage.data_dir) / stage.val_file,
+                task,
+                images,
+                eval_transform(size),
+                max_words=max_words,
+                missing_images=missing_images,
+            )
+            info["val_records"] = len(val_set)
+            info["val_skipped_missing_images"] = len(val_set.skipped)
+            validate = _accuracy_validator(val_set, collate, stage.eval_batch_size, device, train.precision)
+        return TrainingData(
+            dataset, collate, classifier_forward, validate, unit="records", settings=settings, info=info
+        )
+
+    return run_training(params, name, task, stage, train, build_data, progress, on_log)
 
 
 #: the metrics key of each task's text-only baseline

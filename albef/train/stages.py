@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -336,46 +337,56 @@ def _plot_curves(curves: dict[str, Path], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def train_stage(
-    params: dict[str, Any], name: str, task: str, progress: bool = True, on_log=None
-) -> dict[str, Any]:
-    """Train ``task`` with the settings of section ``name``; returns the metrics written for DVC."""
-    from albef.data import datasets as ds
-    from albef.data.transforms import build_transform, eval_transform
+@dataclass
+class TrainingData:
+    """What one task trains on, built by its stage once the model and tokenizer exist (:func:`run_training`)."""
 
-    stage, train = split_train_section(section(params, name), name, TASK_LOSS_KEYS[task])
-    dataset_cls, transform_name, forward, with_idx = _TASKS[task]
+    dataset: Any
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    forward: Callable  # the Trainer's forward: (model, batch, alpha, choices) -> the model's output
+    validate: Callable[[Any], dict[str, float]] | None = None
+    unit: str = "samples"  # what a dataset item is, in the error for a dataset smaller than one global batch
+    settings: dict[str, Any] = field(default_factory=dict)  # the task's own settings: fingerprinted, exported
+    info: dict[str, Any] = field(default_factory=dict)  # facts about the data, added to the metrics
+    extra_files: dict[str, Path] = field(default_factory=dict)  # exported beside the weights: name -> source
+
+
+def run_training(
+    params: dict[str, Any],
+    name: str,
+    task: str,
+    stage: TrainStageConfig,
+    train: TrainConfig,
+    build_data: Callable[..., TrainingData],
+    progress: bool = True,
+    on_log=None,
+) -> dict[str, Any]:
+    """The one body of every training stage: the ``task`` model from ``stage.init`` (or the encoders), its
+    tokenizer, the task's data (``build_data(model, tokenizer, world, device)``), the resumable Trainer, then
+    (rank 0) the export, the metrics JSON and the curves. Returns the metrics written for DVC."""
     world, device = init_distributed(train.device, f"{name}.device")
     try:
         # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
         model, init_info = initial_model(stage, MODEL_TASK.get(task, task), params)
-        model.use_losses(train.losses)
-        model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
+        if TASK_LOSS_KEYS[task]:  # (text assignment has a single loss and no switches)
+            model.use_losses(train.losses)
+        if hasattr(model, "image_queue"):  # the ITC queues advance by the gathered batch
+            model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
         tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
         tokenizer = load_tokenizer(tokenizer_dir, model.cfg)
-        images = ds.image_source(stage.data_dir)
-        size = model.cfg.vision.image_size
-        crop = {"scale": stage.crop_scale} if transform_name in _CROPPING else {}
-        transform = build_transform(transform_name, size, hflip=stage.hflip, augment=stage.augment, **crop)
-        train_file = Path(stage.data_dir) / stage.train_file
-        dataset = getattr(ds, dataset_cls)(train_file, images, transform)
-        if len(dataset) < train.batch_size * world.world_size:
+        data = build_data(model, tokenizer, world, device)
+        if len(data.dataset) < train.batch_size * world.world_size:
             raise ConfigError(
-                f"{name}: {train_file} has {len(dataset)} samples, fewer than one global batch "
-                f"({train.batch_size} x {world.world_size} processes)"
+                f"{name}: {Path(stage.data_dir) / stage.train_file} has {len(data.dataset)} {data.unit}, fewer "
+                f"than one global batch ({train.batch_size} x {world.world_size} processes)"
             )
-        validate = None
-        if stage.val_file:
-            val_set = ds.RetrievalEvalDataset(
-                Path(stage.data_dir) / stage.val_file, images, eval_transform(size)
-            )
-            validate = _retrieval_validator(val_set, tokenizer, stage, device, train.precision)
         run_fp = fingerprint(
             task,
             train.fingerprint_fields(),
             {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
+            *([data.settings] if data.settings else []),
             model.cfg.to_dict(),
             init_info,
             data_digest(stage, tokenizer_dir),
@@ -383,32 +394,34 @@ def train_stage(
         )
         trainer = Trainer(
             model,
-            dataset,
-            Collate(tokenizer, stage.max_tokens, with_idx),
-            forward,
+            data.dataset,
+            data.collate,
+            data.forward,
             train,
             stage.run_dir,
             world,
             device,
             run_fp,
-            validate=validate,
+            validate=data.validate,
             on_log=on_log,
             progress=progress,
             name=name,
         )
         result = trainer.fit()
-        metrics = train_metrics(result, trainer)
+        metrics = {**train_metrics(result, trainer), **data.info}
         if world.is_main:
             best_dir = Path(stage.run_dir) / "best" if train.select_metric and result.best else None
             summary = {
                 "stage": name,
                 "task": task,
                 "fingerprint": run_fp,
-                "settings": {"train": asdict(train), "stage": asdict(stage)},
+                "settings": {"train": asdict(train), "stage": asdict(stage), **data.settings},
                 "metrics": metrics,
                 "selected": result.best,
             }
-            export_model(model, stage.out, tokenizer, best_dir, summary)
+            out = export_model(model, stage.out, tokenizer, best_dir, summary)
+            for file_name, source in data.extra_files.items():
+                shutil.copyfile(source, out / file_name)
             if stage.metrics:
                 write_json(stage.metrics, metrics)
             write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
@@ -416,6 +429,34 @@ def train_stage(
         return metrics
     finally:
         cleanup_distributed()
+
+
+def train_stage(
+    params: dict[str, Any], name: str, task: str, progress: bool = True, on_log=None
+) -> dict[str, Any]:
+    """Train ``task`` (pretrain, retrieval, grounding) with the settings of section ``name``; returns the
+    metrics written for DVC."""
+    stage, train = split_train_section(section(params, name), name, TASK_LOSS_KEYS[task])
+    dataset_cls, transform_name, forward, with_idx = _TASKS[task]
+
+    def build_data(model, tokenizer, world, device) -> TrainingData:
+        from albef.data import datasets as ds
+        from albef.data.transforms import build_transform, eval_transform
+
+        images = ds.image_source(stage.data_dir)
+        size = model.cfg.vision.image_size
+        crop = {"scale": stage.crop_scale} if transform_name in _CROPPING else {}
+        transform = build_transform(transform_name, size, hflip=stage.hflip, augment=stage.augment, **crop)
+        dataset = getattr(ds, dataset_cls)(Path(stage.data_dir) / stage.train_file, images, transform)
+        validate = None
+        if stage.val_file:
+            val_set = ds.RetrievalEvalDataset(
+                Path(stage.data_dir) / stage.val_file, images, eval_transform(size)
+            )
+            validate = _retrieval_validator(val_set, tokenizer, stage, device, train.precision)
+        return TrainingData(dataset, Collate(tokenizer, stage.max_tokens, with_idx), forward, validate)
+
+    return run_training(params, name, task, stage, train, build_data, progress, on_log)
 
 
 def train_metrics(result: FitResult, trainer: Trainer) -> dict[str, Any]:
@@ -553,11 +594,13 @@ __all__ = [
     "Collate",
     "EvaluateConfig",
     "TrainStageConfig",
+    "TrainingData",
     "WorldInfo",
     "evaluate_stage",
     "export_model",
     "finetune_stage",
     "pretrain_stage",
+    "run_training",
     "split_train_section",
     "train_stage",
 ]

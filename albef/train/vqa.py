@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
@@ -27,17 +23,12 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
 from albef.eval.settings import ANSWER_LIST_FILE, VQAEvalConfig
 from albef.io import write_json
-from albef.tokenizer import load_tokenizer
-from albef.train.engine import Trainer, fingerprint
 from albef.train.stages import (
     TASK_LOSS_KEYS,
-    data_digest,
-    export_model,
-    initial_model,
+    TrainingData,
     load_task_model,
+    run_training,
     split_train_section,
-    train_metrics,
-    write_curves,
 )
 
 log = logging.getLogger(__name__)
@@ -89,21 +80,13 @@ def finetune_vqa_stage(
     ``init`` is an albef model folder of any task (a pretraining export gets its answer decoder from the
     fusion layers) or an official checkpoint. Training answers the answer list cannot produce are counted
     and reported (they are still trained on, as the official)."""
-    from albef.data import datasets as ds
-    from albef.data.transforms import build_transform
-    from albef.data.vqa import VQACollate, VQATrainDataset, read_answer_list
-
     stage, train, answer_list_name, max_answer_tokens = vqa_train_settings(params, name)
-    world, device = init_distributed(train.device, f"{name}.device")
-    try:
-        # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
-        resolve_precision(train.precision, device, f"{name}.precision")
-        torch.manual_seed(train.seed)
-        model, init_info = initial_model(stage, "vqa", params)
-        model.use_losses(train.losses)
-        tokenizer_dir = Path(stage.tokenizer or Path(stage.data_dir) / "tokenizer")
-        tokenizer = load_tokenizer(tokenizer_dir, model.cfg)
-        images = ds.image_source(stage.data_dir)
+
+    def build_data(model, tokenizer, world, device) -> TrainingData:
+        from albef.data import datasets as ds
+        from albef.data.transforms import build_transform
+        from albef.data.vqa import VQACollate, VQATrainDataset, read_answer_list
+
         transform = build_transform(
             "train",
             model.cfg.vision.image_size,
@@ -111,8 +94,9 @@ def finetune_vqa_stage(
             hflip=stage.hflip,
             augment=stage.augment,
         )
-        train_file = Path(stage.data_dir) / stage.train_file
-        dataset = VQATrainDataset(train_file, images, transform)
+        dataset = VQATrainDataset(
+            Path(stage.data_dir) / stage.train_file, ds.image_source(stage.data_dir), transform
+        )
         answer_list_path = Path(stage.data_dir) / answer_list_name
         unknown = dataset.unknown_answers(read_answer_list(answer_list_path))
         if unknown["unknown_answers"]:
@@ -125,56 +109,17 @@ def finetune_vqa_stage(
                 answer_list_path,
                 unknown["questions_without_known_answer"],
             )
-        if len(dataset) < train.batch_size * world.world_size:
-            raise ConfigError(
-                f"{name}: {train_file} has {len(dataset)} questions, fewer than one global batch "
-                f"({train.batch_size} x {world.world_size} processes)"
-            )
-        digest = data_digest(stage, tokenizer_dir)
-        run_fp = fingerprint(
-            "vqa",
-            train.fingerprint_fields(),
-            {k: v for k, v in asdict(stage).items() if k not in ("out", "metrics", "plots", "run_dir")},
-            {"answer_list": answer_list_name, "max_answer_tokens": max_answer_tokens},
-            model.cfg.to_dict(),
-            init_info,
-            digest,
-            world.world_size,
-        )
-        trainer = Trainer(
-            model,
+        return TrainingData(
             dataset,
             VQACollate(tokenizer, stage.max_tokens, max_answer_tokens),
             vqa_forward,
-            train,
-            stage.run_dir,
-            world,
-            device,
-            run_fp,
-            on_log=on_log,
-            progress=progress,
-            name=name,
+            unit="questions",
+            settings={"answer_list": answer_list_name, "max_answer_tokens": max_answer_tokens},
+            info={"train_answers": unknown},
+            extra_files={ANSWER_LIST_FILE: answer_list_path},  # the answers the exported model ranks
         )
-        result = trainer.fit()
-        metrics = train_metrics(result, trainer)
-        metrics["train_answers"] = unknown
-        if world.is_main:
-            summary = {
-                "stage": name,
-                "task": "vqa",
-                "fingerprint": run_fp,
-                "settings": {"train": asdict(train), "stage": asdict(stage)},
-                "metrics": metrics,
-            }
-            out = export_model(model, stage.out, tokenizer, None, summary)
-            shutil.copyfile(answer_list_path, out / ANSWER_LIST_FILE)
-            if stage.metrics:
-                write_json(stage.metrics, metrics)
-            write_curves(Path(stage.run_dir), stage.plots, f"{name} (vqa)")
-            log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
-        return metrics
-    finally:
-        cleanup_distributed()
+
+    return run_training(params, name, "vqa", stage, train, build_data, progress, on_log)
 
 
 def _question_only(
