@@ -477,6 +477,26 @@ def load_pretrained(directory: str | Path, task: str | None = None, strict: bool
     return model
 
 
+def load_task_model(
+    model_dir: str | Path,
+    task: str,
+    tokenizer_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+):
+    """The ``task`` model exported in ``model_dir`` and its tokenizer: ``tokenizer_dir``, else the one exported
+    with the model, else ``<data_dir>/tokenizer``. A folder holding another task's model is a
+    :class:`~albef.checkpoint.CheckpointError` naming both tasks, raised before any weight is read."""
+    from albef.tokenizer import load_tokenizer, model_tokenizer_dir
+
+    saved, _ = read_config(model_dir)
+    if saved != task:
+        raise CheckpointError(
+            f"{model_dir} does not hold a {task!r} model: its {CONFIG_FILE} says task {saved!r}"
+        )
+    model = load_pretrained(model_dir, task=task)
+    return model, load_tokenizer(model_tokenizer_dir(model_dir, tokenizer_dir, data_dir), model.cfg)
+
+
 def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
     seen = set()
     total = 0

@@ -133,6 +133,17 @@ class ALBEFTokenizer:
         self.tokenizer.save_pretrained(str(directory))
 
 
+def model_tokenizer_dir(
+    model_dir: str | Path, tokenizer_dir: str | Path | None = None, data_dir: str | Path | None = None
+) -> Path:
+    """Where a saved model's tokenizer is: ``tokenizer_dir`` when given, else the one exported with the model
+    (``<model_dir>/tokenizer``), else the preprocessed data's (``<data_dir>/tokenizer``)."""
+    if tokenizer_dir is not None:
+        return Path(tokenizer_dir)
+    own = Path(model_dir) / "tokenizer"
+    return own if own.exists() or data_dir is None else Path(data_dir) / "tokenizer"
+
+
 def load_tokenizer(path: str | Path, cfg: ModelConfig) -> ALBEFTokenizer:
     """The tokenizer folder ``path`` for a model of config ``cfg`` (its single-sentence rule), checked against the
     model's vocabulary and special ids; a missing folder is a FileNotFoundError saying how to make one."""

@@ -546,13 +546,12 @@ def explain(
     ``device`` (``--device``: auto, cpu, cuda or cuda:N)."""
     from albef.checkpoint import load_pretrained
     from albef.data.images import open_rgb
-    from albef.tokenizer import load_tokenizer
+    from albef.tokenizer import load_tokenizer, model_tokenizer_dir
 
     placed = resolve_device(device, "--device")
     model = load_pretrained(model_dir).to(placed)
     layer = check_layer(model.cfg, layer, "--layer")
-    tok_dir = tokenizer or Path(model_dir) / "tokenizer"
-    tok = load_tokenizer(tok_dir, model.cfg)
+    tok = load_tokenizer(model_tokenizer_dir(model_dir, tokenizer), model.cfg)
     picture = open_rgb(Path(image))
     return explain_image(model, tok, picture, text, out, layer)
 
@@ -596,18 +595,13 @@ def _evaluate_and_write(
     from albef.data.transforms import eval_transform
     from albef.io import write_json
     from albef.model_files import read_config
-    from albef.tokenizer import load_tokenizer
+    from albef.tokenizer import load_tokenizer, model_tokenizer_dir
 
     task, _ = read_config(model_dir)
     model = load_pretrained(model_dir).to(device)
     if not hasattr(model, "itm_head"):
         raise ConfigError(f"{model_dir} holds a {task!r} model without an ITM head; grounding needs one")
-    tok_dir = cfg.tokenizer or (
-        Path(model_dir) / "tokenizer"
-        if (Path(model_dir) / "tokenizer").exists()
-        else Path(cfg.data_dir) / "tokenizer"
-    )
-    tokenizer = load_tokenizer(tok_dir, model.cfg)
+    tokenizer = load_tokenizer(model_tokenizer_dir(model_dir, cfg.tokenizer, cfg.data_dir), model.cfg)
     data = Path(cfg.data_dir)
     assets = load_assets(data / cfg.assets)
     images = ds.image_source(cfg.data_dir)

@@ -53,8 +53,8 @@ class TaskPredictor:
     def __init__(
         self, model_dir: str | Path, device: str | torch.device | None = None, task: str | None = None
     ):
+        from albef.checkpoint import load_task_model
         from albef.data.transforms import eval_transform
-        from albef.train.stages import load_task_model
 
         self.task = task or self.task
         self.model_dir = Path(model_dir)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from albef.checkpoint import load_task_model
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
@@ -41,7 +42,6 @@ from albef.train.stages import (
     TASK_LOSS_KEYS,
     Collate,
     TrainingData,
-    load_task_model,
     run_training,
     split_train_section,
 )

@@ -41,7 +41,7 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
 from albef.io import can_draw, write_json
 from albef.model_files import CONFIG_FILE, WEIGHTS_FILE, read_config
-from albef.tokenizer import load_tokenizer
+from albef.tokenizer import load_tokenizer, model_tokenizer_dir
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
 from albef.world import WorldInfo
 
@@ -191,29 +191,6 @@ _CROPPING = ("pretrain", "train")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def load_task_model(
-    model_dir: str | Path,
-    task: str,
-    tokenizer_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-):
-    """The ``task`` model exported in ``model_dir`` and its tokenizer: ``tokenizer_dir``, else the one exported
-    with the model, else ``<data_dir>/tokenizer``. A folder holding another task's model is a
-    :class:`~albef.checkpoint.CheckpointError` naming both tasks, raised before any weight is read."""
-    from albef.checkpoint import CheckpointError, load_pretrained
-
-    saved, _ = read_config(model_dir)
-    if saved != task:
-        raise CheckpointError(
-            f"{model_dir} does not hold a {task!r} model: its {CONFIG_FILE} says task {saved!r}"
-        )
-    model = load_pretrained(model_dir, task=task)
-    if tokenizer_dir is None:
-        own = Path(model_dir) / "tokenizer"
-        tokenizer_dir = own if own.exists() or data_dir is None else Path(data_dir) / "tokenizer"
-    return model, load_tokenizer(tokenizer_dir, model.cfg)
 
 
 def initial_model(stage: TrainStageConfig, task: str, params: dict[str, Any]):
@@ -532,12 +509,7 @@ def evaluate_stage(
         amp_dtype = resolve_precision(cfg.precision, device, "evaluate.precision")
         task, _ = read_config(model_dir)
         model = load_pretrained(model_dir).to(device)
-        tok_dir = cfg.tokenizer or (
-            Path(model_dir) / "tokenizer"
-            if (Path(model_dir) / "tokenizer").exists()
-            else Path(cfg.data_dir) / "tokenizer"
-        )
-        tokenizer = load_tokenizer(tok_dir, model.cfg)
+        tokenizer = load_tokenizer(model_tokenizer_dir(model_dir, cfg.tokenizer, cfg.data_dir), model.cfg)
         images = ds.image_source(cfg.data_dir)
         dataset = ds.RetrievalEvalDataset(
             Path(cfg.data_dir) / cfg.test_file, images, eval_transform(model.cfg.vision.image_size)

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from albef.checkpoint import load_task_model
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
@@ -26,7 +27,6 @@ from albef.io import write_json
 from albef.train.stages import (
     TASK_LOSS_KEYS,
     TrainingData,
-    load_task_model,
     run_training,
     split_train_section,
 )
