@@ -8,10 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-# albef.checkpoint.TASKS, listed here so the CLI starts without importing torch
-MODEL_TASKS = ["pretrain", "retrieval", "vqa", "ve", "nlvr", "nlvr_ta"]
-# albef.tracking.config.REGISTER_SECTIONS: the tasks with a registered model
-REGISTER_TASKS = ["retrieval", "vqa", "ve", "nlvr", "grounding"]
+# the task registry is torch-free: the CLI starts without importing torch
+from albef.tasks import EVAL_TASKS, FINETUNE_TASKS, MODEL_TASKS, REGISTER_TASKS, TASKS
 
 
 def _convert_official(args: argparse.Namespace) -> int:
@@ -135,7 +133,7 @@ def _load_params(args: argparse.Namespace) -> dict:
 
 
 def _unimodal(args: argparse.Namespace) -> int:
-    from albef.tracking.stages import tracked_unimodal
+    from albef.stages import tracked_unimodal
 
     metrics = tracked_unimodal(_load_params(args), progress=not args.quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -143,7 +141,7 @@ def _unimodal(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from albef.tracking.stages import tracked_train
+    from albef.stages import tracked_train
 
     metrics = tracked_train(_load_params(args), "pretrain", "pretrain", progress=not args.quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -151,17 +149,17 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from albef.tracking.stages import tracked_train
+    from albef.stages import tracked_train
 
-    # the NLVR2 text-assignment pretraining is a "finetuning" of the pretrained model on image pairs
-    name = "pretrain_nlvr" if args.task == "nlvr_ta" else f"finetune_{args.task}"
+    # (the NLVR2 text-assignment pretraining is a "finetuning" of the pretrained model on image pairs)
+    name = TASKS[args.task].train_section
     metrics = tracked_train(_load_params(args), name, args.task, progress=not args.quiet)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from albef.tracking.stages import tracked_evaluate, with_test_file
+    from albef.stages import tracked_evaluate, with_test_file
 
     as_read = _load_params(args)
     params = with_test_file(as_read, args.task, args.test_file) if args.test_file else as_read
@@ -375,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre_train.set_defaults(func=_pretrain)
 
     fine = sub.add_parser("finetune", help="finetune a pretrained model (params: finetune_<task>)")
-    fine.add_argument("task", choices=["retrieval", "grounding", "vqa", "ve", "nlvr", "nlvr_ta"])
+    fine.add_argument("task", choices=FINETUNE_TASKS)
     fine.add_argument("--params", default="params.yaml")
     fine.add_argument("--quiet", action="store_true", help="no progress bar")
     fine.set_defaults(func=_finetune)
@@ -383,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate", help="evaluate a model (params: evaluate for retrieval, evaluate_<task> otherwise)"
     )
-    evaluate.add_argument("task", choices=["retrieval", "grounding", "vqa", "ve", "nlvr"])
+    evaluate.add_argument("task", choices=EVAL_TASKS)
     evaluate.add_argument("--model", required=True, help="an albef model folder (pretrained or finetuned)")
     evaluate.add_argument(
         "--out", required=True, help="folder for the report: metrics.json, rankings/results, example images"

@@ -37,19 +37,12 @@ def section_reader(name: str) -> Callable[[dict[str, Any]], Any] | None:
         from albef.train.unimodal import UnimodalConfig
 
         return lambda p: build_dataclass(UnimodalConfig, p["unimodal"], "unimodal")
-    # read as they are by albef.train.stages (grounding finetuning is retrieval training on other data)
-    if name in ("pretrain", "finetune_retrieval", "finetune_grounding"):
-        from albef.train.stages import split_train_section
+    from albef.tasks import TASKS
 
-        return lambda p: split_train_section(p[name], name)
-    if name == "evaluate":
-        from albef.train.stages import EvaluateConfig
-
-        return lambda p: build_dataclass(EvaluateConfig, p["evaluate"], "evaluate")
-    if name == "evaluate_grounding":
-        from albef.eval.grounding import GroundingEvalConfig
-
-        return lambda p: build_dataclass(GroundingEvalConfig, p[name], name)
+    for task in TASKS.values():  # the training and evaluation sections, read as each task's stages read them
+        readers = task.section_readers()
+        if name in readers:
+            return readers[name]
     if name == "mlflow" or name == "register" or name.startswith("register_"):
         try:  # the tracking sections' loaders (albef.tracking) where that package is present
             from albef.tracking import config as tracking
@@ -59,23 +52,6 @@ def section_reader(name: str) -> Callable[[dict[str, Any]], Any] | None:
             return tracking.tracking_config
         task = {section: task for task, section in tracking.REGISTER_SECTIONS.items()}.get(name)
         return None if task is None else lambda p: tracking.register_config(p, task)
-    if name in ("finetune_vqa", "evaluate_vqa"):  # read as albef.train.vqa reads them
-        from albef.train import vqa
-
-        read = vqa.vqa_train_settings if name == "finetune_vqa" else vqa.vqa_eval_settings
-        return lambda p: read(p, name)
-    from albef.train.classify import EVAL_SECTIONS, TRAIN_SECTIONS
-
-    train_task = {section: task for task, section in TRAIN_SECTIONS.items()}.get(name)
-    if train_task is not None:
-        from albef.train.classify import classifier_train_settings
-
-        return lambda p: classifier_train_settings(p, train_task)
-    eval_task = {section: task for task, section in EVAL_SECTIONS.items()}.get(name)
-    if eval_task is not None:
-        from albef.train.classify import classifier_eval_settings
-
-        return lambda p: classifier_eval_settings(p, eval_task)
     return None
 
 

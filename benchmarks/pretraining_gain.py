@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from albef.config import read_params
-from albef.tracking.stages import tracked_evaluate, tracked_train
+from albef.stages import tracked_evaluate, tracked_train
 
 TASKS = ("retrieval", "vqa", "ve", "nlvr")
 # task -> (finetune section, pipeline metrics file, headline metrics); evaluation reads its task's section

@@ -98,7 +98,7 @@ def test_evaluate_test_file_points_the_section_at_another_split(tiny_data, tiny_
     import yaml
 
     from albef.cli import main
-    from albef.tracking.stages import with_test_file
+    from albef.stages import with_test_file
 
     data = str(tiny_data / "data" / "processed")
     params = {

@@ -21,7 +21,7 @@ from albef.config import ConfigError
 from albef.tracking.config import TrackingConfig, tracking_config, validate_model_name
 from albef.tracking.journal import journals
 from albef.tracking.run import start_stage_run
-from albef.tracking.stages import tracked_evaluate, tracked_train
+from albef.stages import tracked_evaluate, tracked_train
 
 
 def _params(root: Path, experiment: str, **mlflow) -> dict:
@@ -261,7 +261,7 @@ def test_names_mlflow_would_refuse_are_made_safe_and_nothing_is_set_aside(mlflow
 def test_a_stage_on_an_adjusted_copy_of_params_nests_under_the_same_pipeline_run(mlflow_sqlite, tmp_path):
     # `albef evaluate retrieval --test-file shifted_test.json` runs on a copy of params.yaml with another
     # test file; its run must join the parent of the other stages of the same `dvc repro`
-    from albef.tracking.stages import with_test_file
+    from albef.stages import with_test_file
 
     params = {
         "mlflow": {"experiment": "adjusted", "spool_dir": str(tmp_path / "spool")},

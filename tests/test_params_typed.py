@@ -74,7 +74,7 @@ def test_a_wrong_type_or_range_fails_naming_the_key(params, section, values, mes
 def test_a_tracked_stage_with_a_bad_value_fails_before_any_mlflow_run(mlflow_sqlite, tmp_path, params):
     from mlflow import MlflowClient
 
-    from albef.tracking.stages import tracked_evaluate, tracked_train
+    from albef.stages import tracked_evaluate, tracked_train
 
     bad = _with(params, "pretrain", min_lr=-1)
     bad["mlflow"] = {**bad["mlflow"], "experiment": "typed", "spool_dir": str(tmp_path / "spool")}

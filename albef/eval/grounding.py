@@ -556,23 +556,35 @@ def explain(
     return explain_image(model, tok, picture, text, out, layer)
 
 
+def grounding_eval_settings(
+    params: dict[str, Any], task: str = "grounding", name: str = "evaluate_grounding"
+) -> GroundingEvalConfig:
+    """``params[name]`` as :func:`evaluate_grounding_stage` reads it."""
+    from albef.config import build_dataclass
+    from albef.data.stages import section
+    from albef.tasks import check_task
+
+    check_task(task, ("grounding",))
+    return build_dataclass(GroundingEvalConfig, section(params, name), name)
+
+
 def evaluate_grounding_stage(
     params: dict[str, Any],
     model_dir: str | Path,
     out_dir: str | Path,
     metrics_path: str | Path | None = None,
     progress: bool = True,
+    name: str = "evaluate_grounding",
+    task: str = "grounding",
 ) -> dict[str, Any]:
     """Evaluate weakly supervised grounding of the model in ``model_dir`` (any task with an ITM head:
-    pretrain, retrieval) on ``params.evaluate_grounding.test_files``: ``metrics.json``, ``results.json``
+    pretrain, retrieval) on ``params[name].test_files`` (``name``: the section, ``evaluate_grounding``): ``metrics.json``, ``results.json``
     (one entry per expression) and ``examples/*.png`` (heat maps per word) in ``out_dir``. Under torchrun
     the ranks share the expressions and rank 0 writes."""
-    from albef.config import build_dataclass
-    from albef.data.stages import section
     from albef.distributed import cleanup_distributed, init_distributed
 
-    cfg = build_dataclass(GroundingEvalConfig, section(params, "evaluate_grounding"), "evaluate_grounding")
-    world, device = init_distributed(cfg.device, "evaluate_grounding.device")
+    cfg = grounding_eval_settings(params, task, name)
+    world, device = init_distributed(cfg.device, f"{name}.device")
     try:
         return _evaluate_and_write(
             cfg, model_dir, out_dir, metrics_path, device, progress and world.is_main, world.is_main

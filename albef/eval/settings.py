@@ -8,9 +8,6 @@ from dataclasses import dataclass
 
 ANSWER_LIST_FILE = "answer_list.json"  # copied next to the exported VQA weights, for prediction
 
-#: classification task -> its evaluation section of params.yaml
-EVAL_SECTIONS = {"ve": "evaluate_ve", "nlvr": "evaluate_nlvr"}
-
 
 @dataclass
 class VQAEvalConfig:

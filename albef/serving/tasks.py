@@ -41,6 +41,7 @@ from albef.serving.pyfunc import (
     present,
     without_limits,
 )
+from albef.tasks import TASKS
 
 TASK_COLUMNS: dict[str, tuple[str, ...]] = {
     "vqa": ("image", "question"),
@@ -174,6 +175,12 @@ def example_input(task: str):
     )
 
 
+def _ranks_pairs(task: str) -> bool:
+    """Whether ``task`` exports a retrieval model (grounding does too), whose pyfunc ranks image-text pairs."""
+    entry = TASKS.get(task)
+    return entry is not None and entry.model == "retrieval"
+
+
 def _check_task(task: str) -> str:
     if task not in MODELS:
         raise ValueError(f"no pyfunc model for task {task!r}; available: retrieval, {', '.join(MODELS)}")
@@ -185,16 +192,16 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
     ``evaluate_vqa``, ``evaluate_<task>``), so the registered model answers as it was evaluated."""
     from albef.config import build_dataclass
 
-    if task in ("retrieval", "grounding"):  # the grounding model is a retrieval model: its pyfunc ranks pairs
+    if _ranks_pairs(task):
         return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}
     if task == "vqa":
         from albef.eval.settings import VQAEvalConfig
 
         cfg = build_dataclass(VQAEvalConfig, params.get("evaluate_vqa") or {}, "evaluate_vqa")
         return {"k": cfg.k_test, "max_words": cfg.max_words}
-    from albef.eval.settings import EVAL_SECTIONS, ClassifierEvalConfig
+    from albef.eval.settings import ClassifierEvalConfig
 
-    name = EVAL_SECTIONS[_check_task(task)]
+    name = TASKS[_check_task(task)].eval_section
     cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
     return {"max_tokens": cfg.max_tokens, "max_words": cfg.max_words}
 
@@ -202,7 +209,7 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
 def log_task_model(task: str, model_dir: str | Path, name: str = "model", **settings: Any):
     """Log the exported ``task`` model in ``model_dir`` as its pyfunc (retrieval: :class:`RetrievalModel`) with
     ``settings`` as its model config. Returns MLflow's ``ModelInfo``."""
-    if task in ("retrieval", "grounding"):
+    if _ranks_pairs(task):
         return log_retrieval_model(model_dir, name=name, **settings)
     from albef.eval.settings import ANSWER_LIST_FILE
 

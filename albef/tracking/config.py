@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from albef.config import ConfigError
+from albef.tasks import REGISTER_TASKS, TASKS
 from albef.tracking.redact import redact_uri
 
 # The schemes MLflow's tracking client understands. Anything else (a typo such as ``htp://``) would only
@@ -25,13 +26,7 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
 _ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,254}")
 
 #: task -> its registration section of params.yaml
-REGISTER_SECTIONS = {
-    "retrieval": "register",
-    "vqa": "register_vqa",
-    "ve": "register_ve",
-    "nlvr": "register_nlvr",
-    "grounding": "register_grounding",  # a retrieval model finetuned for Grad-CAM grounding
-}
+REGISTER_SECTIONS = {name: TASKS[name].register_section for name in REGISTER_TASKS}
 # What each task's finetune and evaluate stages write, and the headline metric of its evaluation (the key
 # albef.eval.vqa.score_predictions / albef.eval.classify.accuracy_metrics put in metrics/<task>.json).
 _REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -43,7 +38,8 @@ _REGISTER_DEFAULTS: dict[str, dict[str, Any]] = {
             "metrics": f"metrics/{task}.json",
             "gate": {"metric": "accuracy"},
         }
-        for task in ("vqa", "ve", "nlvr", "grounding")  # albef.eval.grounding writes "accuracy" too
+        for task in REGISTER_TASKS
+        if task != "retrieval"  # every other evaluation writes "accuracy" (albef.eval.grounding too)
     },
 }
 

@@ -127,3 +127,16 @@ def data_version(inputs: list[str | Path], lock_file: str | Path = "dvc.lock") -
 def numeric_items(values: dict[str, Any]) -> dict[str, float]:
     """The entries of a flat mapping that are numbers (bools excluded): what MLflow accepts as metrics."""
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _lock_file() -> Path:
+    return Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock"
+
+
+def provenance_tags(inputs: list[str | None]) -> dict[str, str]:
+    """A stage run's MLflow tags: the version of its inputs under DVC (``dvc.lock`` of ``$DVC_ROOT``)."""
+    versions = data_version([i for i in inputs if i], _lock_file())
+    return {
+        "albef.data_version": versions.pop("version"),
+        **{f"albef.dvc.{k}": v for k, v in versions.items()},
+    }

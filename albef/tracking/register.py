@@ -16,11 +16,10 @@ from typing import Any
 
 from albef.tracking.config import register_config, tracking_config
 from albef.tracking.integrity import MANIFEST_TAG, seal
-from albef.tracking.provenance import git_state
+from albef.tracking.provenance import git_state, provenance_tags
 from albef.tracking.redact import redact_uri
 from albef.tracking.registry import Registry, RegistryError, gate_metric, read_metrics
 from albef.tracking.run import stage_run
-from albef.tracking.stages import provenance_tags
 
 log = logging.getLogger(__name__)
 

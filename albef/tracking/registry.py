@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from albef.config import ConfigError, flatten
+from albef.tasks import REGISTER_TASKS, TASKS
 from albef.tracking.config import GateConfig, RegisterConfig, validate_alias, validate_model_name
 from albef.tracking.provenance import numeric_items
 
@@ -26,13 +27,7 @@ METRIC_TAG = "metric."
 DECISION_TAG = "promotion_decision"
 REASON_TAG = "promotion_reason"
 HISTORY_TAG = "champion_history"  # on the registered model: versions that held champion, oldest first
-DESCRIPTIONS = {
-    "retrieval": "image-text retrieval",
-    "vqa": "visual question answering",
-    "ve": "visual entailment (SNLI-VE)",
-    "nlvr": "visual reasoning on image pairs (NLVR2)",
-    "grounding": "weakly supervised grounding (Grad-CAM over a retrieval model)",
-}
+DESCRIPTIONS = {name: TASKS[name].description for name in REGISTER_TASKS}
 
 
 class RegistryError(RuntimeError):

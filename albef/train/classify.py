@@ -36,10 +36,10 @@ from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
-from albef.eval.settings import EVAL_SECTIONS, ClassifierEvalConfig
+from albef.eval.settings import ClassifierEvalConfig
 from albef.io import write_json
+from albef.tasks import TASKS, check_task
 from albef.train.stages import (
-    TASK_LOSS_KEYS,
     Collate,
     TrainingData,
     run_training,
@@ -49,7 +49,17 @@ from albef.train.stages import (
 log = logging.getLogger(__name__)
 
 #: training task -> its params.yaml section
-TRAIN_SECTIONS = {"ve": "finetune_ve", "nlvr": "finetune_nlvr", "nlvr_ta": "pretrain_nlvr"}
+TRAIN_SECTIONS = {
+    name: task.train_section
+    for name, task in TASKS.items()
+    if task.train_entry == f"{__name__}:finetune_classifier_stage"
+}
+#: evaluated task -> its params.yaml section
+EVAL_SECTIONS = {
+    name: task.eval_section
+    for name, task in TASKS.items()
+    if task.eval_entry == f"{__name__}:evaluate_classifier_stage"
+}
 
 # Defaults of each training section (official configs); anything in params.yaml wins.
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -107,11 +117,6 @@ def text_assignment_forward(model, batch, alpha, choices):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _check_task(task: str, allowed) -> None:
-    if task not in allowed:
-        raise ConfigError(f"unknown classification task {task!r}; available: {', '.join(allowed)}")
-
-
 def _accuracy_validator(val_set, collate, batch_size: int, device, precision: str):
     from albef.data.classify import LABEL_NAMES
     from albef.eval.classify import accuracy_metrics, classify
@@ -137,7 +142,7 @@ def _accuracy_validator(val_set, collate, batch_size: int, device, precision: st
 def classifier_train_settings(params: dict[str, Any], task: str, name: str | None = None):
     """``params[name]`` (default :data:`TRAIN_SECTIONS`) read as :func:`finetune_classifier_stage` reads it:
     (stage config, train config, word limit, missing-image policy). Bad values fail with the key named."""
-    _check_task(task, TRAIN_SECTIONS)
+    check_task(task, list(TRAIN_SECTIONS), "classification task")
     name = name or TRAIN_SECTIONS[task]
     values = section(params, name)
     max_words = int(values.pop("max_words", 30))
@@ -146,7 +151,7 @@ def classifier_train_settings(params: dict[str, Any], task: str, name: str | Non
         values.setdefault(key, value)
     if task != "nlvr_ta" and values.get("val_file"):
         values.setdefault("select_metric", "accuracy")
-    stage, train = split_train_section(values, name, TASK_LOSS_KEYS[task])
+    stage, train = split_train_section(values, name, TASKS[task].loss_keys)
     if task == "nlvr_ta" and stage.val_file:
         raise ConfigError(f"{name}.val_file: text-assignment pretraining has no validation (as the official)")
     if task == "nlvr_ta" and train.batch_size < 3:
@@ -157,7 +162,7 @@ def classifier_train_settings(params: dict[str, Any], task: str, name: str | Non
 def classifier_eval_settings(
     params: dict[str, Any], task: str, name: str | None = None
 ) -> ClassifierEvalConfig:
-    _check_task(task, EVAL_SECTIONS)
+    check_task(task, list(EVAL_SECTIONS), "classification task")
     name = name or EVAL_SECTIONS[task]
     values = section(params, name)
     values.setdefault("test_file", f"{task}_test.json")

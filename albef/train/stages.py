@@ -28,9 +28,7 @@ import torch
 from albef.checkpoint import build_model, load_for_task, save_pretrained
 from albef.config import (
     AT_LEAST_ONE,
-    FINETUNE_LOSS_KEYS,
     NON_NEGATIVE,
-    PRETRAIN_LOSS_KEYS,
     ConfigError,
     LossSwitches,
     ModelConfig,
@@ -41,6 +39,7 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
 from albef.io import can_draw, write_json
 from albef.model_files import CONFIG_FILE, WEIGHTS_FILE, read_config
+from albef.tasks import TASKS, check_task
 from albef.tokenizer import load_tokenizer, model_tokenizer_dir
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
 from albef.world import WorldInfo
@@ -98,22 +97,8 @@ class EvaluateConfig:
 
 _TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"losses"}  # the switches are flat keys of their own
 _STAGE_KEYS = {f.name for f in fields(TrainStageConfig)}
-#: the loss switches (:class:`~albef.config.LossSwitches`) each training task's section may set
-TASK_LOSS_KEYS: dict[str, tuple[str, ...]] = {
-    "pretrain": PRETRAIN_LOSS_KEYS,
-    "retrieval": FINETUNE_LOSS_KEYS,
-    "grounding": FINETUNE_LOSS_KEYS,
-    "ve": FINETUNE_LOSS_KEYS,
-    "nlvr": FINETUNE_LOSS_KEYS,
-    "vqa": FINETUNE_LOSS_KEYS,
-    "nlvr_ta": (),  # text assignment has no distillation and a single loss
-}
-# the sections read with split_train_section(values, name) alone (the flows check overrides so)
-_SECTION_LOSS_KEYS = {
-    "pretrain": PRETRAIN_LOSS_KEYS,
-    "finetune_retrieval": FINETUNE_LOSS_KEYS,
-    "finetune_grounding": FINETUNE_LOSS_KEYS,
-}
+# the loss switches of a section read with split_train_section(values, name) alone (the flows check overrides so)
+_SECTION_LOSS_KEYS = {task.train_section: task.loss_keys for task in TASKS.values()}
 
 
 def split_train_section(
@@ -121,7 +106,7 @@ def split_train_section(
 ) -> tuple[TrainStageConfig, TrainConfig]:
     """One flat ``params.yaml`` section -> (stage settings, training settings); unknown keys are named.
 
-    ``loss_keys``: the loss switches the section may set (:data:`TASK_LOSS_KEYS`; default: by section name,
+    ``loss_keys``: the loss switches the section may set (its task's ``loss_keys``; default: by section name,
     none for an unknown one). They become ``TrainConfig.losses``, validated, errors naming ``<name>.<key>``."""
     values = dict(values)
     if loss_keys is None:
@@ -184,8 +169,6 @@ _TASKS = {
     # the official Grounding.py: the retrieval model and training on (image, expression) pairs
     "grounding": ("GroundingTrainDataset", "grounding_train", retrieval_forward, True),
 }
-#: the model a training task builds and exports (grounding finetunes and exports a retrieval model)
-MODEL_TASK = {"grounding": "retrieval"}
 #: transforms that crop at random (crop_scale applies); the grounding one resizes the whole image
 _CROPPING = ("pretrain", "train")
 
@@ -346,8 +329,8 @@ def run_training(
         # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
         resolve_precision(train.precision, device, f"{name}.precision")
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
-        model, init_info = initial_model(stage, MODEL_TASK.get(task, task), params)
-        if TASK_LOSS_KEYS[task]:  # (text assignment has a single loss and no switches)
+        model, init_info = initial_model(stage, TASKS[task].model, params)
+        if TASKS[task].loss_keys:  # (text assignment has a single loss and no switches)
             model.use_losses(train.losses)
         if hasattr(model, "image_queue"):  # the ITC queues advance by the gathered batch
             model.cfg.check_global_batch(train.batch_size * world.world_size, prefix=f"{name}: model")
@@ -408,12 +391,20 @@ def run_training(
         cleanup_distributed()
 
 
+def contrastive_train_settings(
+    params: dict[str, Any], task: str, name: str
+) -> tuple[TrainStageConfig, TrainConfig]:
+    """``params[name]`` read as :func:`train_stage` reads it for ``task`` (pretrain, retrieval, grounding)."""
+    check_task(task, list(_TASKS))
+    return split_train_section(section(params, name), name, TASKS[task].loss_keys)
+
+
 def train_stage(
     params: dict[str, Any], name: str, task: str, progress: bool = True, on_log=None
 ) -> dict[str, Any]:
     """Train ``task`` (pretrain, retrieval, grounding) with the settings of section ``name``; returns the
     metrics written for DVC."""
-    stage, train = split_train_section(section(params, name), name, TASK_LOSS_KEYS[task])
+    stage, train = contrastive_train_settings(params, task, name)
     dataset_cls, transform_name, forward, with_idx = _TASKS[task]
 
     def build_data(model, tokenizer, world, device) -> TrainingData:
@@ -484,9 +475,14 @@ def pretrain_stage(params: dict[str, Any], progress: bool = True, on_log=None) -
 
 
 def finetune_stage(params: dict[str, Any], task: str, progress: bool = True, on_log=None) -> dict[str, Any]:
-    if task not in ("retrieval", "grounding"):
-        raise ConfigError(f"unknown finetuning task {task!r}; available: retrieval, grounding")
+    check_task(task, [name for name in _TASKS if name != "pretrain"], "finetuning task")
     return train_stage(params, f"finetune_{task}", task, progress, on_log)
+
+
+def retrieval_eval_settings(params: dict[str, Any], task: str = "retrieval", name: str = "evaluate"):
+    """``params[name]`` as :func:`evaluate_stage` reads it."""
+    check_task(task, ("retrieval",))
+    return build_dataclass(EvaluateConfig, section(params, name), name)
 
 
 def evaluate_stage(
@@ -495,18 +491,21 @@ def evaluate_stage(
     out_dir: str | Path,
     metrics_path: str | Path | None = None,
     progress: bool = True,
+    name: str = "evaluate",
+    task: str = "retrieval",
 ) -> dict[str, Any]:
-    """Evaluate the model in ``model_dir`` on ``params.evaluate.test_file``: metrics (ITM re-ranked, with
-    ITC-only for comparison), per-query rankings and a PNG of example queries in ``out_dir``."""
+    """Evaluate the model in ``model_dir`` on ``params[name].test_file`` (``name``: the section, ``evaluate``):
+    metrics (ITM re-ranked, with ITC-only for comparison), per-query rankings and a PNG of example queries in
+    ``out_dir``."""
     from albef.checkpoint import load_pretrained
     from albef.data import datasets as ds
     from albef.data.transforms import eval_transform
     from albef.eval.retrieval import evaluate_retrieval, plot_examples, rankings
 
-    cfg = build_dataclass(EvaluateConfig, section(params, "evaluate"), "evaluate")
-    world, device = init_distributed(cfg.device, "evaluate.device")
+    cfg = retrieval_eval_settings(params, task, name)
+    world, device = init_distributed(cfg.device, f"{name}.device")
     try:
-        amp_dtype = resolve_precision(cfg.precision, device, "evaluate.precision")
+        amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")
         task, _ = read_config(model_dir)
         model = load_pretrained(model_dir).to(device)
         tokenizer = load_tokenizer(model_tokenizer_dir(model_dir, cfg.tokenizer, cfg.data_dir), model.cfg)

@@ -24,8 +24,8 @@ from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import cleanup_distributed, init_distributed
 from albef.eval.settings import ANSWER_LIST_FILE, VQAEvalConfig
 from albef.io import write_json
+from albef.tasks import TASKS, check_task
 from albef.train.stages import (
-    TASK_LOSS_KEYS,
     TrainingData,
     run_training,
     split_train_section,
@@ -48,9 +48,10 @@ def vqa_forward(model, batch, alpha, choices):
     )
 
 
-def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa"):
+def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa", task: str = "vqa"):
     """``params[name]`` read as :func:`finetune_vqa_stage` reads it: (stage config, train config, answer list
     file name, answer token limit). Bad values fail with the key named (the flows check overrides with it)."""
+    check_task(task, ("vqa",))
     values = section(params, name)
     answer_list_name = values.pop("answer_list", ANSWER_LIST_FILE)
     max_answer_tokens = int(values.pop("max_answer_tokens", 32))
@@ -59,13 +60,14 @@ def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa"):
     values.setdefault("run_dir", "runs/vqa")
     values.setdefault("max_tokens", 25)  # official question length for training
     values.setdefault("crop_scale", (0.5, 1.0))
-    stage, train = split_train_section(values, name, TASK_LOSS_KEYS["vqa"])
+    stage, train = split_train_section(values, name, TASKS["vqa"].loss_keys)
     if stage.val_file:
         raise ConfigError(f"{name}.val_file: VQA trains without validation (evaluate with evaluate_vqa)")
     return stage, train, answer_list_name, max_answer_tokens
 
 
-def vqa_eval_settings(params: dict[str, Any], name: str = "evaluate_vqa") -> VQAEvalConfig:
+def vqa_eval_settings(params: dict[str, Any], name: str = "evaluate_vqa", task: str = "vqa") -> VQAEvalConfig:
+    check_task(task, ("vqa",))
     cfg = build_dataclass(VQAEvalConfig, section(params, name), name)
     check_device(cfg.device, f"{name}.device")
     check_precision(cfg.precision, f"{name}.precision")
@@ -73,14 +75,18 @@ def vqa_eval_settings(params: dict[str, Any], name: str = "evaluate_vqa") -> VQA
 
 
 def finetune_vqa_stage(
-    params: dict[str, Any], progress: bool = True, on_log=None, name: str = "finetune_vqa"
+    params: dict[str, Any],
+    progress: bool = True,
+    on_log=None,
+    name: str = "finetune_vqa",
+    task: str = "vqa",
 ) -> dict[str, Any]:
     """Finetune a VQA model with the settings of ``params[name]``; returns the metrics written for DVC.
 
     ``init`` is an albef model folder of any task (a pretraining export gets its answer decoder from the
     fusion layers) or an official checkpoint. Training answers the answer list cannot produce are counted
     and reported (they are still trained on, as the official)."""
-    stage, train, answer_list_name, max_answer_tokens = vqa_train_settings(params, name)
+    stage, train, answer_list_name, max_answer_tokens = vqa_train_settings(params, name, task)
 
     def build_data(model, tokenizer, world, device) -> TrainingData:
         from albef.data import datasets as ds
@@ -165,6 +171,7 @@ def evaluate_vqa_stage(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     name: str = "evaluate_vqa",
+    task: str = "vqa",
 ) -> dict[str, Any]:
     """Answer ``params[name].test_file`` with the model in ``model_dir``: ``vqa_result.json`` (the official
     ``[{"question_id", "answer"}]``), ``top_answers.json`` and ``metrics.json`` (VQA accuracy when human
@@ -175,7 +182,7 @@ def evaluate_vqa_stage(
     from albef.data.vqa import VQATestDataset, read_answer_list
     from albef.eval.vqa import answer_questions, score_predictions
 
-    cfg = vqa_eval_settings(params, name)
+    cfg = vqa_eval_settings(params, name, task)
     world, device = init_distributed(cfg.device, f"{name}.device")
     try:
         amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")

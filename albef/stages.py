@@ -1,9 +1,9 @@
-"""The training and evaluation stages with MLflow tracking around them.
+"""The training and evaluation stages with MLflow tracking around them, as the CLI (and so ``dvc.yaml``) and the
+Prefect flows run them.
 
-The stage functions in :mod:`albef.train.stages` know nothing of MLflow; these wrappers open the stage's
-run, hand the Trainer's ``on_log`` hook to it, and log the results. The CLI (and so ``dvc.yaml``) and
-the Prefect flows call these; with ``mlflow.enabled: false`` (or no ``mlflow`` section) they are the plain
-stages.
+The stage functions (found through the task registry, :mod:`albef.tasks`) know nothing of MLflow; these
+wrappers open the stage's run, hand the Trainer's ``on_log`` hook to it, and log the results. With
+``mlflow.enabled: false`` (or no ``mlflow`` section) they are the plain stages.
 """
 
 from __future__ import annotations
@@ -14,20 +14,9 @@ from typing import Any
 
 from albef.data.stages import section
 from albef.sections import check_sections
-from albef.tracking.provenance import data_version
+from albef.tasks import get_task
+from albef.tracking.provenance import provenance_tags
 from albef.tracking.run import StageRun, stage_run
-
-
-def _lock_file() -> Path:
-    return Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock"
-
-
-def provenance_tags(inputs: list[str | None]) -> dict[str, str]:
-    versions = data_version([i for i in inputs if i], _lock_file())
-    return {
-        "albef.data_version": versions.pop("version"),
-        **{f"albef.dvc.{k}": v for k, v in versions.items()},
-    }
 
 
 def _log_outputs(run: StageRun, metrics: dict[str, Any], files: dict[str, str | None]) -> None:
@@ -42,8 +31,7 @@ def _log_outputs(run: StageRun, metrics: dict[str, Any], files: dict[str, str | 
 
 def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool = True) -> dict[str, Any]:
     """``pretrain`` / ``finetune_<task>`` with its MLflow run."""
-    from albef.train.stages import finetune_stage, pretrain_stage
-
+    entry = get_task(task)
     check_sections(params, (name, "model"))  # a bad value fails here, before any MLflow run is opened
     values = section(params, name)
     tags = provenance_tags([values.get("data_dir", "data/processed"), values.get("init")])
@@ -51,18 +39,7 @@ def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool =
         if run is not None:
             run.log_dict(params, "params.json", "config")
         on_log = run.on_log if run is not None else None
-        if name == "pretrain":
-            metrics = pretrain_stage(params, progress=progress, on_log=on_log)
-        elif task == "vqa":
-            from albef.train.vqa import finetune_vqa_stage
-
-            metrics = finetune_vqa_stage(params, progress=progress, on_log=on_log, name=name)
-        elif task in ("ve", "nlvr", "nlvr_ta"):
-            from albef.train.classify import finetune_classifier_stage
-
-            metrics = finetune_classifier_stage(params, task, progress=progress, on_log=on_log, name=name)
-        else:
-            metrics = finetune_stage(params, task, progress=progress, on_log=on_log)
+        metrics = entry.train(params, name=name, progress=progress, on_log=on_log)
         if run is not None:
             _log_outputs(
                 run,
@@ -83,7 +60,10 @@ def _training_summary(out: str | None) -> str | None:
 
 def evaluate_section(task: str) -> str:
     """The params.yaml section of ``evaluate <task>`` (retrieval keeps the historical name ``evaluate``)."""
-    return "evaluate" if task == "retrieval" else f"evaluate_{task}"
+    section_name = get_task(task).eval_section
+    if section_name is None:
+        raise ValueError(f"no evaluation for task {task!r}")
+    return section_name
 
 
 def with_test_file(params: dict[str, Any], task: str, test_file: str) -> dict[str, Any]:
@@ -126,30 +106,9 @@ def tracked_evaluate(
         log_params={settings_name: evaluate, "model_dir": str(model_dir)},
         pipeline_params=pipeline_params,
     ) as run:
-        if task == "retrieval":
-            from albef.train.stages import evaluate_stage
-
-            metrics = evaluate_stage(params, model_dir, out_dir, metrics_path, progress=progress)
-            files = ("examples.png", "rankings.json")
-        elif task == "vqa":
-            from albef.train.vqa import evaluate_vqa_stage
-
-            metrics = evaluate_vqa_stage(params, model_dir, out_dir, metrics_path, progress=progress)
-            files = ("vqa_result.json", "top_answers.json")
-        elif task in ("ve", "nlvr"):
-            from albef.train.classify import evaluate_classifier_stage
-
-            metrics = evaluate_classifier_stage(
-                params, task, model_dir, out_dir, metrics_path, progress=progress, name=settings_name
-            )
-            files = ("predictions.json",)
-        elif task == "grounding":
-            from albef.eval.grounding import evaluate_grounding_stage
-
-            metrics = evaluate_grounding_stage(params, model_dir, out_dir, metrics_path, progress=progress)
-            files = ("results.json", "examples", "examples.png")
-        else:
-            raise ValueError(f"no evaluation for task {task!r}")
+        entry = get_task(task)
+        metrics = entry.evaluate(params, model_dir, out_dir, metrics_path, progress=progress)
+        files = entry.report_files
         if run is not None:
             run.log_metrics(metrics)
             run.log_dict(metrics, "metrics.json")
