@@ -11,15 +11,17 @@ set, so a dead rank stops the job instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from albef.device import resolve_device
+from albef.device import resolve_device, resolve_precision
 from albef.world import WorldInfo, first_slurm_host, world_info_from_env
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,22 @@ def init_distributed(
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stage_process(
+    device: str, precision: str | None, section: str
+) -> Iterator[tuple[WorldInfo, torch.device, torch.dtype | None]]:
+    """What every training and evaluation stage runs in: the process group of the environment (joined, and left
+    at the end or on error), this rank's device and the autocast dtype ``precision`` gives on it. A device or a
+    precision this machine lacks is a ConfigError naming ``<section>.device`` / ``<section>.precision``,
+    before any work."""
+    world, placed = init_distributed(device, f"{section}.device")
+    try:
+        amp = None if precision is None else resolve_precision(precision, placed, f"{section}.precision")
+        yield world, placed, amp
+    finally:
+        cleanup_distributed()
 
 
 def _group_size() -> int:

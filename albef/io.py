@@ -78,3 +78,13 @@ def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_metrics(out_dir: str | Path, metrics: dict, metrics_path: str | Path | None = None) -> Path:
+    """An evaluation's metrics: ``<out_dir>/metrics.json`` (the report folder, made if needed, returned) and, for
+    DVC, ``metrics_path`` too."""
+    out = Path(out_dir)
+    write_json(out / "metrics.json", metrics)
+    if metrics_path:
+        write_json(metrics_path, metrics)
+    return out

@@ -581,16 +581,13 @@ def evaluate_grounding_stage(
     pretrain, retrieval) on ``params[name].test_files`` (``name``: the section, ``evaluate_grounding``): ``metrics.json``, ``results.json``
     (one entry per expression) and ``examples/*.png`` (heat maps per word) in ``out_dir``. Under torchrun
     the ranks share the expressions and rank 0 writes."""
-    from albef.distributed import cleanup_distributed, init_distributed
+    from albef.distributed import stage_process
 
     cfg = grounding_eval_settings(params, task, name)
-    world, device = init_distributed(cfg.device, f"{name}.device")
-    try:
+    with stage_process(cfg.device, None, name) as (world, device, _):
         return _evaluate_and_write(
             cfg, model_dir, out_dir, metrics_path, device, progress and world.is_main, world.is_main
         )
-    finally:
-        cleanup_distributed()
 
 
 def _evaluate_and_write(
@@ -605,7 +602,7 @@ def _evaluate_and_write(
     from albef.checkpoint import load_pretrained
     from albef.data import datasets as ds
     from albef.data.transforms import eval_transform
-    from albef.io import write_json
+    from albef.io import write_json, write_metrics
     from albef.model_files import read_config
     from albef.tokenizer import load_tokenizer, model_tokenizer_dir
 
@@ -650,9 +647,7 @@ def _evaluate_and_write(
         drawn.append(path)
     if drawn:  # one sheet at a fixed path: a DVC plot, a Prefect artifact, an MLflow image
         stack_pngs(drawn, out / "examples.png")
-    write_json(out / "metrics.json", metrics)
-    if metrics_path:
-        write_json(metrics_path, metrics)
+    write_metrics(out, metrics, metrics_path)
     log.info(
         "evaluate grounding %s: %s over %d expressions (%s skipped) in %.1f s",
         model_dir,

@@ -35,9 +35,9 @@ from albef.checkpoint import load_task_model
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
-from albef.distributed import cleanup_distributed, init_distributed
+from albef.distributed import stage_process
 from albef.eval.settings import ClassifierEvalConfig
-from albef.io import write_json
+from albef.io import write_json, write_metrics
 from albef.tasks import TASKS, check_task
 from albef.train.stages import (
     Collate,
@@ -294,9 +294,7 @@ def evaluate_classifier_stage(
 
     cfg = classifier_eval_settings(params, task, name)
     name = name or EVAL_SECTIONS[task]
-    world, device = init_distributed(cfg.device, f"{name}.device")
-    try:
-        amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")
+    with stage_process(cfg.device, cfg.precision, name) as (world, device, amp_dtype):
         model, tokenizer = load_task_model(model_dir, task, cfg.tokenizer, cfg.data_dir)
         test_path = Path(cfg.data_dir) / cfg.test_file
         dataset = ClassificationDataset(
@@ -340,14 +338,10 @@ def evaluate_classifier_stage(
                 }
                 for i, record in enumerate(dataset.records)
             ]
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "metrics.json", metrics)
+            out = write_metrics(out_dir, metrics, metrics_path)
             (out / "predictions.json").write_text(json.dumps(rows, indent=0) + "\n")
             if dataset.skipped:
                 write_json(out / "skipped.json", {"records": dataset.skipped})
-            if metrics_path:
-                write_json(metrics_path, metrics)
             log.info(
                 "%s %s: accuracy %.2f%% on %d records (%s)",
                 name,
@@ -357,8 +351,6 @@ def evaluate_classifier_stage(
                 ", ".join(f"{k} {v['accuracy']}" for k, v in metrics["per_class"].items()),
             )
         return metrics
-    finally:
-        cleanup_distributed()
 
 
 __all__ = [

@@ -36,8 +36,8 @@ from albef.config import (
 )
 from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
-from albef.distributed import cleanup_distributed, init_distributed
-from albef.io import can_draw, write_json
+from albef.distributed import stage_process
+from albef.io import can_draw, write_json, write_metrics
 from albef.model_files import CONFIG_FILE, WEIGHTS_FILE, read_config
 from albef.tasks import TASKS, check_task
 from albef.tokenizer import load_tokenizer, model_tokenizer_dir
@@ -324,10 +324,8 @@ def run_training(
     """The one body of every training stage: the ``task`` model from ``stage.init`` (or the encoders), its
     tokenizer, the task's data (``build_data(model, tokenizer, world, device)``), the resumable Trainer, then
     (rank 0) the export, the metrics JSON and the curves. Returns the metrics written for DVC."""
-    world, device = init_distributed(train.device, f"{name}.device")
-    try:
-        # here and not only in the Trainer: a precision this device lacks fails, naming the key, before any work
-        resolve_precision(train.precision, device, f"{name}.precision")
+    # (the precision is resolved here and not only in the Trainer: one this device lacks fails before any work)
+    with stage_process(train.device, train.precision, name) as (world, device, _):
         torch.manual_seed(train.seed)  # the same initial weights on every rank (DDP checks it)
         model, init_info = initial_model(stage, TASKS[task].model, params)
         if TASKS[task].loss_keys:  # (text assignment has a single loss and no switches)
@@ -387,8 +385,6 @@ def run_training(
             write_curves(Path(stage.run_dir), stage.plots, f"{name} ({task})")
             log.info("%s: exported %s; %s", name, stage.out, json.dumps(metrics, sort_keys=True))
         return metrics
-    finally:
-        cleanup_distributed()
 
 
 def contrastive_train_settings(
@@ -503,9 +499,7 @@ def evaluate_stage(
     from albef.eval.retrieval import evaluate_retrieval, plot_examples, rankings
 
     cfg = retrieval_eval_settings(params, task, name)
-    world, device = init_distributed(cfg.device, f"{name}.device")
-    try:
-        amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")
+    with stage_process(cfg.device, cfg.precision, name) as (world, device, amp_dtype):
         task, _ = read_config(model_dir)
         model = load_pretrained(model_dir).to(device)
         tokenizer = load_tokenizer(model_tokenizer_dir(model_dir, cfg.tokenizer, cfg.data_dir), model.cfg)
@@ -537,15 +531,11 @@ def evaluate_stage(
         metrics["eval_seconds"] = round(result.seconds["total"], 2)
         metrics["model_task"] = task
         if world.is_main:
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
+            out = write_metrics(out_dir, metrics, metrics_path)
             ranked = rankings(result, dataset, top=cfg.top)
             write_json(out / "rankings.json", ranked)
             if cfg.examples and can_draw(out / "examples.png"):
                 plot_examples(ranked, dataset, out / "examples.png", queries=cfg.examples)
-            write_json(out / "metrics.json", metrics)
-            if metrics_path:
-                write_json(metrics_path, metrics)
             log.info(
                 "evaluate %s: TR@1 %.2f IR@1 %.2f r_mean %.2f (ITC only: TR@1 %.2f IR@1 %.2f) in %.1f s",
                 model_dir,
@@ -557,8 +547,6 @@ def evaluate_stage(
                 metrics["eval_seconds"],
             )
         return metrics
-    finally:
-        cleanup_distributed()
 
 
 __all__ = [

@@ -20,10 +20,10 @@ from typing import Any
 from albef.checkpoint import load_task_model
 from albef.config import ConfigError, build_dataclass
 from albef.data.stages import section
-from albef.device import check_device, check_precision, resolve_precision
-from albef.distributed import cleanup_distributed, init_distributed
+from albef.device import check_device, check_precision
+from albef.distributed import stage_process
 from albef.eval.settings import ANSWER_LIST_FILE, VQAEvalConfig
-from albef.io import write_json
+from albef.io import write_json, write_metrics
 from albef.tasks import TASKS, check_task
 from albef.train.stages import (
     TrainingData,
@@ -183,9 +183,7 @@ def evaluate_vqa_stage(
     from albef.eval.vqa import answer_questions, score_predictions
 
     cfg = vqa_eval_settings(params, name, task)
-    world, device = init_distributed(cfg.device, f"{name}.device")
-    try:
-        amp_dtype = resolve_precision(cfg.precision, device, f"{name}.precision")
+    with stage_process(cfg.device, cfg.precision, name) as (world, device, amp_dtype):
         model, tokenizer = load_task_model(model_dir, "vqa", cfg.tokenizer, cfg.data_dir)
         answer_list = read_answer_list(Path(cfg.data_dir) / cfg.answer_list)
         dataset = VQATestDataset(
@@ -218,14 +216,8 @@ def evaluate_vqa_stage(
             metrics.update(_question_only(cfg, name, dataset.records, answer_list, humans))
         metrics["eval_seconds"] = round(result.seconds, 2)
         if world.is_main:
-            out = Path(out_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "metrics.json", metrics)
+            out = write_metrics(out_dir, metrics, metrics_path)
             (out / "vqa_result.json").write_text(json.dumps(result.predictions) + "\n")
             write_json(out / "top_answers.json", {str(q): v for q, v in result.top.items()})
-            if metrics_path:
-                write_json(metrics_path, metrics)
             log.info("%s %s: %s", name, model_dir, json.dumps(metrics, sort_keys=True))
         return metrics
-    finally:
-        cleanup_distributed()
