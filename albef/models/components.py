@@ -107,16 +107,27 @@ def enqueue(queues: list[torch.Tensor], values: list[torch.Tensor], ptr: torch.T
 # ---------------------------------------------------------------------------- losses
 
 
+def distillation_mix(hard: torch.Tensor, soft: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Momentum distillation's one mixing rule, of targets (ITC) or of losses (MLM, VQA, SNLI-VE, NLVR2):
+    ``(1 - alpha) * hard + alpha * soft``, ``soft`` coming from the momentum teacher."""
+    return (1 - alpha) * hard + alpha * soft
+
+
+def soft_cross_entropies(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-sum_j targets_j * log_softmax(logits)_j`` over the last axis: one value per row (token, pair)."""
+    return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-sum_j targets_j * log_softmax(logits)_j``."""
-    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+    """The mean over rows of :func:`soft_cross_entropies`."""
+    return soft_cross_entropies(logits, targets).mean()
 
 
 def itc_targets(hard: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """``(1 - alpha) * hard + alpha * softmax(teacher)``; plain hard targets without a teacher."""
     if teacher_logits is None:
         return hard
-    return alpha * F.softmax(teacher_logits, dim=1) + (1 - alpha) * hard
+    return distillation_mix(hard, F.softmax(teacher_logits, dim=1), alpha)
 
 
 # ---------------------------------------------------------------------------- random choices

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from albef.config import LossSwitches, ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
-from albef.models.components import ChoiceSource, MaskSpec
+from albef.models.components import ChoiceSource, MaskSpec, distillation_mix, soft_cross_entropies
 from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM
 
 
@@ -42,10 +42,8 @@ def mlm_loss(
     )
     loss = hard / count
     if teacher_logits is not None:
-        soft = -(F.log_softmax(logits.float(), dim=-1) * F.softmax(teacher_logits.float(), dim=-1)).sum(
-            dim=-1
-        )
-        loss = (1 - alpha) * loss + alpha * (soft * masked).sum() / count
+        soft = soft_cross_entropies(logits.float(), F.softmax(teacher_logits.float(), dim=-1))
+        loss = distillation_mix(loss, (soft * masked).sum() / count, alpha)
     return loss
 
 

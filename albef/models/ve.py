@@ -22,7 +22,7 @@ from torch import nn
 
 from albef.config import LossSwitches, ModelConfig
 from albef.models.base import check_text
-from albef.models.components import MomentumTwins, soft_cross_entropy
+from albef.models.components import MomentumTwins, distillation_mix, soft_cross_entropy
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import Mode, TextEncoder
 
@@ -54,7 +54,7 @@ def distillation_loss(
     loss = F.cross_entropy(logits, targets)
     if teacher_logits is None:
         return loss
-    return (1 - alpha) * loss + alpha * soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1))
+    return distillation_mix(loss, soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1)), alpha)
 
 
 class DistilledClassifier(MomentumTwins, nn.Module):

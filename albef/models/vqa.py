@@ -25,7 +25,7 @@ from torch import nn
 
 from albef.config import LossSwitches, ModelConfig
 from albef.models.base import check_text
-from albef.models.components import MomentumTwins
+from albef.models.components import MomentumTwins, distillation_mix, soft_cross_entropies
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import (
     MLMHeadContainer,
@@ -114,9 +114,8 @@ def answer_sequence_loss(
     b, n, vocab = logits.shape
     loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction="none").view(b, n).sum(1)
     if soft_targets is not None:
-        distill = -(F.log_softmax(logits, dim=-1) * soft_targets).sum(dim=-1)
-        distill = (distill * (targets != -100)).sum(1)
-        loss = (1 - alpha) * loss + alpha * distill
+        distill = (soft_cross_entropies(logits, soft_targets) * (targets != -100)).sum(1)
+        loss = distillation_mix(loss, distill, alpha)
     return loss
 
 
