@@ -506,7 +506,7 @@ def test_backgrounds_are_far_from_every_object_colour() -> None:
     rng = np.random.default_rng(0)
     palette = np.array(list(synth.COLORS.values()), dtype=np.float32)
     for _ in range(300):
-        for c in synth._muted_colors(rng, 2):
+        for c in synth.scenes._muted_colors(rng, 2):
             assert np.linalg.norm(palette - c, axis=1).min() > 90
 
 
