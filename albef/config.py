@@ -148,6 +148,14 @@ def _hints(cls: type) -> dict[str, Any]:
         return {}
 
 
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of the ``params.yaml`` section ``name`` (a stage pops its own keys from it); a missing section is
+    a :class:`ConfigError` naming it."""
+    if name not in params or not isinstance(params[name], dict):
+        raise ConfigError(f"params.yaml has no '{name}' section")
+    return dict(params[name])
+
+
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """The section ``values`` as a ``cls``: unknown keys named, every value typed and range-checked (see above),
     and what ``cls`` itself refuses (its ``__post_init__``) reported under ``prefix``."""

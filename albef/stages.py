@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from albef.data.stages import section
+from albef.config import section
 from albef.sections import check_sections
 from albef.tasks import get_task
 from albef.tracking.provenance import provenance_tags

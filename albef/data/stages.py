@@ -12,15 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from albef.config import ConfigError, build_dataclass
+from albef.config import ConfigError, build_dataclass, section
 
 log = logging.getLogger(__name__)
-
-
-def section(params: dict[str, Any], name: str) -> dict[str, Any]:
-    if name not in params or not isinstance(params[name], dict):
-        raise ConfigError(f"params.yaml has no '{name}' section")
-    return dict(params[name])
 
 
 def synth_stage(params: dict[str, Any], progress: bool = True) -> dict:

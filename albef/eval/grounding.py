@@ -560,8 +560,7 @@ def grounding_eval_settings(
     params: dict[str, Any], task: str = "grounding", name: str = "evaluate_grounding"
 ) -> GroundingEvalConfig:
     """``params[name]`` as :func:`evaluate_grounding_stage` reads it."""
-    from albef.config import build_dataclass
-    from albef.data.stages import section
+    from albef.config import build_dataclass, section
     from albef.tasks import check_task
 
     check_task(task, ("grounding",))

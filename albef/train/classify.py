@@ -32,8 +32,7 @@ from typing import Any
 import torch
 
 from albef.checkpoint import load_task_model
-from albef.config import ConfigError, build_dataclass
-from albef.data.stages import section
+from albef.config import ConfigError, build_dataclass, section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import stage_process
 from albef.eval.settings import ClassifierEvalConfig

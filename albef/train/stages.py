@@ -33,8 +33,8 @@ from albef.config import (
     LossSwitches,
     ModelConfig,
     build_dataclass,
+    section,
 )
-from albef.data.stages import section
 from albef.device import check_device, check_precision, resolve_precision
 from albef.distributed import stage_process
 from albef.io import can_draw, write_json, write_metrics

@@ -39,9 +39,9 @@ from albef.config import (
     ModelConfig,
     build_dataclass,
     in_range,
+    section,
 )
 from albef.data.datasets import image_source
-from albef.data.stages import section
 from albef.data.transforms import eval_transform
 from albef.device import check_device, resolve_device
 from albef.models.components import MaskSpec, RandomChoices

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from albef.checkpoint import load_task_model
-from albef.config import ConfigError, build_dataclass
-from albef.data.stages import section
+from albef.config import ConfigError, build_dataclass, section
 from albef.device import check_device, check_precision
 from albef.distributed import stage_process
 from albef.eval.settings import ANSWER_LIST_FILE, VQAEvalConfig
