@@ -1,13 +1,18 @@
-"""The parameters every albef flow takes, described once: the Prefect run form shows these descriptions (from the
-flows' docstrings, where :func:`documented` puts them) and offers the stage names as a list to pick from."""
+"""The parameters every albef flow takes, defined and described once: :func:`flow_parameters` is the one
+signature of every flow (:func:`flow_function` gives it to each), and the Prefect run form shows these
+descriptions (from the flows' docstrings, where :func:`documented` puts them) and offers the stage names as a
+list to pick from."""
 
 from __future__ import annotations
 
+import inspect
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from albef.orchestration.pipeline import MODES, dvc_stages, stage_choices
+from flows.tasks import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS
 
 # The names `stages` accepts, read from the dvc.yaml beside flows/ (the checkout the deployments run in).
 STAGE_NAMES = tuple(stage_choices(dvc_stages(Path(__file__).resolve().parents[1])))
@@ -46,3 +51,43 @@ def documented(fn):
     """Append the shared parameter descriptions to a flow function's docstring (apply below @flow)."""
     fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\n" + textwrap.indent(PARAMETERS, "    ")
     return fn
+
+
+def flow_parameters(
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    stages: list[StageName] | None = None,
+    workspace: WorkspaceMode = "auto",
+    keep_workspace: bool = False,
+    gpus: int = 0,
+    nodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    deadline_minutes: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+    mlflow_parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """The parameters of a flow run, every one of them (the defaults filled in)."""
+    return dict(locals())
+
+
+def flow_function(
+    name: str, summary: str, body: Callable[..., list[dict[str, Any]]], nested: bool = True
+) -> Callable[..., list[dict[str, Any]]]:
+    """A flow function ``name`` with :func:`flow_parameters`' signature (without ``mlflow_parent_run_id`` unless
+    ``nested``: a run that opens the pipeline's MLflow run itself takes none) and ``summary`` with the shared
+    parameter descriptions as its docstring; it calls ``body(**parameters)`` with every parameter. Prefect reads
+    the signature and the docstring for its run form; apply ``@flow`` to the result."""
+    signature = inspect.signature(flow_parameters, eval_str=True)
+    kept = [p for p in signature.parameters.values() if nested or p.name != "mlflow_parent_run_id"]
+    signature = signature.replace(parameters=kept, return_annotation=list[dict[str, Any]])
+
+    def run(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return body(**bound.arguments)
+
+    run.__signature__ = signature  # type: ignore[attr-defined]
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = summary
+    return documented(run)

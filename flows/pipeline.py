@@ -17,33 +17,24 @@ from prefect.runtime import flow_run
 from albef.orchestration import mlflow_link
 from albef.orchestration.pipeline import FLOW_STAGES, flow_of, prepare
 from albef.orchestration.workspace import describe
-from flows.options import StageName, WorkspaceMode, documented
+from flows.options import flow_function
 from flows.stages import STAGE_FLOWS
-from flows.tasks import (
-    DEFAULT_RETRIES,
-    DEFAULT_RETRY_DELAY_SECONDS,
-    end_runs_of_dead_flow_runs,
-    flow_workspace,
-)
+from flows.tasks import end_runs_of_dead_flow_runs, flow_workspace
 
 
-@flow(name="full_pipeline", log_prints=True)
-@documented
-def full_pipeline(
-    project_dir: str = ".",
-    stages: list[StageName] | None = None,
-    overrides: dict[str, Any] | None = None,
-    workspace: WorkspaceMode = "auto",
-    keep_workspace: bool = False,
-    gpus: int = 0,
-    nodes: int = 1,
-    rdzv_endpoint: str | None = None,
-    deadline_minutes: float | None = None,
-    retries: int = DEFAULT_RETRIES,
-    retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
+def _full_pipeline(
+    project_dir: str,
+    stages: list[str] | None,
+    overrides: dict[str, Any] | None,
+    workspace: str,
+    keep_workspace: bool,
+    gpus: int,
+    nodes: int,
+    rdzv_endpoint: str | None,
+    deadline_minutes: float | None,
+    retries: int,
+    retry_delay_seconds: float,
 ) -> list[dict[str, Any]]:
-    """data -> preprocess -> pretrain -> finetune -> evaluate -> register, each through DVC, as subflows of
-    this flow run, in the checkout or (with overrides) in a workspace of its own saved as a DVC experiment."""
     logger = get_run_logger()
     plan = prepare(project_dir, stages, overrides, gpus, nodes, rdzv_endpoint, workspace=workspace)
     logger.info("stages: %s", ", ".join(plan.stages))
@@ -91,6 +82,17 @@ def full_pipeline(
         description="every stage of the pipeline run",
     )
     return results
+
+
+full_pipeline = flow(name="full_pipeline", log_prints=True)(
+    flow_function(
+        "full_pipeline",
+        "data -> preprocess -> pretrain -> finetune -> evaluate -> register, each through DVC, as subflows of "
+        "this flow run, in the checkout or (with overrides) in a workspace of its own saved as a DVC experiment.",
+        _full_pipeline,
+        nested=False,  # it opens the pipeline's MLflow run itself
+    )
+)
 
 
 def _summary(

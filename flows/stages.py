@@ -21,40 +21,19 @@ A run with ``overrides`` works in a workspace of its own and ends as a DVC exper
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 from prefect import flow
 
-from flows.options import StageName, WorkspaceMode, documented
-from flows.tasks import DEFAULT_RETRIES, DEFAULT_RETRY_DELAY_SECONDS, run_flow_stages
+from flows.options import flow_function
+from flows.tasks import run_flow_stages
 
 
 def stage_flow(flow_name: str, summary: str):
     """The flow ``flow_name``: its DVC stages (the table above) through :func:`flows.tasks.run_flow_stages`,
-    with the parameters every stage flow takes (described in ``flows/options.py``). One definition for the
-    six: the Prefect run form reads each one's signature and docstring, which are this function's."""
-
-    def run(
-        project_dir: str = ".",
-        overrides: dict[str, Any] | None = None,
-        stages: list[StageName] | None = None,
-        workspace: WorkspaceMode = "auto",
-        keep_workspace: bool = False,
-        gpus: int = 0,
-        nodes: int = 1,
-        rdzv_endpoint: str | None = None,
-        deadline_minutes: float | None = None,
-        retries: int = DEFAULT_RETRIES,
-        retry_delay_seconds: float = DEFAULT_RETRY_DELAY_SECONDS,
-        mlflow_parent_run_id: str | None = None,
-    ) -> list[dict[str, Any]]:
-        # the parameters as passed (locals() also holds flow_name, the closure's variable)
-        options = {k: v for k, v in locals().items() if k != "flow_name"}
-        return run_flow_stages(flow_name, **options)
-
-    run.__name__ = run.__qualname__ = flow_name
-    run.__doc__ = summary
-    return flow(name=flow_name, log_prints=True)(documented(run))
+    with the parameters every flow takes (:func:`flows.options.flow_parameters`)."""
+    body = functools.partial(run_flow_stages, flow_name)
+    return flow(name=flow_name, log_prints=True)(flow_function(flow_name, summary, body))
 
 
 data = stage_flow("data", "The embedded synthetic benchmark (DVC stage synth).")

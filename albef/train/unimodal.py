@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,30 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _fit(
+    opt: torch.optim.Optimizer,
+    steps: int,
+    lr: float,
+    warmup: int,
+    step_loss: Callable[[], torch.Tensor],
+    desc: str,
+    progress: bool,
+) -> None:
+    """``steps`` optimiser steps at ``lr`` under :func:`_lr_factor`'s schedule; ``step_loss()`` draws its batch."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup)
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
 def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     heldout = max(1, int(n * fraction))
@@ -192,19 +217,10 @@ def train_image_encoder(
         logits = head(encoder(pixels[index])[:, 0])
         return F.binary_cross_entropy_with_logits(logits, targets[index]), logits
 
-    from tqdm.auto import tqdm
+    def step_loss() -> torch.Tensor:
+        return loss_on(train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)])[0]
 
-    bar = tqdm(range(cfg.vision_steps), desc="unimodal image", disable=not progress, unit="step")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cfg.vision_lr * _lr_factor(step, cfg.vision_steps, cfg.warmup_steps)
-        batch = train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)]
-        loss, _ = loss_on(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    _fit(opt, cfg.vision_steps, cfg.vision_lr, cfg.warmup_steps, step_loss, "unimodal image", progress)
     encoder.eval()
     with torch.no_grad():
         train_loss, _ = loss_on(train)
@@ -269,18 +285,10 @@ def train_text_encoder(
         correct = (out.logits.argmax(-1)[picked] == labels[picked]).float().mean().item()
         return out.loss, correct
 
-    from tqdm.auto import tqdm
+    def step_loss() -> torch.Tensor:
+        return batch_loss(train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)])[0]
 
-    bar = tqdm(range(cfg.text_steps), desc="unimodal text", disable=not progress, unit="step")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cfg.text_lr * _lr_factor(step, cfg.text_steps, cfg.warmup_steps)
-        loss, _ = batch_loss(train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    _fit(opt, cfg.text_steps, cfg.text_lr, cfg.warmup_steps, step_loss, "unimodal text", progress)
     bert.eval()
     with torch.no_grad():
         loss, accuracy = batch_loss(heldout)
