@@ -31,9 +31,8 @@ class Task:
     model: str  # the model it trains and exports (a model task of albef.checkpoint.TASKS)
     train_section: str | None  # its training stage's params.yaml section
     train_entry: str | None  # "module:function" of its training stage
-    train_settings: (
-        str | None
-    )  # "module:function" reading its training section, typed: (params, task=, name=)
+    # "module:function" reading its training section into the typed settings its stage uses
+    train_settings: str | None
     eval_section: str | None = None  # its evaluation's section
     eval_entry: str | None = None  # "module:function" of its evaluation
     eval_settings: str | None = None  # "module:function" reading its evaluation section, typed

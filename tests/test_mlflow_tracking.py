@@ -18,10 +18,10 @@ import pytest
 from conftest import free_port, tiny_train_params
 
 from albef.config import ConfigError
+from albef.stages import tracked_evaluate, tracked_train
 from albef.tracking.config import TrackingConfig, tracking_config, validate_model_name
 from albef.tracking.journal import journals
 from albef.tracking.run import start_stage_run
-from albef.stages import tracked_evaluate, tracked_train
 
 
 def _params(root: Path, experiment: str, **mlflow) -> dict:
