@@ -28,15 +28,11 @@ def _full_pipeline(
     overrides: dict[str, Any] | None,
     workspace: str,
     keep_workspace: bool,
-    gpus: int,
-    nodes: int,
-    rdzv_endpoint: str | None,
-    deadline_minutes: float | None,
-    retries: int,
-    retry_delay_seconds: float,
+    **launch: Any,  # gpus, nodes, rdzv_endpoint, deadline and retries: passed on to every stage flow
 ) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    plan = prepare(project_dir, stages, overrides, gpus, nodes, rdzv_endpoint, workspace=workspace)
+    placement = (launch["gpus"], launch["nodes"], launch["rdzv_endpoint"])
+    plan = prepare(project_dir, stages, overrides, *placement, workspace=workspace)
     logger.info("stages: %s", ", ".join(plan.stages))
     cfg = mlflow_link.tracking(plan.params, describe(plan.project).checkout)
     results: list[dict[str, Any]] = []
@@ -64,13 +60,8 @@ def _full_pipeline(
                     project_dir=str(where.path),
                     stages=chosen,
                     workspace="checkout",  # the workspace this flow run works in
-                    gpus=gpus,
-                    nodes=nodes,
-                    rdzv_endpoint=rdzv_endpoint,
-                    deadline_minutes=deadline_minutes,
-                    retries=retries,
-                    retry_delay_seconds=retry_delay_seconds,
                     mlflow_parent_run_id=parent,
+                    **launch,
                 )
         except BaseException as exc:  # KILLED when the flow run was cancelled
             mlflow_link.close_parent_run(cfg, parent, mlflow_link.ending_status(exc), logger)
