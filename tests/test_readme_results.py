@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -116,3 +117,19 @@ def test_reproducibility_compares_weights_byte_for_byte_and_metrics_without_timi
         "metrics/pretrain.json"
     ]
     assert reproducibility.main([str(a), str(tmp_path / "missing")]) == 1
+
+
+def test_the_fusion_probe_separates_what_is_linearly_separable_and_not_noise():
+    import fusion_probe
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=gen)
+    centres = torch.randn(3, 16, generator=gen) * 3
+    features = centres[labels] + torch.randn(300, 16, generator=gen)
+    _, held = fusion_probe.logistic_regression(
+        features[:200], labels[:200], features[200:], labels[200:], 0.0
+    )
+    assert held > 0.9
+    noise = torch.randn(300, 16, generator=gen)
+    _, held = fusion_probe.logistic_regression(noise[:200], labels[:200], noise[200:], labels[200:], 1e-2)
+    assert held < 0.5
