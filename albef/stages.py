@@ -91,6 +91,7 @@ def tracked_evaluate(
     copy (:func:`with_test_file`), so the run nests under the same pipeline run as the other stages."""
     # Under DVC the stage name tells zero-shot from finetuned evaluation; elsewhere the output folder does.
     name = os.environ.get("DVC_STAGE") or f"evaluate_{Path(out_dir).name}"
+    entry = get_task(task)
     settings_name = evaluate_section(task)
     check_sections(params, (settings_name,))  # before any MLflow run is opened
     evaluate = section(params, settings_name)
@@ -106,7 +107,6 @@ def tracked_evaluate(
         log_params={settings_name: evaluate, "model_dir": str(model_dir)},
         pipeline_params=pipeline_params,
     ) as run:
-        entry = get_task(task)
         metrics = entry.evaluate(params, model_dir, out_dir, metrics_path, progress=progress)
         files = entry.report_files
         if run is not None:

@@ -189,7 +189,7 @@ TASKS: dict[str, Task] = {
 }
 
 #: the models a task exports (albef.checkpoint.MODEL_CLASSES has their classes)
-MODEL_TASKS = sorted({task.model for task in TASKS.values()}, key=list(TASKS).index)
+MODEL_TASKS = list(dict.fromkeys(task.model for task in TASKS.values()))
 #: the tasks ``albef finetune`` trains (pretraining is ``albef pretrain``)
 FINETUNE_TASKS = [name for name, task in TASKS.items() if task.train_entry and name != "pretrain"]
 #: the tasks ``albef evaluate`` evaluates
