@@ -96,8 +96,8 @@ _CONTRASTIVE = "albef.train.stages:train_stage"
 _CONTRASTIVE_SETTINGS = "albef.train.stages:contrastive_train_settings"
 _CLASSIFIER = "albef.train.classify:finetune_classifier_stage"
 _CLASSIFIER_SETTINGS = "albef.train.classify:classifier_train_settings"
-_CLASSIFIER_EVAL = "albef.train.classify:evaluate_classifier_stage"
-_CLASSIFIER_EVAL_SETTINGS = "albef.train.classify:classifier_eval_settings"
+_CLASSIFIER_EVAL = "albef.eval.stages:evaluate_classifier_stage"
+_CLASSIFIER_EVAL_SETTINGS = "albef.eval.settings:classifier_eval_settings"
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -119,8 +119,8 @@ TASKS: dict[str, Task] = {
             train_entry=_CONTRASTIVE,
             train_settings=_CONTRASTIVE_SETTINGS,
             eval_section="evaluate",  # the section's historical name
-            eval_entry="albef.train.stages:evaluate_stage",
-            eval_settings="albef.train.stages:retrieval_eval_settings",
+            eval_entry="albef.eval.stages:evaluate_retrieval_stage",
+            eval_settings="albef.eval.settings:retrieval_eval_settings",
             report_files=("examples.png", "rankings.json"),
             register_section="register",
         ),
@@ -132,8 +132,8 @@ TASKS: dict[str, Task] = {
             train_entry=_CONTRASTIVE,
             train_settings=_CONTRASTIVE_SETTINGS,
             eval_section="evaluate_grounding",
-            eval_entry="albef.eval.grounding:evaluate_grounding_stage",
-            eval_settings="albef.eval.grounding:grounding_eval_settings",
+            eval_entry="albef.eval.stages:evaluate_grounding_stage",
+            eval_settings="albef.eval.settings:grounding_eval_settings",
             report_files=("results.json", "examples", "examples.png"),
             register_section="register_grounding",
         ),
@@ -145,8 +145,8 @@ TASKS: dict[str, Task] = {
             train_entry="albef.train.vqa:finetune_vqa_stage",
             train_settings="albef.train.vqa:vqa_train_settings",
             eval_section="evaluate_vqa",
-            eval_entry="albef.train.vqa:evaluate_vqa_stage",
-            eval_settings="albef.train.vqa:vqa_eval_settings",
+            eval_entry="albef.eval.stages:evaluate_vqa_stage",
+            eval_settings="albef.eval.settings:vqa_eval_settings",
             report_files=("vqa_result.json", "top_answers.json"),
             register_section="register_vqa",
         ),

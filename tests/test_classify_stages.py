@@ -83,8 +83,9 @@ def _params(root, **sections) -> dict:
 
 def test_ta_then_nlvr_then_evaluate(cls_data, tmp_path):
     from albef.checkpoint import load_pretrained
+    from albef.eval.stages import evaluate_classifier_stage
     from albef.models.nlvr import ALBEFNLVR, ALBEFTextAssignment
-    from albef.train.classify import evaluate_classifier_stage, finetune_classifier_stage
+    from albef.train.classify import finetune_classifier_stage
 
     root = cls_data
     params = _params(
@@ -141,7 +142,8 @@ def test_ta_then_nlvr_then_evaluate(cls_data, tmp_path):
 
 
 def test_ve_from_pretraining_and_evaluate(cls_data, tmp_path):
-    from albef.train.classify import evaluate_classifier_stage, finetune_classifier_stage
+    from albef.eval.stages import evaluate_classifier_stage
+    from albef.train.classify import finetune_classifier_stage
 
     root = cls_data
     params = _params(
@@ -172,8 +174,8 @@ def test_ve_from_pretraining_and_evaluate(cls_data, tmp_path):
 def test_two_processes_share_the_ve_evaluation_and_rank_0_writes_what_one_process_writes(cls_data, tmp_path):
     from albef.checkpoint import build_model
     from albef.config import ModelConfig
+    from albef.eval.stages import evaluate_classifier_stage
     from albef.tokenizer import ALBEFTokenizer
-    from albef.train.classify import evaluate_classifier_stage
     from albef.train.stages import export_model
 
     root = cls_data
@@ -186,7 +188,7 @@ def test_two_processes_share_the_ve_evaluation_and_rank_0_writes_what_one_proces
         lambda: evaluate_classifier_stage(params, "ve", model_dir, tmp_path / "one", progress=False)
     )
     log = call_under_torchrun(
-        "albef.train.classify:evaluate_classifier_stage",
+        "albef.eval.stages:evaluate_classifier_stage",
         {
             "params": params,
             "task": "ve",
@@ -203,7 +205,7 @@ def test_two_processes_share_the_ve_evaluation_and_rank_0_writes_what_one_proces
 
 def test_missing_nlvr_image_is_an_error_naming_the_record_or_a_counted_skip(cls_data, tmp_path):
     from albef.data.classify import MissingImageError
-    from albef.train.classify import evaluate_classifier_stage
+    from albef.eval.stages import evaluate_classifier_stage
 
     root = cls_data
     data = root / "processed"
@@ -233,7 +235,8 @@ def test_missing_nlvr_image_is_an_error_naming_the_record_or_a_counted_skip(cls_
 
 def test_unknown_task_and_keys_are_named(cls_data):
     from albef.config import ConfigError
-    from albef.train.classify import evaluate_classifier_stage, finetune_classifier_stage
+    from albef.eval.stages import evaluate_classifier_stage
+    from albef.train.classify import finetune_classifier_stage
 
     with pytest.raises(ConfigError, match="unknown classification task 'vqa'"):
         finetune_classifier_stage({}, "vqa")

@@ -115,11 +115,14 @@ def test_init_distributed_applies_the_rule_before_joining_anything(no_cuda, monk
 
 
 def test_sections_check_the_spelling_where_they_are_read():
-    from albef.eval.grounding import GroundingEvalConfig
-    from albef.train.classify import classifier_eval_settings
-    from albef.train.stages import EvaluateConfig, split_train_section
+    from albef.eval.settings import (
+        classifier_eval_settings,
+        grounding_eval_settings,
+        retrieval_eval_settings,
+        vqa_eval_settings,
+    )
+    from albef.train.stages import split_train_section
     from albef.train.unimodal import UnimodalConfig
-    from albef.train.vqa import vqa_eval_settings
 
     with pytest.raises(
         ConfigError, match=r"^finetune_vqa\.device: expected auto, cpu, cuda or cuda:N, got 'gpu'"
@@ -128,11 +131,11 @@ def test_sections_check_the_spelling_where_they_are_read():
     with pytest.raises(ConfigError, match=r"^unimodal\.device"):
         UnimodalConfig(device="gpu")
     with pytest.raises(ConfigError, match=r"^evaluate\.device"):
-        EvaluateConfig(device="gpu")
+        retrieval_eval_settings({"evaluate": {"device": "gpu"}})
     with pytest.raises(ConfigError, match=r"^evaluate\.precision"):
-        EvaluateConfig(precision="half")
+        retrieval_eval_settings({"evaluate": {"precision": "half"}})
     with pytest.raises(ConfigError, match=r"^evaluate_grounding\.device"):
-        GroundingEvalConfig(device="gpu")
+        grounding_eval_settings({"evaluate_grounding": {"device": "gpu"}})
     with pytest.raises(ConfigError, match=r"^evaluate_nlvr\.device"):
         classifier_eval_settings({"evaluate_nlvr": {"device": "gpu"}}, "nlvr")
     with pytest.raises(ConfigError, match=r"^evaluate_vqa\.precision"):
@@ -385,20 +388,19 @@ def test_ve_and_vqa_finetuning_compute_on_their_device(task_data, tmp_path, spy)
 
 
 def test_retrieval_evaluation_computes_on_its_device(tiny_data, task_data, tmp_path, spy):
-    from albef.train.stages import evaluate_stage
+    from albef.eval.stages import evaluate_retrieval_stage
 
     params = {
         "evaluate": {"data_dir": str(tiny_data / "data" / "processed"), "num_workers": 0, "device": "cpu"}
     }
     _until_values_are_read(
-        lambda: evaluate_stage(params, task_data / "models" / "retrieval", tmp_path, progress=False)
+        lambda: evaluate_retrieval_stage(params, task_data / "models" / "retrieval", tmp_path, progress=False)
     )
     spy.check("cpu", "evaluate.device")
 
 
 def test_vqa_and_ve_evaluations_compute_on_their_device(task_data, tmp_path, spy):
-    from albef.train.classify import evaluate_classifier_stage
-    from albef.train.vqa import evaluate_vqa_stage
+    from albef.eval.stages import evaluate_classifier_stage, evaluate_vqa_stage
 
     data, models = str(task_data / "processed"), task_data / "models"
     params = {"evaluate_vqa": {"data_dir": data, "k_test": 2, "device": "cpu"}}
@@ -412,7 +414,8 @@ def test_vqa_and_ve_evaluations_compute_on_their_device(task_data, tmp_path, spy
 
 
 def test_grounding_gradcam_computes_on_its_device(task_data, tmp_path, spy):
-    from albef.eval.grounding import evaluate_grounding_stage, explain
+    from albef.eval.grounding import explain
+    from albef.eval.stages import evaluate_grounding_stage
 
     model_dir = task_data / "models" / "retrieval"
     params = {

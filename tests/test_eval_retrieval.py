@@ -141,13 +141,15 @@ def test_two_processes_share_the_retrieval_evaluation_and_rank_0_writes_what_one
 ):
     import json
 
-    from albef.train.stages import evaluate_stage
+    from albef.eval.stages import evaluate_retrieval_stage
 
     data = str(tiny_data / "data" / "processed")
     params = {"evaluate": {"data_dir": data, "k_test": 4, "image_batch": 1, "pair_batch": 1, "examples": 0}}
-    with_one_thread(lambda: evaluate_stage(params, tiny_retrieval_model, tmp_path / "one", progress=False))
+    with_one_thread(
+        lambda: evaluate_retrieval_stage(params, tiny_retrieval_model, tmp_path / "one", progress=False)
+    )
     log = call_under_torchrun(
-        "albef.train.stages:evaluate_stage",
+        "albef.eval.stages:evaluate_retrieval_stage",
         {"params": params, "model_dir": tiny_retrieval_model, "out_dir": tmp_path / "two", "progress": False},
         tmp_path,
     )

@@ -287,7 +287,7 @@ def grounding_data(tmp_path_factory):
 
 
 def test_evaluate_grounding_stage_on_tiny_data(grounding_data, tmp_path) -> None:
-    from albef.eval.grounding import evaluate_grounding_stage
+    from albef.eval.stages import evaluate_grounding_stage
 
     root, model_dir = grounding_data
     params = {
@@ -321,7 +321,7 @@ def test_evaluate_grounding_stage_on_tiny_data(grounding_data, tmp_path) -> None
 def test_two_processes_share_the_grounding_evaluation_and_rank_0_writes_what_one_process_writes(
     grounding_data, tmp_path
 ) -> None:
-    from albef.eval.grounding import evaluate_grounding_stage
+    from albef.eval.stages import evaluate_grounding_stage
 
     root, model_dir = grounding_data
     # batches of one: every expression is computed alike whichever rank and batch it falls in
@@ -330,7 +330,7 @@ def test_two_processes_share_the_grounding_evaluation_and_rank_0_writes_what_one
         lambda: evaluate_grounding_stage(params, model_dir, tmp_path / "one", progress=False)
     )
     log = call_under_torchrun(
-        "albef.eval.grounding:evaluate_grounding_stage",
+        "albef.eval.stages:evaluate_grounding_stage",
         {"params": params, "model_dir": model_dir, "out_dir": tmp_path / "two", "progress": False},
         tmp_path,
     )
@@ -346,7 +346,7 @@ def test_bad_box_policy(grounding_data, tmp_path) -> None:
     import pickle
     import shutil
 
-    from albef.eval.grounding import evaluate_grounding_stage
+    from albef.eval.stages import evaluate_grounding_stage
 
     root, model_dir = grounding_data
     data = tmp_path / "processed"
@@ -425,7 +425,7 @@ def test_params_yaml_section_is_valid() -> None:
     from pathlib import Path
 
     from albef.config import build_dataclass, read_params
-    from albef.eval.grounding import GroundingEvalConfig
+    from albef.eval.settings import GroundingEvalConfig
 
     params = read_params(Path(__file__).resolve().parents[1] / "params.yaml")
     cfg = build_dataclass(GroundingEvalConfig, params["evaluate_grounding"], "evaluate_grounding")

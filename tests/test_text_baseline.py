@@ -111,13 +111,13 @@ def test_question_only_vqa_answers_from_the_question_and_scores_with_vqa_accurac
 
 
 def test_the_evaluations_skip_the_baseline_without_a_training_file(tmp_path, caplog):
-    from albef.train.classify import _sentence_only, classifier_eval_settings
-    from albef.train.vqa import _question_only, vqa_eval_settings
+    from albef.eval.settings import classifier_eval_settings, vqa_eval_settings
+    from albef.eval.stages import question_only_baseline, sentence_only_baseline
 
     cfg = vqa_eval_settings({"evaluate_vqa": {"data_dir": str(tmp_path)}})
     assert cfg.train_file == "vqa_train.json"  # the file finetune_vqa trains on, by default
-    assert _question_only(cfg, "evaluate_vqa", [], ["yes"], {}) == {}
+    assert question_only_baseline(cfg, "evaluate_vqa", [], ["yes"], {}) == {}
     assert "vqa_train.json not found" in caplog.text
     cfg = classifier_eval_settings({"evaluate_ve": {"data_dir": str(tmp_path), "train_file": None}}, "ve")
-    assert _sentence_only(cfg, "ve", "evaluate_ve", None) == {}
+    assert sentence_only_baseline(cfg, "ve", "evaluate_ve", None) == {}
     assert classifier_eval_settings({"evaluate_nlvr": {}}, "nlvr").train_file == "nlvr_train.json"

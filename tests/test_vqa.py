@@ -313,7 +313,8 @@ def test_finetune_evaluate_and_predict_vqa(vqa_data, tmp_path, capsys):
     import json
 
     from albef.cli import main as cli_main
-    from albef.train.vqa import evaluate_vqa_stage, finetune_vqa_stage
+    from albef.eval.stages import evaluate_vqa_stage
+    from albef.train.vqa import finetune_vqa_stage
 
     tokenizer_vocab = len(
         json.loads((vqa_data / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
@@ -397,9 +398,9 @@ def test_two_processes_share_the_vqa_evaluation_and_rank_0_writes_what_one_proce
     import json
 
     from albef.config import ModelConfig
+    from albef.eval.stages import evaluate_vqa_stage
     from albef.tokenizer import ALBEFTokenizer
     from albef.train.stages import export_model
-    from albef.train.vqa import evaluate_vqa_stage
     from tests.conftest import assert_halves_logged, call_under_torchrun, same_json_outputs, with_one_thread
 
     tokenizer = ALBEFTokenizer.from_pretrained(vqa_data / "tokenizer")
@@ -416,7 +417,7 @@ def test_two_processes_share_the_vqa_evaluation_and_rank_0_writes_what_one_proce
     params = {"evaluate_vqa": {"data_dir": str(vqa_data), "k_test": 4, "batch_size": 1}}
     with_one_thread(lambda: evaluate_vqa_stage(params, model_dir, tmp_path / "one", progress=False))
     log = call_under_torchrun(
-        "albef.train.vqa:evaluate_vqa_stage",
+        "albef.eval.stages:evaluate_vqa_stage",
         {"params": params, "model_dir": model_dir, "out_dir": tmp_path / "two", "progress": False},
         tmp_path,
     )

@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from albef.config import ConfigError, ModelConfig
 from albef.data.grounding import REFS_FILE, GroundingAssets, load_refs
-from albef.device import check_device, resolve_device
-from albef.io import can_draw
+from albef.device import resolve_device
+from albef.eval.settings import GroundingEvalConfig
 from albef.models.xbert import AttentionBlock, Mode
 
 log = logging.getLogger(__name__)
@@ -204,37 +204,6 @@ def best_box(scores: Sequence[float | None]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-
-
-@dataclass
-class GroundingEvalConfig:
-    """``params.evaluate_grounding``: weakly supervised grounding on RefCOCO+-style files."""
-
-    data_dir: str = "data/processed"
-    test_files: list[str] = field(default_factory=lambda: ["refcoco+_val.json", "refcoco+_test.json"])
-    assets: str = "refcoco+"  # instances.json, refs(unc).p, dets.json; relative to data_dir
-    tokenizer: str | None = None  # default: the model's tokenizer folder, else <data_dir>/tokenizer
-    layer: int | None = None  # text-encoder layer (official --block_num 8); null: the third fusion layer
-    area_power: float = 0.5  # box score = sum inside / area ** area_power (official 0.5)
-    iou_threshold: float = 0.5
-    max_words: int = 30  # pre_caption, as the official dataset
-    max_tokens: int | None = None  # null: the model's positions (the official grounding eval never truncates)
-    batch_size: int = 32
-    num_workers: int = 2
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
-    bad_box: str = "skip"  # an expression without a usable ground-truth box: skip (counted) | error
-    examples: int = 4  # expressions drawn with a heat map per word (examples/*.png)
-
-    def __post_init__(self) -> None:
-        if self.bad_box not in ("skip", "error"):
-            raise ConfigError(f"evaluate_grounding.bad_box: expected skip or error, got {self.bad_box!r}")
-        if isinstance(self.test_files, str):
-            self.test_files = [self.test_files]
-        if not 0 < self.iou_threshold <= 1:
-            raise ConfigError(f"evaluate_grounding.iou_threshold: expected (0, 1], got {self.iou_threshold}")
-        if self.batch_size < 1:
-            raise ConfigError(f"evaluate_grounding.batch_size: expected >= 1, got {self.batch_size}")
-        check_device(self.device, "evaluate_grounding.device")
 
 
 class GroundingEvalDataset(Dataset):
@@ -556,108 +525,6 @@ def explain(
     return explain_image(model, tok, picture, text, out, layer)
 
 
-def grounding_eval_settings(
-    params: dict[str, Any], task: str = "grounding", name: str = "evaluate_grounding"
-) -> GroundingEvalConfig:
-    """``params[name]`` as :func:`evaluate_grounding_stage` reads it."""
-    from albef.config import build_dataclass, section
-    from albef.tasks import check_task
-
-    check_task(task, ("grounding",))
-    return build_dataclass(GroundingEvalConfig, section(params, name), name)
-
-
-def evaluate_grounding_stage(
-    params: dict[str, Any],
-    model_dir: str | Path,
-    out_dir: str | Path,
-    metrics_path: str | Path | None = None,
-    progress: bool = True,
-    name: str = "evaluate_grounding",
-    task: str = "grounding",
-) -> dict[str, Any]:
-    """Evaluate weakly supervised grounding of the model in ``model_dir`` (any task with an ITM head:
-    pretrain, retrieval) on ``params[name].test_files`` (``name``: the section, ``evaluate_grounding``): ``metrics.json``, ``results.json``
-    (one entry per expression) and ``examples/*.png`` (heat maps per word) in ``out_dir``. Under torchrun
-    the ranks share the expressions and rank 0 writes."""
-    from albef.distributed import stage_process
-
-    cfg = grounding_eval_settings(params, task, name)
-    with stage_process(cfg.device, None, name) as (world, device, _):
-        return _evaluate_and_write(
-            cfg, model_dir, out_dir, metrics_path, device, progress and world.is_main, world.is_main
-        )
-
-
-def _evaluate_and_write(
-    cfg: GroundingEvalConfig,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    metrics_path: str | Path | None,
-    device: torch.device,
-    progress: bool,
-    writes: bool,  # rank 0 writes; the other ranks only share the evaluation
-) -> dict[str, Any]:
-    from albef.checkpoint import load_pretrained
-    from albef.data import datasets as ds
-    from albef.data.transforms import eval_transform
-    from albef.io import write_json, write_metrics
-    from albef.model_files import read_config
-    from albef.tokenizer import load_tokenizer, model_tokenizer_dir
-
-    task, _ = read_config(model_dir)
-    model = load_pretrained(model_dir).to(device)
-    if not hasattr(model, "itm_head"):
-        raise ConfigError(f"{model_dir} holds a {task!r} model without an ITM head; grounding needs one")
-    tokenizer = load_tokenizer(model_tokenizer_dir(model_dir, cfg.tokenizer, cfg.data_dir), model.cfg)
-    data = Path(cfg.data_dir)
-    assets = load_assets(data / cfg.assets)
-    images = ds.image_source(cfg.data_dir)
-    dataset = GroundingEvalDataset(
-        [data / f for f in cfg.test_files], images, eval_transform(model.cfg.vision.image_size), cfg.max_words
-    )
-    metrics, results = evaluate_grounding(model, dataset, tokenizer, assets, cfg, device, progress)
-    metrics["model_task"] = task
-    if not writes:
-        return metrics
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", {"results": results})
-    drawn: list[Path] = []
-    examples = pick_examples(results, cfg.examples) if can_draw(out / "examples") else []
-    for n, r in enumerate(examples):
-        record = dataset.records[r["index"]]
-        picture = images.open(record["image"])
-        size = (assets.boxes[r["ref_id"]][1], assets.boxes[r["ref_id"]][2])
-        verdict = "correct" if r["correct"] else "wrong"
-        path = out / "examples" / f"{n:02d}_ref{r['ref_id']}.png"
-        explain_image(
-            model,
-            tokenizer,
-            picture,
-            record["text"],
-            path,
-            metrics["layer"],
-            title=f"ref {r['ref_id']} ({r['split']}): {r['text']!r}  IoU {r['iou']:.2f} {verdict}",
-            boxes={"truth": r["gt_box"], "pred": r["pred_box"]},
-            max_words=cfg.max_words,
-            size=size,
-        )
-        drawn.append(path)
-    if drawn:  # one sheet at a fixed path: a DVC plot, a Prefect artifact, an MLflow image
-        stack_pngs(drawn, out / "examples.png")
-    write_metrics(out, metrics, metrics_path)
-    log.info(
-        "evaluate grounding %s: %s over %d expressions (%s skipped) in %.1f s",
-        model_dir,
-        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k.endswith("_d")),
-        metrics["expressions"],
-        sum(metrics["skipped"].values()),
-        metrics["eval_seconds"],
-    )
-    return metrics
-
-
 def stack_pngs(pngs: Sequence[str | Path], path: str | Path) -> Path:
     """The PNGs one under the other on a white sheet (narrower ones centred)."""
     from albef.io import atomic_write
@@ -699,12 +566,10 @@ def load_assets(folder: str | Path) -> EvalAssets:
 
 __all__ = [
     "GradCAM",
-    "GroundingEvalConfig",
     "best_box",
     "box_iou",
     "box_scores",
     "evaluate_grounding",
-    "evaluate_grounding_stage",
     "explain",
     "gradcam_itm",
     "gradcam_maps",

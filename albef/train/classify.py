@@ -1,12 +1,11 @@
-"""The SNLI-VE and NLVR2 stages as plain functions of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect call
-these), the way :mod:`albef.train.vqa` does VQA.
+"""The SNLI-VE and NLVR2 training stages as plain functions of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect
+call these), the way :mod:`albef.train.vqa` does VQA; their evaluation is
+:func:`albef.eval.stages.evaluate_classifier_stage`.
 
 ``finetune_classifier_stage(params, "ve")``       SNLI-VE finetuning (``params.finetune_ve``), official ``VE.py``
 ``finetune_classifier_stage(params, "nlvr")``     NLVR2 finetuning (``params.finetune_nlvr``), official ``NLVR.py``
 ``finetune_classifier_stage(params, "nlvr_ta")``  NLVR2 text-assignment pretraining on pretraining image-caption
                                                   pairs (``params.pretrain_nlvr``), official ``Pretrain_nlvr.py``
-``evaluate_classifier_stage(params, "ve"|"nlvr", model_dir, out_dir)``  accuracy on a test split
-                                                  (``params.evaluate_ve`` / ``params.evaluate_nlvr``)
 
 Training sections are flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
 :class:`~albef.train.stages.TrainStageConfig` keys) plus ``max_words`` (sentence words kept, official 30) and,
@@ -24,19 +23,12 @@ and, as the official ``NLVR.py``, keeps its freshly initialised momentum teacher
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from albef.checkpoint import load_task_model
-from albef.config import ConfigError, build_dataclass, section
-from albef.device import check_device, check_precision, resolve_precision
-from albef.distributed import stage_process
-from albef.eval.settings import ClassifierEvalConfig
-from albef.io import write_json, write_metrics
+from albef.config import ConfigError, section
+from albef.device import resolve_precision
 from albef.tasks import TASKS, check_task
 from albef.train.stages import (
     Collate,
@@ -53,13 +45,6 @@ TRAIN_SECTIONS = {
     for name, task in TASKS.items()
     if task.train_entry == f"{__name__}:finetune_classifier_stage"
 }
-#: evaluated task -> its params.yaml section
-EVAL_SECTIONS = {
-    name: task.eval_section
-    for name, task in TASKS.items()
-    if task.eval_entry == f"{__name__}:evaluate_classifier_stage"
-}
-
 # Defaults of each training section (official configs); anything in params.yaml wins.
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "ve": {
@@ -158,20 +143,6 @@ def classifier_train_settings(params: dict[str, Any], task: str, name: str | Non
     return stage, train, max_words, missing_images
 
 
-def classifier_eval_settings(
-    params: dict[str, Any], task: str, name: str | None = None
-) -> ClassifierEvalConfig:
-    check_task(task, list(EVAL_SECTIONS), "classification task")
-    name = name or EVAL_SECTIONS[task]
-    values = section(params, name)
-    values.setdefault("test_file", f"{task}_test.json")
-    values.setdefault("train_file", f"{task}_train.json")
-    cfg = build_dataclass(ClassifierEvalConfig, values, name)
-    check_device(cfg.device, f"{name}.device")
-    check_precision(cfg.precision, f"{name}.precision")
-    return cfg
-
-
 def finetune_classifier_stage(
     params: dict[str, Any], task: str, progress: bool = True, on_log=None, name: str | None = None
 ) -> dict[str, Any]:
@@ -232,133 +203,9 @@ def finetune_classifier_stage(
     return run_training(params, name, task, stage, train, build_data, progress, on_log)
 
 
-#: the metrics key of each task's text-only baseline
-TEXT_ONLY_KEYS = {"ve": "hypothesis_only_accuracy", "nlvr": "sentence_only_accuracy"}
-
-
-def _sentence_only(cfg: ClassifierEvalConfig, task: str, name: str, test_set) -> dict[str, Any]:
-    """The accuracy of a classifier that reads the sentence alone (the SNLI-VE hypothesis, the NLVR2
-    statement), trained on ``cfg.train_file`` and scored on the records the model is scored on
-    (:mod:`albef.eval.text_baseline`), under :data:`TEXT_ONLY_KEYS`; nothing when there is no training file."""
-    from albef.data.classify import LABEL_NAMES
-    from albef.data.formats import load_annotations
-    from albef.data.text import pre_caption
-    from albef.eval.text_baseline import text_only_classification
-
-    if not cfg.train_file:
-        return {}
-    train_path = Path(cfg.data_dir) / cfg.train_file
-    if not train_path.is_file():
-        log.warning("%s: no sentence-only baseline: %s not found", name, train_path)
-        return {}
-    names = LABEL_NAMES[task]
-    train = load_annotations(train_path, task)
-    result = text_only_classification(
-        [pre_caption(r["sentence"], cfg.max_words) for r in train],
-        [names.index(r["label"]) for r in train],
-        [test_set.sentence(i) for i in range(len(test_set))],
-        test_set.labels,
-        len(names),
-    )
-    key = TEXT_ONLY_KEYS[task]
-    return {
-        key: result["accuracy"],
-        key.removesuffix("_accuracy"): {
-            "train_file": cfg.train_file,
-            "train_records": result["train_records"],
-            "train_accuracy": result["train_accuracy"],
-            "features": result["features"],
-            "c": result["c"],
-        },
-    }
-
-
-def evaluate_classifier_stage(
-    params: dict[str, Any],
-    task: str,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    metrics_path: str | Path | None = None,
-    progress: bool = True,
-    name: str | None = None,
-) -> dict[str, Any]:
-    """Classify ``params[name].test_file`` with the ``task`` model (``ve`` or ``nlvr``) in ``model_dir``:
-    ``metrics.json`` (accuracy, per-class accuracy, confusion matrix, majority-class baseline, the
-    sentence-only baseline trained on ``train_file`` (:data:`TEXT_ONLY_KEYS`), skipped records) and ``predictions.json`` (per record: its index in the file, sentence, image(s), label,
-    prediction and class probabilities) in ``out_dir``."""
-    from albef.data import datasets as ds
-    from albef.data.classify import LABEL_NAMES, ClassificationCollate, ClassificationDataset
-    from albef.data.transforms import eval_transform
-    from albef.eval.classify import accuracy_metrics, classify
-
-    cfg = classifier_eval_settings(params, task, name)
-    name = name or EVAL_SECTIONS[task]
-    with stage_process(cfg.device, cfg.precision, name) as (world, device, amp_dtype):
-        model, tokenizer = load_task_model(model_dir, task, cfg.tokenizer, cfg.data_dir)
-        test_path = Path(cfg.data_dir) / cfg.test_file
-        dataset = ClassificationDataset(
-            test_path,
-            task,
-            ds.image_source(cfg.data_dir),
-            eval_transform(model.cfg.vision.image_size),
-            max_words=cfg.max_words,
-            missing_images=cfg.missing_images,
-        )
-        result = classify(
-            model,
-            dataset,
-            ClassificationCollate(tokenizer, cfg.max_tokens),
-            batch_size=cfg.batch_size,
-            device=device,
-            num_workers=cfg.num_workers,
-            amp_dtype=amp_dtype,
-            progress=progress and world.is_main,
-        )
-        names = LABEL_NAMES[task]
-        predictions = result.predictions
-        metrics: dict[str, Any] = accuracy_metrics(dataset.labels, predictions, names)
-        metrics.update(_sentence_only(cfg, task, name, dataset))
-        metrics["skipped_missing_images"] = len(dataset.skipped)
-        metrics["test_file"] = cfg.test_file
-        metrics["model_task"] = task
-        metrics["eval_seconds"] = round(result.seconds, 2)
-        if world.is_main:
-            probs = torch.softmax(result.logits, dim=1).tolist()
-            image_key = "image" if task == "ve" else "images"
-            rows = [
-                {
-                    "index": dataset.indices[i],
-                    image_key: record[image_key],
-                    "sentence": record["sentence"],
-                    "label": record["label"],
-                    "prediction": names[predictions[i]],
-                    "correct": names[predictions[i]] == record["label"],
-                    "probabilities": {n: round(p, 5) for n, p in zip(names, probs[i], strict=True)},
-                }
-                for i, record in enumerate(dataset.records)
-            ]
-            out = write_metrics(out_dir, metrics, metrics_path)
-            (out / "predictions.json").write_text(json.dumps(rows, indent=0) + "\n")
-            if dataset.skipped:
-                write_json(out / "skipped.json", {"records": dataset.skipped})
-            log.info(
-                "%s %s: accuracy %.2f%% on %d records (%s)",
-                name,
-                model_dir,
-                metrics["accuracy"],
-                metrics["records"],
-                ", ".join(f"{k} {v['accuracy']}" for k, v in metrics["per_class"].items()),
-            )
-        return metrics
-
-
 __all__ = [
-    "EVAL_SECTIONS",
-    "TEXT_ONLY_KEYS",
     "TRAIN_SECTIONS",
-    "ClassifierEvalConfig",
     "classifier_forward",
-    "evaluate_classifier_stage",
     "finetune_classifier_stage",
     "text_assignment_forward",
 ]

@@ -1,10 +1,10 @@
-"""The training and evaluation stages as plain functions of a ``params.yaml``.
+"""The training stages as plain functions of a ``params.yaml``, and the one body every task's training runs in
+(:func:`run_training`; the evaluations are :mod:`albef.eval.stages`).
 
 ``pretrain``            ITC + ITM + MLM with momentum distillation (``params.pretrain``)
 ``finetune retrieval``  ITC + ITM with same-image positives from a pretrained model (``params.finetune_retrieval``)
 ``finetune grounding``  the same retrieval model and losses on RefCOCO+ train expressions paired with their whole
                         image, no boxes: weakly supervised grounding (``params.finetune_grounding``)
-``evaluate retrieval``  the official retrieval protocol on a test split (``params.evaluate``)
 
 The CLI, ``dvc.yaml`` and Prefect call these. Each works the same in one process and under ``torchrun`` or
 SLURM (every rank computes, rank 0 writes). Training sections are flat: the :class:`TrainConfig` keys
@@ -28,19 +28,18 @@ import torch
 from albef.checkpoint import build_model, load_for_task, save_pretrained
 from albef.config import (
     AT_LEAST_ONE,
-    NON_NEGATIVE,
     ConfigError,
     LossSwitches,
     ModelConfig,
     build_dataclass,
     section,
 )
-from albef.device import check_device, check_precision, resolve_precision
+from albef.device import check_device, resolve_precision
 from albef.distributed import stage_process
-from albef.io import can_draw, write_json, write_metrics
-from albef.model_files import CONFIG_FILE, WEIGHTS_FILE, read_config
+from albef.io import can_draw, write_json
+from albef.model_files import CONFIG_FILE, WEIGHTS_FILE
 from albef.tasks import TASKS, check_task
-from albef.tokenizer import load_tokenizer, model_tokenizer_dir
+from albef.tokenizer import load_tokenizer
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
 from albef.world import WorldInfo
 
@@ -70,29 +69,6 @@ class TrainStageConfig:
     augment: bool = True  # RandomAugment(2, 7)
     k_test: int = field(default=16, metadata=AT_LEAST_ONE)  # ITM re-ranking depth in validation
     eval_batch_size: int = field(default=64, metadata=AT_LEAST_ONE)
-
-
-@dataclass
-class EvaluateConfig:
-    """``params.evaluate``: the retrieval test protocol."""
-
-    data_dir: str = "data/processed"
-    test_file: str = "retrieval_test.json"
-    tokenizer: str | None = None  # default: the tokenizer saved with the model, else <data_dir>/tokenizer
-    # the official uses 256 on COCO/Flickr30K; candidates per query re-ranked by ITM
-    k_test: int = field(default=16, metadata=AT_LEAST_ONE)
-    max_tokens: int = field(default=30, metadata=AT_LEAST_ONE)
-    image_batch: int = field(default=64, metadata=AT_LEAST_ONE)
-    pair_batch: int = field(default=256, metadata=AT_LEAST_ONE)
-    num_workers: int = field(default=2, metadata=NON_NEGATIVE)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
-    precision: str = "auto"
-    examples: int = field(default=4, metadata=NON_NEGATIVE)  # example queries drawn in examples.png
-    top: int = field(default=10, metadata=AT_LEAST_ONE)  # results kept per query in rankings.json
-
-    def __post_init__(self) -> None:
-        check_device(self.device, "evaluate.device")
-        check_precision(self.precision, "evaluate.precision")
 
 
 _TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"losses"}  # the switches are flat keys of their own
@@ -475,87 +451,11 @@ def finetune_stage(params: dict[str, Any], task: str, progress: bool = True, on_
     return train_stage(params, f"finetune_{task}", task, progress, on_log)
 
 
-def retrieval_eval_settings(params: dict[str, Any], task: str = "retrieval", name: str = "evaluate"):
-    """``params[name]`` as :func:`evaluate_stage` reads it."""
-    check_task(task, ("retrieval",))
-    return build_dataclass(EvaluateConfig, section(params, name), name)
-
-
-def evaluate_stage(
-    params: dict[str, Any],
-    model_dir: str | Path,
-    out_dir: str | Path,
-    metrics_path: str | Path | None = None,
-    progress: bool = True,
-    name: str = "evaluate",
-    task: str = "retrieval",
-) -> dict[str, Any]:
-    """Evaluate the model in ``model_dir`` on ``params[name].test_file`` (``name``: the section, ``evaluate``):
-    metrics (ITM re-ranked, with ITC-only for comparison), per-query rankings and a PNG of example queries in
-    ``out_dir``."""
-    from albef.checkpoint import load_pretrained
-    from albef.data import datasets as ds
-    from albef.data.transforms import eval_transform
-    from albef.eval.retrieval import evaluate_retrieval, plot_examples, rankings
-
-    cfg = retrieval_eval_settings(params, task, name)
-    with stage_process(cfg.device, cfg.precision, name) as (world, device, amp_dtype):
-        task, _ = read_config(model_dir)
-        model = load_pretrained(model_dir).to(device)
-        tokenizer = load_tokenizer(model_tokenizer_dir(model_dir, cfg.tokenizer, cfg.data_dir), model.cfg)
-        images = ds.image_source(cfg.data_dir)
-        dataset = ds.RetrievalEvalDataset(
-            Path(cfg.data_dir) / cfg.test_file, images, eval_transform(model.cfg.vision.image_size)
-        )
-        result = evaluate_retrieval(
-            model,
-            dataset,
-            tokenizer,
-            k_test=cfg.k_test,
-            max_tokens=cfg.max_tokens,
-            device=device,
-            image_batch=cfg.image_batch,
-            pair_batch=cfg.pair_batch,
-            num_workers=cfg.num_workers,
-            amp_dtype=amp_dtype,
-            progress=progress,
-        )
-        metrics: dict[str, Any] = {k: round(v, 3) for k, v in result.metrics.items()}
-        metrics["itc"] = {k: round(v, 3) for k, v in result.itc_metrics.items()}
-        metrics["chance_r1"] = {
-            "txt": round(100 * 5 / max(len(dataset.texts), 1), 3),
-            "img": round(100 / max(len(dataset), 1), 3),
-        }
-        metrics["images"], metrics["texts"] = len(dataset), len(dataset.texts)
-        metrics["pairs_scored"] = result.pairs_scored
-        metrics["eval_seconds"] = round(result.seconds["total"], 2)
-        metrics["model_task"] = task
-        if world.is_main:
-            out = write_metrics(out_dir, metrics, metrics_path)
-            ranked = rankings(result, dataset, top=cfg.top)
-            write_json(out / "rankings.json", ranked)
-            if cfg.examples and can_draw(out / "examples.png"):
-                plot_examples(ranked, dataset, out / "examples.png", queries=cfg.examples)
-            log.info(
-                "evaluate %s: TR@1 %.2f IR@1 %.2f r_mean %.2f (ITC only: TR@1 %.2f IR@1 %.2f) in %.1f s",
-                model_dir,
-                metrics["txt_r1"],
-                metrics["img_r1"],
-                metrics["r_mean"],
-                metrics["itc"]["txt_r1"],
-                metrics["itc"]["img_r1"],
-                metrics["eval_seconds"],
-            )
-        return metrics
-
-
 __all__ = [
     "Collate",
-    "EvaluateConfig",
     "TrainStageConfig",
     "TrainingData",
     "WorldInfo",
-    "evaluate_stage",
     "export_model",
     "finetune_stage",
     "pretrain_stage",
