@@ -113,8 +113,7 @@ class ContrastiveModel(MomentumTwins, nn.Module):
 
     #: extra index queue of image ids (retrieval) or not (pretraining)
     uses_idx_queue = False
-    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
-    losses = LossSwitches()
+    twins = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 
     def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_encoder_m: nn.Module):
         super().__init__()
@@ -142,14 +141,6 @@ class ContrastiveModel(MomentumTwins, nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     # ------------------------------------------------------------------ structure
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.vision_proj, self.vision_proj_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_proj, self.text_proj_m),
-        ]
-
     @property
     def text_backbone(self) -> TextEncoder:
         """The BERT encoder (without an MLM head)."""

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from albef.config import LossSwitches
+
 # ---------------------------------------------------------------------------- momentum encoders
 
 
@@ -44,15 +46,27 @@ def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], m: float) -> N
 
 class MomentumTwins(abc.ABC):
     """A model whose online modules have momentum twins (EMA copies that give the distillation targets and, in
-    the contrastive models, the queued features). The model lists its pairs in :meth:`momentum_pairs` (none
-    when it does not distil) and calls :meth:`copy_params` once its twins exist; its forward calls
-    :meth:`momentum_update` once per optimisation step, as the official forwards do."""
+    the contrastive models, the queued features). The model names those modules in :attr:`twins`, each twin
+    being the attribute of the same name with ``_m`` (the official keys), builds the twins when it distils and
+    then calls :meth:`copy_params`; its forward calls :meth:`momentum_update` once per optimisation step, as
+    the official forwards do. It also holds the loss switches a training forward applies (:meth:`use_losses`)."""
 
     cfg: Any  # the model's ModelConfig (momentum)
+    #: the online modules with a momentum twin ``<name>_m``, in the official order
+    twins: tuple[str, ...] = ()
+    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
+    losses = LossSwitches()
 
-    @abc.abstractmethod
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """``(online module, its momentum twin)`` pairs; empty for a model built without distillation."""
+        """``(online module, its momentum twin)`` pairs; empty for a model built without its twins (one that
+        does not distil)."""
+        if all(getattr(self, f"{name}_m", None) is None for name in self.twins):
+            return []
+        return [(getattr(self, name), getattr(self, f"{name}_m")) for name in self.twins]
+
+    def use_losses(self, losses: LossSwitches) -> None:
+        """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
+        self.losses = losses
 
     @torch.no_grad()
     def copy_params(self) -> None:

@@ -61,8 +61,7 @@ class DistilledClassifier(MomentumTwins, nn.Module):
     """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
 
     num_classes: int = 2
-    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
-    losses = LossSwitches()
+    twins = ("visual_encoder", "text_encoder", "cls_head")
 
     def __init__(self, cfg: ModelConfig, text_encoder: TextEncoder, text_encoder_m: TextEncoder | None):
         super().__init__()
@@ -81,15 +80,6 @@ class DistilledClassifier(MomentumTwins, nn.Module):
             self.copy_params()
 
     # ------------------------------------------------------------------ structure
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.cfg.distill:
-            return []
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.cls_head, self.cls_head_m),
-        ]
-
     @property
     def text_backbone(self) -> TextEncoder:
         return self.text_encoder
@@ -97,10 +87,6 @@ class DistilledClassifier(MomentumTwins, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.encoder.grad_checkpointing = enable
-
-    def use_losses(self, losses: LossSwitches) -> None:
-        """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
-        self.losses = losses
 
     # ------------------------------------------------------------------ computation
     def encode_image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:

@@ -151,8 +151,7 @@ class AnswerRanking:
 class ALBEFVQA(MomentumTwins, nn.Module):
     """ViT + BERT question encoder + BERT answer decoder, with momentum twins for distillation."""
 
-    #: the loss switches a training forward applies when it is given none (set with :meth:`use_losses`)
-    losses = LossSwitches()
+    twins = ("visual_encoder", "text_encoder", "text_decoder")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -168,15 +167,6 @@ class ALBEFVQA(MomentumTwins, nn.Module):
             self.copy_params()
 
     # ------------------------------------------------------------------ structure
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.cfg.distill:
-            return []
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_decoder, self.text_decoder_m),
-        ]
-
     @property
     def text_backbone(self) -> TextEncoder:
         return self.text_encoder
@@ -185,10 +175,6 @@ class ALBEFVQA(MomentumTwins, nn.Module):
         self.visual_encoder.set_grad_checkpointing(enable)
         self.text_encoder.encoder.grad_checkpointing = enable
         self.text_decoder.bert.encoder.grad_checkpointing = enable
-
-    def use_losses(self, losses: LossSwitches) -> None:
-        """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
-        self.losses = losses
 
     # ------------------------------------------------------------------ encoding
     def encode_question(
