@@ -39,6 +39,10 @@ class Task:
     report_files: tuple[str, ...] = ()  # what its evaluation writes into the report folder, kept by MLflow
     register_section: str | None = None  # its registration section (albef register --task <name>)
     loss_keys: tuple[str, ...] = FINETUNE_LOSS_KEYS  # the loss switches its training section may set
+    # "module:Class" of the MLflow pyfunc that serves the model it exports (None: not served), and of the
+    # predictor that pyfunc and `albef predict` keep (None: the pyfunc scores on its own)
+    pyfunc: str | None = None
+    predictor: str | None = None
 
     def train(
         self, params: dict[str, Any], name: str | None = None, progress: bool = True, on_log=None
@@ -68,6 +72,17 @@ class Task:
             progress=progress,
             name=self.eval_section,
         )
+
+    def pyfunc_class(self) -> type:
+        """The pyfunc class of the model this task exports (grounding: the retrieval model's)."""
+        served = TASKS.get(self.model)
+        if served is None or served.pyfunc is None:
+            available = ", ".join(name for name, task in TASKS.items() if task.pyfunc)
+            raise ValueError(f"no pyfunc model for task {self.name!r}; available: {available}")
+        return _resolve(served.pyfunc, "")
+
+    def predictor_class(self) -> type:
+        return _resolve(self.predictor, f"task {self.name!r} has no predictor")
 
     def section_readers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         """Section name -> its typed reader (a function of the whole params), for each section this task has."""
@@ -123,6 +138,7 @@ TASKS: dict[str, Task] = {
             eval_settings="albef.eval.settings:retrieval_eval_settings",
             report_files=("examples.png", "rankings.json"),
             register_section="register",
+            pyfunc="albef.serving.pyfunc:RetrievalModel",
         ),
         Task(
             name="grounding",
@@ -149,6 +165,8 @@ TASKS: dict[str, Task] = {
             eval_settings="albef.eval.settings:vqa_eval_settings",
             report_files=("vqa_result.json", "top_answers.json"),
             register_section="register_vqa",
+            pyfunc="albef.serving.tasks:VQAModel",
+            predictor="albef.serving.predict:VQAPredictor",
         ),
         Task(
             name="ve",
@@ -162,6 +180,8 @@ TASKS: dict[str, Task] = {
             eval_settings=_CLASSIFIER_EVAL_SETTINGS,
             report_files=("predictions.json",),
             register_section="register_ve",
+            pyfunc="albef.serving.tasks:VEModel",
+            predictor="albef.serving.predict:VEPredictor",
         ),
         Task(
             name="nlvr",
@@ -175,6 +195,8 @@ TASKS: dict[str, Task] = {
             eval_settings=_CLASSIFIER_EVAL_SETTINGS,
             report_files=("predictions.json",),
             register_section="register_nlvr",
+            pyfunc="albef.serving.tasks:NLVRModel",
+            predictor="albef.serving.predict:NLVRPredictor",
         ),
         Task(
             name="nlvr_ta",

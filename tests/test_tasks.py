@@ -46,6 +46,29 @@ def test_every_section_and_model_the_registry_names_exists():
     assert sorted(MODEL_TASKS) == sorted(MODEL_CLASSES)
 
 
+def test_every_registered_task_is_served_by_the_pyfunc_and_predictor_the_registry_names():
+    from albef.serving.predict import TaskPredictor
+    from albef.serving.tasks import serving_config
+
+    for task in TASKS.values():
+        if task.register_section is None:
+            continue
+        pyfunc = task.pyfunc_class()
+        # the pyfunc serves the model the task exports (grounding: the retrieval model), reads its columns and
+        # takes its settings from the task's evaluation section
+        assert pyfunc.task == task.model and pyfunc.columns, task.name
+        assert serving_config(PARAMS, task.name) == pyfunc.settings(PARAMS)
+        assert set(pyfunc.example().columns) == set(pyfunc.columns)
+        if TASKS[task.model].predictor:
+            predictor = TASKS[task.model].predictor_class()
+            assert issubclass(predictor, TaskPredictor) and predictor.task == task.model
+    assert TASKS["grounding"].pyfunc_class() is TASKS["retrieval"].pyfunc_class()
+    with pytest.raises(
+        ValueError, match=r"no pyfunc model for task 'nlvr_ta'; available: retrieval, vqa, ve"
+    ):
+        TASKS["nlvr_ta"].pyfunc_class()
+
+
 def test_the_params_checks_read_each_tasks_sections_as_its_stages_do():
     from albef.sections import section_reader
 

@@ -182,9 +182,6 @@ class NLVRPredictor(ClassifierPredictor):
     images_per_text = 2
 
 
-PREDICTORS: dict[str, type[TaskPredictor]] = {"vqa": VQAPredictor, "ve": VEPredictor, "nlvr": NLVRPredictor}
-
-
 def predict_vqa(
     model_dir: str | Path,
     image: str | Path,

@@ -206,6 +206,22 @@ def split_input(frame, limits: InputLimits = DEFAULT_LIMITS) -> tuple[list[Any],
 class RetrievalModel(mlflow.pyfunc.PythonModel):
     """The pyfunc wrapper; the weights, config and tokenizer come from the ``albef_model`` artifact."""
 
+    task = "retrieval"
+    columns = COLUMNS
+    required: tuple[str, ...] = ()  # files the exported model needs besides its weights and tokenizer
+
+    @staticmethod
+    def settings(params: dict[str, Any]) -> dict[str, Any]:
+        """The model config from ``params``: the retrieval evaluation's token limit."""
+        return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}
+
+    @staticmethod
+    def example():
+        """Two rows: a small PNG (base64) with a caption, and a second caption without an image."""
+        import pandas as pd
+
+        return pd.DataFrame({"image": [example_png(), ""], "text": ["a red square", "a blue circle"]})
+
     def load_context(self, context) -> None:
         from albef.serving.predict import TaskPredictor
 
@@ -257,13 +273,6 @@ def example_png(color: tuple[int, int, int] = (200, 30, 30)) -> str:
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), color).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def example_input():
-    """Two rows: a small PNG (base64) with a caption, and a second caption without an image."""
-    import pandas as pd
-
-    return pd.DataFrame({"image": [example_png(), ""], "text": ["a red square", "a blue circle"]})
 
 
 def string_signature(columns: tuple[str, ...]):
@@ -320,19 +329,5 @@ def log_albef_model(
         input_example=input_example,
         model_config=model_config,
         pip_requirements=pip_requirements(),
-        **kwargs,
-    )
-
-
-def log_retrieval_model(model_dir: str | Path, name: str = "model", max_tokens: int = 30, **kwargs: Any):
-    """Log the exported retrieval model in ``model_dir`` as a :class:`RetrievalModel` pyfunc
-    (:func:`log_albef_model`). Returns MLflow's ``ModelInfo``."""
-    return log_albef_model(
-        model_dir,
-        "retrieval",
-        COLUMNS,
-        example_input(),
-        {"max_tokens": max_tokens},
-        name=name,
         **kwargs,
     )

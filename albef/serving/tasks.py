@@ -25,30 +25,31 @@ from typing import Any
 
 import mlflow.pyfunc
 
+from albef.config import build_dataclass
+from albef.eval.settings import ANSWER_LIST_FILE, ClassifierEvalConfig, VQAEvalConfig
 from albef.serving.pyfunc import (
     DEFAULT_LIMITS,
     MODEL_ARTIFACT,
     InputLimits,
     InvalidModelInput,
-    RetrievalModel,
     as_table,
     bad_input,
     check_text_cell,
     decode_image,
     example_png,
     log_albef_model,
-    log_retrieval_model,
     present,
     without_limits,
 )
-from albef.tasks import TASKS
+from albef.tasks import TASKS, get_task
 
-TASK_COLUMNS: dict[str, tuple[str, ...]] = {
-    "vqa": ("image", "question"),
-    "ve": ("image", "hypothesis"),
-    "nlvr": ("left_image", "right_image", "text"),
-}
 IMAGE_COLUMNS = ("image", "left_image", "right_image")
+_EXAMPLE_TEXT = {
+    "question": "what color is the square",
+    "hypothesis": "there is a red square",
+    "text": "the left image has a red square",
+}
+_EXAMPLE_COLORS = {"image": (200, 30, 30), "left_image": (200, 30, 30), "right_image": (30, 30, 200)}
 
 
 def read_rows(frame, columns: tuple[str, ...], limits: InputLimits = DEFAULT_LIMITS) -> dict[str, list]:
@@ -73,16 +74,17 @@ def read_rows(frame, columns: tuple[str, ...], limits: InputLimits = DEFAULT_LIM
 
 
 class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
-    """A task's pyfunc: the predictor of :mod:`albef.serving.predict` on the ``albef_model`` artifact."""
+    """A task's pyfunc: the task's predictor (named by the registry, :mod:`albef.serving.predict`) on the
+    ``albef_model`` artifact."""
 
     task: str = ""
+    columns: tuple[str, ...] = ()  # the request's columns, every one needed in every row
+    required: tuple[str, ...] = ()  # files the exported model needs besides its weights and tokenizer
 
     def load_context(self, context) -> None:
-        from albef.serving.predict import PREDICTORS
-
         settings = dict(context.model_config or {})
         self.limits = InputLimits.from_config(settings)
-        self.predictor = PREDICTORS[self.task](
+        self.predictor = get_task(self.task).predictor_class()(
             Path(context.artifacts[MODEL_ARTIFACT]), **without_limits(settings)
         )
 
@@ -90,7 +92,7 @@ class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
         from albef.serving.predict import BadInput
 
         try:
-            return self.answer(read_rows(model_input, TASK_COLUMNS[self.task], self.limits))
+            return self.answer(read_rows(model_input, self.columns, self.limits))
         except (InvalidModelInput, BadInput) as exc:
             raise bad_input(str(exc)) from exc
 
@@ -98,9 +100,29 @@ class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
     def answer(self, columns: dict[str, list]):
         """The output frame for the request's decoded ``columns`` (each task's pyfunc answers its own way)."""
 
+    @classmethod
+    def example(cls):
+        """One row: small PNGs (base64, a red one on the left) and a text."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                c: [example_png(_EXAMPLE_COLORS[c])] if c in _EXAMPLE_COLORS else [_EXAMPLE_TEXT[c]]
+                for c in cls.columns
+            }
+        )
+
 
 class VQAModel(TaskModel):
     task = "vqa"
+    columns = ("image", "question")
+    required = (ANSWER_LIST_FILE,)
+
+    @staticmethod
+    def settings(params: dict[str, Any]) -> dict[str, Any]:
+        """The model config from ``params``: the VQA evaluation's candidates and word limit."""
+        cfg = build_dataclass(VQAEvalConfig, params.get("evaluate_vqa") or {}, "evaluate_vqa")
+        return {"k": cfg.k_test, "max_words": cfg.max_words}
 
     def answer(self, columns: dict[str, list]):
         import pandas as pd
@@ -116,10 +138,17 @@ class VQAModel(TaskModel):
 
 
 class ClassifierModel(TaskModel):
+    @classmethod
+    def settings(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The model config from ``params``: the task's evaluation token and word limits."""
+        name = TASKS[cls.task].eval_section
+        cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
+        return {"max_tokens": cfg.max_tokens, "max_words": cfg.max_words}
+
     def answer(self, columns: dict[str, list]):
         import pandas as pd
 
-        *image_columns, text_column = TASK_COLUMNS[self.task]
+        *image_columns, text_column = self.columns
         images = list(zip(*(columns[c] for c in image_columns), strict=True))
         results = self.predictor(images, columns[text_column])
         table: dict[str, list] = {
@@ -133,92 +162,46 @@ class ClassifierModel(TaskModel):
 
 class VEModel(ClassifierModel):
     task = "ve"
+    columns = ("image", "hypothesis")
 
 
 class NLVRModel(ClassifierModel):
     task = "nlvr"
-
-
-MODELS: dict[str, type[TaskModel]] = {"vqa": VQAModel, "ve": VEModel, "nlvr": NLVRModel}
+    columns = ("left_image", "right_image", "text")
 
 
 class ServedModel(mlflow.pyfunc.PythonModel):
     """The pyfunc every registered albef model is (set by :mod:`albef.serving.model_code`): when it loads, it
-    becomes the pyfunc of the task its exported model holds (``config.json`` of the ``albef_model``
-    artifact: retrieval, which grounding models are too, VQA, SNLI-VE or NLVR2)."""
+    becomes the pyfunc the registry names for the model its ``albef_model`` artifact holds (``config.json``:
+    retrieval, which grounding models are too, VQA, SNLI-VE or NLVR2)."""
 
     def load_context(self, context) -> None:
         from albef.model_files import read_config
 
         task, _ = read_config(Path(context.artifacts[MODEL_ARTIFACT]))
-        self.model = RetrievalModel() if task == "retrieval" else MODELS[_check_task(task)]()
+        self.model = get_task(task).pyfunc_class()()
         self.model.load_context(context)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         return self.model.predict(context, model_input, params)
 
 
-_EXAMPLE_TEXT = {
-    "question": "what color is the square",
-    "hypothesis": "there is a red square",
-    "text": "the left image has a red square",
-}
-
-
-def example_input(task: str):
-    """One row: small PNGs (base64, a red one on the left) and a text."""
-    import pandas as pd
-
-    colors = {"image": (200, 30, 30), "left_image": (200, 30, 30), "right_image": (30, 30, 200)}
-    return pd.DataFrame(
-        {c: [example_png(colors[c])] if c in colors else [_EXAMPLE_TEXT[c]] for c in TASK_COLUMNS[task]}
-    )
-
-
-def _ranks_pairs(task: str) -> bool:
-    """Whether ``task`` exports a retrieval model (grounding does too), whose pyfunc ranks image-text pairs."""
-    entry = TASKS.get(task)
-    return entry is not None and entry.model == "retrieval"
-
-
-def _check_task(task: str) -> str:
-    if task not in MODELS:
-        raise ValueError(f"no pyfunc model for task {task!r}; available: retrieval, {', '.join(MODELS)}")
-    return task
-
-
 def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
     """The pyfunc's settings for ``task``: those of its evaluation section in ``params`` (``evaluate``,
     ``evaluate_vqa``, ``evaluate_<task>``), so the registered model answers as it was evaluated."""
-    from albef.config import build_dataclass
-
-    if _ranks_pairs(task):
-        return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}
-    if task == "vqa":
-        from albef.eval.settings import VQAEvalConfig
-
-        cfg = build_dataclass(VQAEvalConfig, params.get("evaluate_vqa") or {}, "evaluate_vqa")
-        return {"k": cfg.k_test, "max_words": cfg.max_words}
-    from albef.eval.settings import ClassifierEvalConfig
-
-    name = TASKS[_check_task(task)].eval_section
-    cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
-    return {"max_tokens": cfg.max_tokens, "max_words": cfg.max_words}
+    return get_task(task).pyfunc_class().settings(params)
 
 
 def log_task_model(task: str, model_dir: str | Path, name: str = "model", **settings: Any):
-    """Log the exported ``task`` model in ``model_dir`` as its pyfunc (retrieval: :class:`RetrievalModel`) with
-    ``settings`` as its model config. Returns MLflow's ``ModelInfo``."""
-    if _ranks_pairs(task):
-        return log_retrieval_model(model_dir, name=name, **settings)
-    from albef.eval.settings import ANSWER_LIST_FILE
-
+    """Log the exported ``task`` model in ``model_dir`` as its pyfunc with ``settings`` as its model config
+    (default: the pyfunc's own). Returns MLflow's ``ModelInfo``."""
+    pyfunc = get_task(task).pyfunc_class()
     return log_albef_model(
         model_dir,
-        _check_task(task),
-        TASK_COLUMNS[task],
-        example_input(task),
-        settings,
+        pyfunc.task,
+        pyfunc.columns,
+        pyfunc.example(),
+        settings or pyfunc.settings({}),
         name=name,
-        required=(ANSWER_LIST_FILE,) if task == "vqa" else (),
+        required=pyfunc.required,
     )
