@@ -23,6 +23,7 @@ continues where it stopped. The ``mod_finetune`` row reuses ``mod_pretrain``'s p
     python benchmarks/ablation.py --tasks retrieval --seeds 0 1 2           # zero-shot, finetuned, shifted only
     python benchmarks/ablation.py --profile smoke --seeds 0 1 --in-process  # a check that it runs (minutes)
     python benchmarks/ablation.py --readme README.md                        # the table into the README
+    python benchmarks/ablation.py --collect --readme README.md              # the finished runs only, now
 
 Writes ``ablation.json`` (every run's metrics and the summary), ``ablation.md`` and ``ablation.png`` under
 ``--work`` (default ``runs/ablation``).
@@ -246,7 +247,10 @@ def summarise(results: list[dict[str, Any]], rows: list[str]) -> dict[str, dict[
 def verdict(before: dict[str, float], after: dict[str, float]) -> str:
     """Whether adding a row's component moved a metric beyond the seed-to-seed spread: ``better`` / ``worse``
     when the means differ by more than the larger of the two rows' standard deviations (and the seed ranges
-    do not overlap), ``within noise`` otherwise."""
+    do not overlap), ``within noise`` otherwise; ``one seed`` when a row has a single seed (no spread to
+    compare with)."""
+    if min(before["n"], after["n"]) < 2:
+        return "one seed"
     delta = after["mean"] - before["mean"]
     spread = max(before["std"], after["std"])
     separated = after["min"] > before["max"] or after["max"] < before["min"]
@@ -274,7 +278,8 @@ def table(summary: dict[str, dict[str, dict[str, float]]], rows: list[str]) -> s
                 before = summary[rows[i - 1]][column]
                 cell += f" ({stat['mean'] - before['mean']:+.1f}, {verdict(before, stat)})"
             cells.append(cell)
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+        seeds = max((stat["n"] for stat in summary[row].values()), default=0)
+        lines.append(f"| {ROWS[row][0]} ({seeds} seed{'s' * (seeds != 1)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -326,7 +331,12 @@ def readme_block(report: dict[str, Any]) -> str:
             f"Measured {report['date']} on {report['machine']}: `{report['command']}` "
             f"({len(report['seeds'])} seeds: {', '.join(map(str, report['seeds']))}; "
             f"{report['seconds'] / 60:.0f} min of runs). Each cell: mean ± std over the seeds, then the change from the "
-            "row above and whether it exceeds the seed-to-seed spread.",
+            "row above and whether it exceeds the seed-to-seed spread."
+            + (
+                f" Not finished yet, so not in the table: {', '.join(report['missing'])}."
+                if report.get("missing")
+                else ""
+            ),
             "",
             report["table"],
             README_END,
@@ -352,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="none", help="gpu | smoke | none | a YAML profile file")
     parser.add_argument("--in-process", action="store_true", help="every stage in this interpreter (faster)")
     parser.add_argument("--readme", help="also write the table into this README's ablation block")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: summarise the (row, seed) runs already finished under --work (while an ablation runs)",
+    )
     args = parser.parse_args(argv)
 
     project = Path(args.project).resolve()
@@ -364,25 +379,36 @@ def main(argv: list[str] | None = None) -> int:
     for row in args.rows:  # a bad row fails now, not after an hour of the rows before it
         _set(params, row_overrides(row, 0))
 
-    shared = shared_inputs(project, params, work, args.in_process)
+    shared = None if args.collect else shared_inputs(project, params, work, args.in_process)
     results = []
+    missing = []
     total = len(args.rows) * len(args.seeds)
     for row in args.rows:
         for seed in args.seeds:
-            result = run_one(row, seed, params, args.tasks, shared, work, args.in_process)
+            if args.collect:
+                finished = work / row / f"seed{seed}" / "result.json"
+                if not finished.is_file():
+                    missing.append(f"{row} seed {seed}")
+                    continue
+                result = json.loads(finished.read_text())
+            else:
+                result = run_one(row, seed, params, args.tasks, shared, work, args.in_process)
             results.append(result)
             shown = ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items())
             print(
                 f"[{len(results)}/{total}] {row} seed {seed} ({result['seconds']:.0f} s): {shown}", flush=True
             )
 
-    summary = summarise(results, args.rows)
+    rows = [row for row in args.rows if any(r["row"] == row for r in results)]
+    if not rows:
+        raise SystemExit(f"no finished run under {work}")
+    summary = summarise(results, rows)
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores" + _gpu_name(),
-        "command": "python benchmarks/ablation.py "
-        + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "rows": args.rows,
+        "command": run_command(args),
+        "rows": rows,
+        "missing": missing,
         "seeds": args.seeds,
         "tasks": args.tasks,
         "profile": args.profile,
@@ -390,15 +416,29 @@ def main(argv: list[str] | None = None) -> int:
         "runs": results,
         "summary": summary,
     }
-    report["table"] = table(summary, args.rows)
+    report["table"] = table(summary, rows)
     (work / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "ablation.md").write_text(readme_block(report) + "\n")
-    plot(summary, results, args.rows, work / "ablation.png")
+    plot(summary, results, rows, work / "ablation.png")
     print(report["table"])
     print(f"written: {work / 'ablation.json'}, {work / 'ablation.md'}, {work / 'ablation.png'}")
     if args.readme:
         write_readme(Path(args.readme), report)
     return 0
+
+
+def run_command(args: argparse.Namespace) -> str:
+    """The command that makes these runs (also when they are collected with ``--collect``): the rows, seeds,
+    tasks and profile, not where the results go."""
+    parts = ["python benchmarks/ablation.py"]
+    if args.rows != list(ROWS):
+        parts.append("--rows " + " ".join(args.rows))
+    parts.append("--seeds " + " ".join(map(str, args.seeds)))
+    if args.tasks != list(TASKS):
+        parts.append("--tasks " + " ".join(args.tasks))
+    if args.profile != "none":
+        parts.append(f"--profile {shlex.quote(args.profile)}")
+    return " ".join(parts)
 
 
 def _gpu_name() -> str:

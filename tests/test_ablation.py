@@ -67,7 +67,7 @@ def test_verdicts_compare_the_change_with_the_seed_spread():
     assert ablation.verdict(summary["hard_neg"]["VQA"], summary["mod_pretrain"]["VQA"]) == "within noise"
     assert ablation.verdict(summary["mod_pretrain"]["VQA"], summary["mod_finetune"]["VQA"]) == "worse"
     text = ablation.table(summary, rows)
-    assert "| + ITM hard negatives | 61.0 ± 1.0 (+10.0, better) |" in text
+    assert "| + ITM hard negatives (3 seeds) | 61.0 ± 1.0 (+10.0, better) |" in text
     assert "(-20.7, worse)" in text
 
 
@@ -89,6 +89,32 @@ def test_the_readme_block_is_replaced_and_a_readme_without_one_is_refused(tmp_pa
     (tmp_path / "other.md").write_text("no block\n")
     with pytest.raises(SystemExit, match="no ablation block"):
         ablation.write_readme(tmp_path / "other.md", report)
+
+
+def test_collect_summarises_the_finished_runs_runs_nothing_and_names_the_missing_ones(tmp_path):
+    work = tmp_path / "ablation"
+    finished = {("mlm_itm", 0): 40.0, ("mlm_itm", 1): 42.0, ("itc", 0): 55.0}
+    for (row, seed), value in finished.items():
+        folder = work / row / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(_result(row, seed, value)))
+    (work / "itc" / "seed1").mkdir()  # begun, not finished: no result.json
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{ablation.README_BEGIN}\n{ablation.README_END}\n")
+    args = ["--collect", "--work", str(work), "--seeds", "0", "1", "--readme", str(readme)]
+    assert ablation.main(["--rows", "mlm_itm", "itc", "hard_neg", *args]) == 0
+    report = json.loads((work / "ablation.json").read_text())
+    assert report["rows"] == ["mlm_itm", "itc"] and len(report["runs"]) == 3
+    assert report["missing"] == ["itc seed 1", "hard_neg seed 0", "hard_neg seed 1"]
+    assert report["command"] == "python benchmarks/ablation.py --rows mlm_itm itc hard_neg --seeds 0 1"
+    assert report["summary"]["mlm_itm"]["VQA"]["mean"] == pytest.approx(41.0)
+    text = readme.read_text()
+    # a row measured with one seed has no spread: its change is shown, with no verdict
+    assert "| + ITC (1 seed) | 55.0 ± 0.0 (+14.0, one seed) |" in text
+    assert "Not finished yet, so not in the table: itc seed 1, hard_neg seed 0, hard_neg seed 1." in text
+    assert not (work / "shared").exists()  # nothing was run
+    with pytest.raises(SystemExit, match="no finished run"):
+        ablation.main(["--rows", "mod_pretrain", *args])
 
 
 def _digest(path: Path) -> str:
