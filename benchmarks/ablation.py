@@ -24,6 +24,7 @@ continues where it stopped. The ``mod_finetune`` row reuses ``mod_pretrain``'s p
     python benchmarks/ablation.py --profile smoke --seeds 0 1 --in-process  # a check that it runs (minutes)
     python benchmarks/ablation.py --readme README.md                        # the table into the README
     python benchmarks/ablation.py --collect --readme README.md              # the finished runs only, now
+    python benchmarks/ablation.py --readme README.md --record benchmarks/results/ablation.json  # the README's
 
 Writes ``ablation.json`` (every run's metrics and the summary), ``ablation.md`` and ``ablation.png`` under
 ``--work`` (default ``runs/ablation``).
@@ -339,6 +340,7 @@ def readme_block(report: dict[str, Any]) -> str:
             ),
             "",
             report["table"],
+            *(["", f"![the ablation, one panel per metric]({report['plot']})"] if report.get("plot") else []),
             README_END,
         ]
     )
@@ -362,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="none", help="gpu | smoke | none | a YAML profile file")
     parser.add_argument("--in-process", action="store_true", help="every stage in this interpreter (faster)")
     parser.add_argument("--readme", help="also write the table into this README's ablation block")
+    parser.add_argument(
+        "--record",
+        help="also copy ablation.json (and ablation.png beside it) here: the README's block is checked against it",
+    )
     parser.add_argument(
         "--collect",
         action="store_true",
@@ -417,11 +423,18 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
     }
     report["table"] = table(summary, rows)
+    # the plot the README shows: the one copied beside the record (a path from where the command runs)
+    report["plot"] = str(Path(args.record).with_suffix(".png")) if args.record else None
     (work / "ablation.json").write_text(json.dumps(report, indent=2) + "\n")
     (work / "ablation.md").write_text(readme_block(report) + "\n")
     plot(summary, results, rows, work / "ablation.png")
     print(report["table"])
     print(f"written: {work / 'ablation.json'}, {work / 'ablation.md'}, {work / 'ablation.png'}")
+    if args.record:
+        record = Path(args.record)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(work / "ablation.json", record)
+        shutil.copyfile(work / "ablation.png", record.with_suffix(".png"))
     if args.readme:
         write_readme(Path(args.readme), report)
     return 0

@@ -117,6 +117,19 @@ def test_collect_summarises_the_finished_runs_runs_nothing_and_names_the_missing
         ablation.main(["--rows", "mod_pretrain", *args])
 
 
+def test_the_readme_block_is_the_rendering_of_the_committed_record():
+    record = REPO / "benchmarks" / "results" / "ablation.json"
+    report = json.loads(record.read_text())
+    # the table is the summary of the record's runs, and the README shows that table and its plot
+    summary = ablation.summarise(report["runs"], report["rows"])
+    assert ablation.table(summary, report["rows"]) == report["table"]
+    assert ablation.readme_block(report) in (REPO / "README.md").read_text(), (
+        "README.md's ablation block is stale: python benchmarks/ablation.py --collect --readme README.md "
+        "--record benchmarks/results/ablation.json"
+    )
+    assert (REPO / report["plot"]).is_file()
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
