@@ -295,6 +295,15 @@ def _device_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _stage_command(subparsers, name: str, helptext: str, func) -> argparse.ArgumentParser:
+    """A command that runs a stage with the settings of a params.yaml, with a progress bar unless --quiet."""
+    parser = subparsers.add_parser(name, help=helptext)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="albef", description="ALBEF vision-language pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -327,10 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="the synthetic benchmark and S3 transfers")
     data_sub = data.add_subparsers(dest="s3_command", required=True)
-    synth = data_sub.add_parser("synth", help="generate the synthetic benchmark (params.yaml: synth)")
-    synth.add_argument("--params", default="params.yaml")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
-    synth.set_defaults(func=_synth)
+    _stage_command(data_sub, "synth", "generate the synthetic benchmark (params.yaml: synth)", _synth)
     for name, helptext in (
         ("pull", "download s3://bucket/prefix into DEST"),
         ("push", "upload SRC to s3://..."),
@@ -350,36 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
         transfer.add_argument("--quiet", action="store_true")
         transfer.set_defaults(func=_s3_transfer)
 
-    pre = sub.add_parser(
-        "preprocess", help="validate and shard a dataset, build its tokenizer (params: preprocess)"
+    _stage_command(
+        sub,
+        "preprocess",
+        "validate and shard a dataset, build its tokenizer (params: preprocess)",
+        _preprocess,
     )
-    pre.add_argument("--params", default="params.yaml")
-    pre.add_argument("--quiet", action="store_true", help="no progress bar")
-    pre.set_defaults(func=_preprocess)
-
-    uni = sub.add_parser(
+    _stage_command(
+        sub,
         "unimodal",
-        help="warm-start the image and text encoders on the synthetic benchmark (params: unimodal, model)",
+        "warm-start the image and text encoders on the synthetic benchmark (params: unimodal, model)",
+        _unimodal,
     )
-    uni.add_argument("--params", default="params.yaml")
-    uni.add_argument("--quiet", action="store_true", help="no progress bar")
-    uni.set_defaults(func=_unimodal)
-
-    pre_train = sub.add_parser(
-        "pretrain", help="pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM"
+    _stage_command(
+        sub, "pretrain", "pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM", _pretrain
     )
-    pre_train.add_argument("--params", default="params.yaml")
-    pre_train.add_argument("--quiet", action="store_true", help="no progress bar")
-    pre_train.set_defaults(func=_pretrain)
-
-    fine = sub.add_parser("finetune", help="finetune a pretrained model (params: finetune_<task>)")
+    fine = _stage_command(sub, "finetune", "finetune a pretrained model (params: finetune_<task>)", _finetune)
     fine.add_argument("task", choices=FINETUNE_TASKS)
-    fine.add_argument("--params", default="params.yaml")
-    fine.add_argument("--quiet", action="store_true", help="no progress bar")
-    fine.set_defaults(func=_finetune)
 
-    evaluate = sub.add_parser(
-        "evaluate", help="evaluate a model (params: evaluate for retrieval, evaluate_<task> otherwise)"
+    evaluate = _stage_command(
+        sub,
+        "evaluate",
+        "evaluate a model (params: evaluate for retrieval, evaluate_<task> otherwise)",
+        _evaluate,
     )
     evaluate.add_argument("task", choices=EVAL_TASKS)
     evaluate.add_argument("--model", required=True, help="an albef model folder (pretrained or finetuned)")
@@ -391,9 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="an annotation file of the section's data_dir instead of its test_file(s), e.g. a shifted test set",
     )
     evaluate.add_argument("--metrics", help="also write the metrics JSON here (for DVC)")
-    evaluate.add_argument("--params", default="params.yaml")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
-    evaluate.set_defaults(func=_evaluate)
 
     predict = sub.add_parser("predict", help="answer with a finetuned model")
     predict_sub = predict.add_subparsers(dest="task", required=True)
