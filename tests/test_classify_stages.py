@@ -136,9 +136,20 @@ def test_ta_then_nlvr_then_evaluate(cls_data, tmp_path):
     assert sum(r["correct"] for r in rows) == result["correct"]
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads((out / "metrics.json").read_text())
 
-    # the wrong model kind is named
+    # the wrong model kind is named, before any weight is read (one rule for every evaluation)
     with pytest.raises(Exception, match="does not hold a 've' model"):
         evaluate_classifier_stage(_params(root, evaluate_ve={}), "ve", tmp_path / "nlvr", tmp_path / "x")
+    from albef.eval.stages import evaluate_grounding_stage, evaluate_retrieval_stage
+
+    for evaluate, section in (
+        (evaluate_retrieval_stage, "evaluate"),
+        (evaluate_grounding_stage, "evaluate_grounding"),
+    ):
+        with pytest.raises(
+            Exception, match="does not hold a 'pretrain' or 'retrieval' model: .* task 'nlvr'"
+        ):
+            evaluate(_params(root, **{section: {}}), tmp_path / "nlvr", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_ve_from_pretraining_and_evaluate(cls_data, tmp_path):

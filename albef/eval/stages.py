@@ -43,7 +43,7 @@ ITM_MODELS = ("pretrain", "retrieval")
 
 @dataclass
 class EvalInputs:
-    """What the stage body gives a task's evaluation: the model in eval-ready form and the data's images."""
+    """What the stage body gives a task's evaluation: the model on its device, its tokenizer and the data's images."""
 
     model: torch.nn.Module
     tokenizer: Any
