@@ -90,7 +90,7 @@ class GroundingEvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     bad_box: str = "skip"  # an expression without a usable ground-truth box: skip (counted) | error
     examples: int = 4  # expressions drawn with a heat map per word (examples/*.png)
-    precision = None  # Grad-CAM differentiates in full precision
+    # no precision setting: Grad-CAM differentiates in full precision
 
     def __post_init__(self) -> None:
         if self.bad_box not in ("skip", "error"):
@@ -117,7 +117,7 @@ def _read(config: type, params: dict[str, Any], name: str, values: dict[str, Any
 
     cfg = build_dataclass(config, section(params, name) if values is None else values, name)
     check_device(cfg.device, f"{name}.device")
-    if cfg.precision is not None:
+    if hasattr(cfg, "precision"):
         check_precision(cfg.precision, f"{name}.precision")
     return cfg
 

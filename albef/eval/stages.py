@@ -80,7 +80,8 @@ def run_evaluation(
     from albef.data.datasets import image_source
     from albef.data.transforms import eval_transform
 
-    with stage_process(cfg.device, cfg.precision, name) as (world, device, amp_dtype):
+    # (grounding has no precision: Grad-CAM differentiates in full precision)
+    with stage_process(cfg.device, getattr(cfg, "precision", None), name) as (world, device, amp_dtype):
         model_task, _ = read_config(model_dir)
         if model_task not in models:
             wanted = " or ".join(repr(m) for m in models)
