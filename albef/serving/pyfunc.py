@@ -213,7 +213,11 @@ class RetrievalModel(mlflow.pyfunc.PythonModel):
     @staticmethod
     def settings(params: dict[str, Any]) -> dict[str, Any]:
         """The model config from ``params``: the retrieval evaluation's token limit."""
-        return {"max_tokens": int((params.get("evaluate") or {}).get("max_tokens", 30))}
+        from albef.config import build_dataclass
+        from albef.eval.settings import EvaluateConfig
+
+        cfg = build_dataclass(EvaluateConfig, params.get("evaluate") or {}, "evaluate")
+        return {"max_tokens": cfg.max_tokens}
 
     @staticmethod
     def example():
