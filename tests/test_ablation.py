@@ -155,7 +155,7 @@ def test_a_smoke_ablation_runs_each_row_and_seed_and_a_rerun_is_identical(tmp_pa
         assert {"zero-shot TR@1", "retrieval r_mean", "shifted r_mean"} <= set(run["metrics"]), run
     assert report["summary"]["mlm_itm"]["retrieval r_mean"]["n"] == 2
     assert (work / "ablation.png").stat().st_size > 10_000
-    assert "| MLM + ITM |" in (work / "ablation.md").read_text()
+    assert "| MLM + ITM (2 seeds) |" in (work / "ablation.md").read_text()
 
     # each run pretrained with its row's switches and its seed, into its own weights
     params = {
