@@ -45,19 +45,9 @@ SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "cross": ("cross", "plus sign"),
 }
 GENERIC_WORDS: tuple[str, ...] = ("shape", "object")
-PLURALS: dict[str, str] = {
-    "circle": "circles",
-    "disk": "disks",
-    "square": "squares",
-    "triangle": "triangles",
-    "star": "stars",
-    "diamond": "diamonds",
-    "rhombus": "rhombuses",
-    "hexagon": "hexagons",
-    "cross": "crosses",
-    "plus sign": "plus signs",
-    "shape": "shapes",
-    "object": "objects",
+PLURALS: dict[str, str] = {  # "circle" -> "circles", "cross" -> "crosses", "plus sign" -> "plus signs"
+    word: word + ("es" if word.endswith("s") else "s")
+    for word in (*(w for words in SHAPE_WORDS.values() for w in words), *GENERIC_WORDS)
 }
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"big": ("big", "large"), "small": ("small", "little")}
 REL_WORDS: dict[str, tuple[str, ...]] = {
@@ -77,12 +67,6 @@ BACKGROUND_WORDS: dict[str, tuple[str, ...]] = {
     "stripes": ("a striped background", "stripes"),
     "checker": ("a checkered background", "a checkerboard"),
     "noise": ("a noisy background", "a mottled background"),
-}
-BACKGROUND_ADJECTIVES: dict[str, str] = {
-    "gradient": "a smooth gradient",
-    "stripes": "striped",
-    "checker": "checkered",
-    "noise": "mottled",
 }
 NUMBER_WORDS: tuple[str, ...] = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_PREFIXES: tuple[str, ...] = (

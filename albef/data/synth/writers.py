@@ -310,11 +310,8 @@ def _assemble(cfg: SynthConfig, items: dict[str, list[dict[str, Any]]]) -> _Outp
         for it in items["retrieval_train"]
         for c in it["captions"]
     ]
-    for split in ("retrieval_val", "retrieval_test"):
-        out.files[f"{split}.json"] = [
-            {"image": it["image"], "caption": it["captions"]} for it in items[split]
-        ]
-    for split in SHIFTED_SPLITS:  # kept out of texts and scenes: the in-domain card stays as it was
+    # the shifted split is kept out of texts and scenes: the in-domain card stays as it was
+    for split in ("retrieval_val", "retrieval_test", *SHIFTED_SPLITS):
         out.files[f"{split}.json"] = [
             {"image": it["image"], "caption": it["captions"]} for it in items[split]
         ]
@@ -343,26 +340,16 @@ def _assemble(cfg: SynthConfig, items: dict[str, list[dict[str, Any]]]) -> _Outp
     out.files["vqa_test_answers.json"] = test_answers
     out.files["answer_list.json"] = sorted(answer_set)
 
-    for split in ("ve_train", "ve_dev", "ve_test"):
-        out.files[f"{split}.json"] = [
-            {"image": it["image"][: -len(".jpg")], "sentence": s, "label": lab}
-            for it in items[split]
-            for s, lab in it["statements"]
-        ]
+    for split in ("ve_train", "ve_dev", "ve_test", "nlvr_train", "nlvr_dev", "nlvr_test"):
+        task = split.split("_")[0]
+        records = []
         for it in items[split]:
-            for s, lab in it["statements"]:
-                labels["ve"][lab] += 1
+            image = {"image": it["image"][: -len(".jpg")]} if task == "ve" else {"images": it["images"]}
+            for s, label in it["statements"]:  # VE: a class name; NLVR2: the truth, "True" / "False"
+                records.append({**image, "sentence": s, "label": str(label)})
+                labels[task][str(label)] += 1
                 out.texts.append(s)
-    for split in ("nlvr_train", "nlvr_dev", "nlvr_test"):
-        out.files[f"{split}.json"] = [
-            {"images": it["images"], "sentence": s, "label": str(truth)}
-            for it in items[split]
-            for s, truth in it["statements"]
-        ]
-        for it in items[split]:
-            for s, truth in it["statements"]:
-                labels["nlvr"][str(truth)] += 1
-                out.texts.append(s)
+        out.files[f"{split}.json"] = records
     _assemble_grounding(cfg, items, out)
     return out
 
