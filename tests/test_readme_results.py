@@ -133,3 +133,61 @@ def test_the_fusion_probe_separates_what_is_linearly_separable_and_not_noise():
     noise = torch.randn(300, 16, generator=gen)
     _, held = fusion_probe.logistic_regression(noise[:200], labels[:200], noise[200:], labels[200:], 1e-2)
     assert held < 0.5
+
+
+def _fake_run(root: Path, ve_dev: list[float], vqa_test: float | None = None) -> Path:
+    """A project folder as the training stages leave it: history and validation CSVs, an evaluation's metrics."""
+    stage = root / "runs" / "finetune_ve"
+    stage.mkdir(parents=True)
+    history = ["step,epoch,alpha,loss,lr,samples_per_s"]
+    history += [f"{10 * i},{i / 4},0.4,{1.1 - 0.01 * i},2e-5,50" for i in range(1, 4 * len(ve_dev) + 1)]
+    (stage / "history.csv").write_text("\n".join(history) + "\n")
+    validation = ["step,epoch,accuracy,acc_entailment"]
+    validation += [f"{40 * e},{e},{acc},{acc}" for e, acc in enumerate(ve_dev, 1)]
+    (stage / "validation.csv").write_text("\n".join(validation) + "\n")
+    (root / "metrics").mkdir()
+    ve = {"accuracy": 41.0, "hypothesis_only_accuracy": 37.4, "majority_baseline": 33.3, "records": 270}
+    (root / "metrics" / "ve.json").write_text(json.dumps(ve))
+    if vqa_test is not None:
+        (root / "metrics" / "vqa.json").write_text(json.dumps({"accuracy": vqa_test}))
+    return root
+
+
+def test_learning_curves_keep_every_run_in_order_with_its_baselines_and_redraw_from_the_record(tmp_path):
+    import learning_curves
+
+    default = _fake_run(tmp_path / "default", [40.0, 41.1])
+    longer = _fake_run(tmp_path / "longer", [39.3, 43.3, 44.1])
+    record_path = tmp_path / "out" / "curves.json"
+    argv = ["--run", str(default), "--extra", f"VE, 3 epochs={longer}", "--record", str(record_path)]
+    assert learning_curves.main(argv) == 0
+
+    record = json.loads(record_path.read_text())
+    assert [run["label"] for run in record["runs"]] == ["default", "VE, 3 epochs"]
+    assert record["runs"][1]["stages"]["finetune_ve"]["validation"] == {
+        "epoch": [1.0, 2.0, 3.0],
+        "accuracy": [39.3, 43.3, 44.1],
+    }
+    assert len(record["runs"][0]["stages"]["finetune_ve"]["history"]["loss"]) == 8
+    assert record["runs"][0]["metrics"]["ve"] == {
+        "accuracy": 41.0,
+        "hypothesis_only_accuracy": 37.4,
+        "majority_baseline": 33.3,
+    }
+    assert record["command"].startswith("python benchmarks/learning_curves.py --run ")
+    png = record_path.with_suffix(".png")
+    assert png.stat().st_size > 20_000
+    png.unlink()
+    assert learning_curves.main(["--from-record", str(record_path)]) == 0 and png.stat().st_size > 20_000
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty: no runs/<stage>/history.csv"):
+        learning_curves.main(["--run", str(tmp_path / "empty"), "--record", str(record_path)])
+
+
+def test_the_readme_shows_the_committed_learning_curves():
+    record = json.loads((REPO / "benchmarks/results/learning-curves.json").read_text())
+    assert record["runs"][0]["stages"].keys() >= {"pretrain", "finetune_ve", "finetune_vqa", "finetune_nlvr"}
+    readme = (REPO / "README.md").read_text()
+    assert "benchmarks/results/learning-curves.png" in readme and record["command"] in readme
+    assert (REPO / "benchmarks/results/learning-curves.png").stat().st_size > 50_000
