@@ -7,10 +7,12 @@ users and services (a model server, a data loader under another account) can rea
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _UMASK_LOCK = threading.Lock()
@@ -56,6 +58,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def replacing_folder(out: str | Path) -> Iterator[Path]:
+    """An empty folder beside ``out`` to fill; when the block ends without error it replaces ``out`` whole, so
+    ``out`` is always the previous complete folder or the new one, never a mixture."""
+    out = Path(out)
+    partial, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def can_draw(path: str | Path) -> bool:

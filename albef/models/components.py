@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from albef.config import LossSwitches
+from albef.config import LossSwitches, ModelConfig
 
 # ---------------------------------------------------------------------------- momentum encoders
 
@@ -166,6 +166,16 @@ class MaskSpec:
     vocab_size: int
     mask_token_id: int
     never_mask: tuple[int, ...]  # pad, cls (and sep when sentences carry one)
+
+    @classmethod
+    def of(cls, model_cfg: ModelConfig, probability: float) -> MaskSpec:
+        """MLM masking for ``model_cfg``'s text: never [PAD] or [CLS], nor [SEP] under
+        ``quirks.single_sentence_sep``."""
+        t = model_cfg.text
+        never = (t.pad_token_id, t.cls_token_id)
+        if model_cfg.quirks.single_sentence_sep:
+            never = (*never, t.sep_token_id)
+        return cls(probability, t.vocab_size, t.mask_token_id, never)
 
 
 class RandomChoices:

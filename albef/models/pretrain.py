@@ -62,11 +62,7 @@ class ALBEFPretrain(ContrastiveModel):
         return self.text_encoder_m.bert
 
     def mask_spec(self) -> MaskSpec:
-        t = self.cfg.text
-        never = (t.pad_token_id, t.cls_token_id)
-        if self.cfg.quirks.single_sentence_sep:
-            never = (*never, t.sep_token_id)
-        return MaskSpec(self.cfg.mlm_probability, t.vocab_size, t.mask_token_id, never)
+        return MaskSpec.of(self.cfg, self.cfg.mlm_probability)
 
     def forward(
         self,

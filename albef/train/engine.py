@@ -59,6 +59,7 @@ from albef.config import (
     check_range,
 )
 from albef.device import PRECISIONS, autocast, resolve_precision
+from albef.distributed import gather_objects
 from albef.io import atomic_write_text
 from albef.models.components import RandomChoices
 from albef.safe_load import UnreadableCheckpoint
@@ -498,12 +499,7 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------- checkpoints
     def _gather_rank_states(self) -> list[dict[str, Any]]:
-        mine = {"rng": rng_state(), "choices": self.choices_gen.get_state().cpu()}
-        if not self.world.distributed:
-            return [mine]
-        gathered: list[Any] = [None] * self.world.world_size
-        dist.all_gather_object(gathered, mine)
-        return gathered
+        return gather_objects({"rng": rng_state(), "choices": self.choices_gen.get_state().cpu()})
 
     def save(self) -> Path | None:
         self._check_finite()

@@ -36,7 +36,7 @@ from albef.config import (
 )
 from albef.device import check_device, resolve_precision
 from albef.distributed import stage_process
-from albef.io import can_draw, write_json
+from albef.io import can_draw, replacing_folder, write_json
 from albef.model_files import CONFIG_FILE, WEIGHTS_FILE
 from albef.tasks import TASKS, check_task
 from albef.tokenizer import load_tokenizer
@@ -185,29 +185,17 @@ def data_digest(stage: TrainStageConfig, tokenizer_dir: Path) -> dict[str, str]:
 
 
 def export_model(model, out: str | Path, tokenizer, best_dir: Path | None, summary: dict) -> Path:
-    """Write the downstream model (safetensors + config + tokenizer + training summary) into ``out``.
-
-    It is assembled in a sibling folder and swapped in at the end, so ``out`` is either the previous
-    complete export or the new complete one, never a mixture.
-    """
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    if best_dir is not None and (best_dir / WEIGHTS_FILE).is_file():
-        partial.mkdir(parents=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            shutil.copy2(best_dir / name, partial / name)
-    else:
-        save_pretrained(model, partial)
-    tokenizer.save(partial / "tokenizer")
-    write_json(partial / "training.json", summary)
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    """Write the downstream model (safetensors + config + tokenizer + training summary) into ``out``, all or
+    nothing (:func:`~albef.io.replacing_folder`)."""
+    with replacing_folder(out) as partial:
+        if best_dir is not None and (best_dir / WEIGHTS_FILE).is_file():
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                shutil.copy2(best_dir / name, partial / name)
+        else:
+            save_pretrained(model, partial)
+        tokenizer.save(partial / "tokenizer")
+        write_json(partial / "training.json", summary)
+    return Path(out)
 
 
 def write_curves(run_dir: Path, plots_dir: str | Path | None, title: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from albef.config import (
 from albef.data.datasets import image_source
 from albef.data.transforms import eval_transform
 from albef.device import check_device, resolve_device
+from albef.io import replacing_folder, write_json
 from albef.models.components import MaskSpec, RandomChoices
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import hf_bert_config
@@ -265,11 +265,7 @@ def train_text_encoder(
         raise ValueError(f"{path} has no caption to train the text encoder on")
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     train, heldout = _split(len(captions), cfg.heldout_fraction, gen)
-    t = model_cfg.text
-    never = (t.pad_token_id, t.cls_token_id)
-    if model_cfg.quirks.single_sentence_sep:
-        never = (*never, t.sep_token_id)
-    spec = MaskSpec(cfg.mask_probability, t.vocab_size, t.mask_token_id, never)
+    spec = MaskSpec.of(model_cfg, cfg.mask_probability)
     choices = RandomChoices(gen)
 
     torch.manual_seed(cfg.seed + 1)
@@ -313,22 +309,12 @@ def unimodal_stage(params: dict[str, Any], progress: bool = True) -> dict[str, A
     encoder.cpu()
     bert.cpu()
 
-    out = Path(cfg.out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    torch.save({"model": encoder.state_dict()}, partial / DEIT_FILE)
-    bert.save_pretrained(partial / BERT_DIR)
     metrics = {**image_metrics, **text_metrics}
-    (partial / "summary.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with replacing_folder(cfg.out) as partial:
+        torch.save({"model": encoder.state_dict()}, partial / DEIT_FILE)
+        bert.save_pretrained(partial / BERT_DIR)
+        write_json(partial / "summary.json", {"config": asdict(cfg), "metrics": metrics})
     if cfg.metrics:
-        Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.metrics).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    log.info("unimodal encoders written to %s: %s", out, metrics)
+        write_json(cfg.metrics, metrics)
+    log.info("unimodal encoders written to %s: %s", cfg.out, metrics)
     return metrics
