@@ -24,16 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from albef.tracking.journal import KIND_TAG, PARENT_TAG, STAGE_TAG
+from albef.tracking.redact import redact, redact_text
+from albef.tracking.run import EXPERIMENT_TAG, PARENT_ENV, STAGE_RUN_ENV  # noqa: F401 (flows/ sets the envs)
+from albef.tracking.store import ensure_experiment
+
 _log = logging.getLogger(__name__)
 
-PARENT_ENV = "ALBEF_MLFLOW_PARENT_RUN_ID"
-STAGE_RUN_ENV = "ALBEF_MLFLOW_STAGE_RUN_ID"  # the run a retried stage continues (albef.tracking.run)
-EXPERIMENT_ENV = "ALBEF_DVC_EXPERIMENT"  # the DVC experiment of a workspace run (albef.tracking.run)
-EXPERIMENT_TAG = "albef.dvc_experiment"
 FLOW_RUN_TAG = "albef.prefect.flow_run_id"
-STAGE_TAG = "albef.stage"
-KIND_TAG = "albef.kind"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 @dataclass(frozen=True)
@@ -44,19 +42,12 @@ class Tracking:
     artifact_location: str | None = None  # for a new experiment (mlflow.artifact_location)
     project: str | None = None  # the stages' working directory
 
-    def _ui_base(self) -> str | None:
-        """The UI's address for links: ``ui_url``, else an http(s) tracking URI without its user info (a link
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        """The run's page in the UI: at ``ui_url``, else at an http(s) tracking URI without its user info (a link
         shown in Prefect must not carry credentials; the browser asks for them)."""
         base = self.ui_url or (self.uri if self.uri.startswith(("http://", "https://")) else None)
-        return re.sub(r"^(https?://)[^/@]*@", r"\1", base).rstrip("/") if base else None
-
-    def run_url(self, experiment_id: str, run_id: str) -> str | None:
-        base = self._ui_base()
+        base = re.sub(r"^(https?://)[^/@]*@", r"\1", base).rstrip("/") if base else None
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if base else None
-
-    def artifact_url(self, run_id: str, path: str) -> str | None:
-        base = self._ui_base()
-        return f"{base}/get-artifact?path={path}&run_uuid={run_id}" if base else None
 
 
 def tracking(params: dict[str, Any], project: str | Path, ui_url: str | None = None) -> Tracking | None:
@@ -106,8 +97,6 @@ def open_parent_run(
         log.info("mlflow: the stages do not track (no mlflow section, or enabled: false): no parent run")
         return None
     try:
-        from albef.tracking.store import ensure_experiment
-
         client = _client(cfg)
         # as the stages create it: their artifact location, portable in the embedded store
         exp_id = ensure_experiment(client, cfg.uri, cfg.experiment, cfg.artifact_location, cfg.project)
@@ -144,28 +133,34 @@ def running_parent_runs(cfg: Tracking | None, logger=None) -> dict[str, str]:
     the store cannot be read)."""
     if cfg is None:
         return {}
+    found = _search_runs(
+        cfg,
+        f"tags.`{KIND_TAG}` = 'pipeline' and attributes.status = 'RUNNING'",
+        "list the running pipeline runs",
+        logger,
+        max_results=500,
+    )
+    return {r.data.tags[FLOW_RUN_TAG]: r.info.run_id for r in found if r.data.tags.get(FLOW_RUN_TAG)}
+
+
+def _search_runs(cfg: Tracking, filter_string: str, what: str, logger=None, **kwargs: Any) -> list:
+    """The runs of the stages' experiment that match ``filter_string`` (none when it does not exist yet, or
+    when the store cannot be read: then a warning that it could not ``what``)."""
     try:
         client = _client(cfg)
         exp = client.get_experiment_by_name(cfg.experiment)
         if exp is None:
-            return {}
-        found = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{KIND_TAG}` = 'pipeline' and attributes.status = 'RUNNING'",
-            max_results=500,
-        )
+            return []
+        return client.search_runs([exp.experiment_id], filter_string=filter_string, **kwargs)
     except Exception as exc:
-        (logger or _log).warning("mlflow: could not list the running pipeline runs: %s", redacted(str(exc)))
-        return {}
-    return {r.data.tags[FLOW_RUN_TAG]: r.info.run_id for r in found if r.data.tags.get(FLOW_RUN_TAG)}
+        (logger or _log).warning("mlflow: could not %s: %s", what, redacted(str(exc)))
+        return []
 
 
 def request_params(request: dict[str, Any]) -> dict[str, str]:
     """A flow run's request as MLflow params: ``{"overrides": {"evaluate.k_test": 4}, "stages": ["evaluate"]}``
     -> ``{"override.evaluate.k_test": "4", "stages": "evaluate"}`` (None values left out; secrets, such as an
     override of a key named like one or a URI's password, as ``***``: :mod:`albef.tracking.redact`)."""
-    from albef.tracking.redact import redact
-
     out: dict[str, str] = {}
     for key, value in redact(request).items():
         if value is None:
@@ -180,12 +175,9 @@ def request_params(request: dict[str, Any]) -> dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
-def redacted(text: str) -> str:
-    """``text`` (a tracking URI, an error message) with the credentials of its URIs redacted: what logs and
-    Prefect artifacts show."""
-    from albef.tracking.redact import redact_text
-
-    return redact_text(text)
+# ``text`` (a tracking URI, an error message) with the credentials of its URIs redacted: what logs and Prefect
+# artifacts show
+redacted = redact_text
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -264,23 +256,16 @@ def find_stage_run(
     cfg: Tracking | None, parent_id: str | None, stage: str, logger=None
 ) -> StageRunRef | None:
     """The newest run stage ``stage`` opened under ``parent_id`` (None: there is none to link)."""
-    log = logger or _log
     if cfg is None or not parent_id:
         return None
-    try:
-        client = _client(cfg)
-        exp = client.get_experiment_by_name(cfg.experiment)
-        if exp is None:
-            return None
-        found = client.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-    except Exception as exc:
-        log.warning("mlflow: could not look up the run of stage %s: %s", stage, redacted(str(exc)))
-        return None
+    found = _search_runs(
+        cfg,
+        f"tags.`{PARENT_TAG}` = '{parent_id}' and tags.`{STAGE_TAG}` = '{stage}'",
+        f"look up the run of stage {stage}",
+        logger,
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     if not found:
         return None
     info = found[0].info

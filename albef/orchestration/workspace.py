@@ -43,8 +43,8 @@ from pathlib import Path
 
 import yaml
 
-from albef.orchestration.mlflow_link import EXPERIMENT_ENV
 from albef.orchestration.pipeline import PlanError
+from albef.tracking.run import EXPERIMENT_ENV
 
 WORKSPACES = Path(".dvc") / "tmp" / "albef-workspaces"
 _GIT_LOCK = Path(".dvc") / "tmp" / "albef-git.lock"  # worktree add/remove, dvc exp save
