@@ -33,8 +33,7 @@ PIPELINE_TAG = "albef.pipeline"
 STAGE_TAG = "albef.stage"
 KIND_TAG = "albef.kind"  # pipeline | stage
 PARENT_TAG = "mlflow.parentRunId"
-MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
-MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 
 def now_ms() -> int:

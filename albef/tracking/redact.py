@@ -107,10 +107,9 @@ def redact_text(text: Any) -> Any:
     return _QUERY_ITEM.sub(_query_item, text)
 
 
-def redact_uri(uri: Any) -> Any:
-    """``uri`` as it may be shown: ``user:password@`` -> ``user:***@``, a token as the user of an http(s) URI ->
-    ``***@``, secret query values -> ``***``. Well-formed or not: a malformed URI is echoed by error messages."""
-    return redact_text(uri)
+# ``uri`` as it may be shown: ``user:password@`` -> ``user:***@``, a token as the user of an http(s) URI -> ``***@``,
+# secret query values -> ``***``. Well-formed or not: a malformed URI is echoed by error messages.
+redact_uri = redact_text
 
 
 def redact(values: Any) -> Any:

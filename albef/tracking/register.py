@@ -6,7 +6,6 @@ tasks' (:data:`albef.tracking.config.REGISTER_SECTIONS`), all the same way.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from albef.io import write_json
 from albef.tracking.config import register_config, tracking_config
 from albef.tracking.integrity import MANIFEST_TAG, seal
 from albef.tracking.provenance import git_state, provenance_tags
@@ -39,7 +39,8 @@ def register_stage(
     tracking = tracking_config(params)
     if not tracking.enabled:
         summary: dict[str, Any] = {"registered": False, "reason": "mlflow.enabled is false"}
-        _write(out, summary)
+        if out:
+            write_json(out, summary)
         return summary
     metrics = read_metrics(cfg.metrics)
     # a missing gate metric fails before any upload
@@ -93,7 +94,8 @@ def register_stage(
             }
         )
         run.log_dict(summary, "register.json")
-    _write(out, summary)
+    if out:
+        write_json(out, summary)
     return summary
 
 
@@ -120,11 +122,3 @@ def _fluent_uri(uri: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _write(out: str | Path | None, summary: dict[str, Any]) -> None:
-    if out:
-        from albef.io import atomic_write_text
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(summary, indent=2, sort_keys=True) + "\n")
