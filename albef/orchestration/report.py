@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from albef import config
+
 MAX_INLINE_IMAGE_BYTES = 2 << 20
 
 
@@ -59,15 +61,11 @@ def read_metrics(project: str | Path, files: list[str]) -> dict[str, Any]:
     return out
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[name] = value
-    return flat
+def flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """The scalars of ``data`` (numbers, strings, booleans, None) under dotted keys; lists are left out."""
+    return {
+        k: v for k, v in config.flatten(data).items() if isinstance(v, int | float | str | bool) or v is None
+    }
 
 
 def _cell(value: Any) -> str:
