@@ -190,13 +190,18 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def close_parent_run(cfg: Tracking | None, run_id: str | None, status: str, logger=None) -> None:
-    log = logger or _log
-    if cfg is None or not run_id:
-        return
+    if cfg is not None and run_id:
+        _terminate(cfg, run_id, status, f"parent run {run_id}", logger)
+
+
+def _terminate(cfg: Tracking, run_id: str, status: str, what: str, logger=None) -> bool:
+    """End run ``run_id`` with ``status``; False, with a warning naming ``what``, when the store refuses."""
     try:
         _client(cfg).set_terminated(run_id, status)
     except Exception as exc:
-        log.warning("mlflow: could not mark parent run %s %s: %s", run_id, status, redacted(str(exc)))
+        (logger or _log).warning("mlflow: could not mark %s %s: %s", what, status, redacted(str(exc)))
+        return False
+    return True
 
 
 def ending_status(exc: BaseException) -> str:
@@ -223,22 +228,12 @@ def end_orphaned_stage_run(
     """After a stage process ended without success: its run, if it is still RUNNING, ends with ``status``.
     A stage ends its own run on any error or SIGTERM, so a run left RUNNING belongs to a process that was
     killed outright (SIGKILL). A retry continues the run all the same. Returns the run id it ended."""
-    log = logger or _log
     ref = find_stage_run(cfg, parent_id, stage, logger)
     if ref is None or ref.status != "RUNNING":
         return None
-    try:
-        _client(cfg).set_terminated(ref.run_id, status)
-    except Exception as exc:
-        log.warning(
-            "mlflow: could not mark the run %s of stage %s %s: %s",
-            ref.run_id,
-            stage,
-            status,
-            redacted(str(exc)),
-        )
+    if not _terminate(cfg, ref.run_id, status, f"the run {ref.run_id} of stage {stage}", logger):
         return None
-    log.info(
+    (logger or _log).info(
         "mlflow: the run %s of stage %s was left RUNNING by its process; now %s", ref.run_id, stage, status
     )
     return ref.run_id
