@@ -176,25 +176,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_vqa(args: argparse.Namespace) -> int:
-    from albef.serving.predict import predict_vqa
+# albef predict <task>: its help, its model's name, its image options, its text option
+_PREDICT_COMMANDS = {
+    "vqa": ("the top answers to a question about an image", "VQA", ("image",), "question"),
+    "ve": (
+        "SNLI-VE: entailment, neutral or contradiction of a hypothesis about an image",
+        "SNLI-VE",
+        ("image",),
+        "hypothesis",
+    ),
+    "nlvr": ("NLVR2: is a sentence true of a pair of images", "NLVR2", ("left", "right"), "text"),
+}
 
-    answers = predict_vqa(
-        args.model, args.image, args.question, args.answer_list, k=args.k, top=args.top, device=args.device
+
+def _predict(args: argparse.Namespace) -> int:
+    from albef.serving.predict import predict
+
+    _, _, image_options, text_option = _PREDICT_COMMANDS[args.task]
+    settings = {"answer_list": args.answer_list, "k": args.k, "top": args.top} if args.task == "vqa" else {}
+    result = predict(
+        args.task,
+        args.model,
+        {f"--{option}": getattr(args, option) for option in image_options},
+        (text_option, getattr(args, text_option)),
+        device=args.device,
+        **settings,
     )
-    print(json.dumps([{"answer": a, "probability": round(p, 5)} for a, p in answers], indent=2))
-    return 0
-
-
-def _predict_classifier(args: argparse.Namespace) -> int:
-    from albef.serving.predict import predict_nlvr, predict_ve
-
-    if args.task == "ve":
-        result = predict_ve(args.model, args.image, args.hypothesis, device=args.device)
+    if args.task == "vqa":
+        result = [{"answer": a, "probability": round(p, 5)} for a, p in result]
     else:
-        result = predict_nlvr(args.model, args.left, args.right, args.text, device=args.device)
-    result["probability"] = round(result["probability"], 5)
-    result["probabilities"] = {k: round(v, 5) for k, v in result["probabilities"].items()}
+        result["probability"] = round(result["probability"], 5)
+        result["probabilities"] = {k: round(v, 5) for k, v in result["probabilities"].items()}
     print(json.dumps(result, indent=2))
     return 0
 
@@ -393,30 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="answer with a finetuned model")
     predict_sub = predict.add_subparsers(dest="task", required=True)
-    pvqa = predict_sub.add_parser("vqa", help="the top answers to a question about an image")
-    pvqa.add_argument("--model", required=True, help="an albef VQA model folder (finetune_vqa export)")
-    pvqa.add_argument("--image", required=True)
-    pvqa.add_argument("--question", required=True)
-    pvqa.add_argument("--answer-list", help="JSON list of answers; default: the one exported with the model")
-    pvqa.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
-    pvqa.add_argument("--top", type=int, default=5)
-    _device_option(pvqa)
-    pvqa.set_defaults(func=_predict_vqa)
-    pve = predict_sub.add_parser(
-        "ve", help="SNLI-VE: entailment, neutral or contradiction of a hypothesis about an image"
-    )
-    pve.add_argument("--model", required=True, help="an albef SNLI-VE model folder (finetune_ve export)")
-    pve.add_argument("--image", required=True)
-    pve.add_argument("--hypothesis", required=True)
-    _device_option(pve)
-    pve.set_defaults(func=_predict_classifier)
-    pnlvr = predict_sub.add_parser("nlvr", help="NLVR2: is a sentence true of a pair of images")
-    pnlvr.add_argument("--model", required=True, help="an albef NLVR2 model folder (finetune_nlvr export)")
-    pnlvr.add_argument("--left", required=True, help="the left image")
-    pnlvr.add_argument("--right", required=True, help="the right image")
-    pnlvr.add_argument("--text", required=True)
-    _device_option(pnlvr)
-    pnlvr.set_defaults(func=_predict_classifier)
+    for task, (helptext, model_name, image_options, text_option) in _PREDICT_COMMANDS.items():
+        cmd = predict_sub.add_parser(task, help=helptext)
+        cmd.add_argument(
+            "--model", required=True, help=f"an albef {model_name} model folder (finetune_{task} export)"
+        )
+        for option in image_options:
+            cmd.add_argument(
+                f"--{option}", required=True, help=None if option == "image" else f"the {option} image"
+            )
+        cmd.add_argument(f"--{text_option}", required=True)
+        if task == "vqa":
+            cmd.add_argument(
+                "--answer-list", help="JSON list of answers; default: the one exported with the model"
+            )
+            cmd.add_argument("--k", type=int, default=128, help="candidates re-ranked (official k_test 128)")
+            cmd.add_argument("--top", type=int, default=5)
+        _device_option(cmd)
+        cmd.set_defaults(func=_predict)
 
     expl = sub.add_parser(
         "explain", help="Grad-CAM heat map of every word of a text on an image (ITM score), as a PNG grid"

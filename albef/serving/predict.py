@@ -2,8 +2,8 @@
 
 A predictor loads an exported model folder once (weights, tokenizer, the evaluation transform; VQA also the
 answer list exported with it) and answers batches of already decoded images and texts, with the same text
-cleaning as the task's evaluation (``pre_question`` / ``pre_caption``). The ``albef predict`` commands call the
-``predict_*`` functions below; the MLflow pyfunc models (:mod:`albef.serving.tasks`) keep one predictor each.
+cleaning as the task's evaluation (``pre_question`` / ``pre_caption``). The ``albef predict`` commands call
+:func:`predict`; the MLflow pyfunc models (:mod:`albef.serving.tasks`) keep one predictor each.
 A predictor computes on the device :func:`albef.device.resolve_device` gives its ``device`` setting (``auto``:
 this machine's GPU if it has one; the pyfuncs always use ``auto``).
 """
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from albef.device import resolve_device
+from albef.tasks import get_task
 
 
 class BadInput(ValueError):
@@ -182,38 +183,22 @@ class NLVRPredictor(ClassifierPredictor):
     images_per_text = 2
 
 
-def predict_vqa(
+def predict(
+    task: str,
     model_dir: str | Path,
-    image: str | Path,
-    question: str,
-    answer_list: str | Path | None = None,
-    k: int = 128,
-    top: int = 5,
+    images: dict[str, str | Path],
+    text: tuple[str, str],
     device: str = "auto",
-) -> list[tuple[str, float]]:
-    """The ``top`` answers (and their re-ranked probabilities) to ``question`` about ``image``; the answer list
-    defaults to the one exported with the model."""
+    **settings: Any,
+) -> Any:
+    """The answer of ``task``'s predictor (VQA: the top answers and their re-ranked probabilities; SNLI-VE and
+    NLVR2: the label and the class probabilities) to ``text`` (its option's name, the text) about ``images``
+    (option -> file; NLVR2: left then right). ``settings`` go to the predictor (VQA: ``answer_list``, by
+    default the one exported with the model, ``k``, ``top``)."""
     placed = resolve_device(device, "--device")
-    check_text(question, "question")
-    picture = open_image(image, "--image")
-    return VQAPredictor(model_dir, answer_list, k=k, top=top, device=placed)([picture], [question])[0]
-
-
-def predict_ve(
-    model_dir: str | Path, image: str | Path, hypothesis: str, device: str = "auto"
-) -> dict[str, Any]:
-    """Entailment, neutral or contradiction of ``hypothesis`` given ``image``, with the class probabilities."""
-    placed = resolve_device(device, "--device")
-    check_text(hypothesis, "hypothesis")
-    picture = open_image(image, "--image")
-    return VEPredictor(model_dir, device=placed)([(picture,)], [hypothesis])[0]
-
-
-def predict_nlvr(
-    model_dir: str | Path, left: str | Path, right: str | Path, text: str, device: str = "auto"
-) -> dict[str, Any]:
-    """Whether ``text`` holds for the image pair (label ``True`` / ``False``), with the class probabilities."""
-    placed = resolve_device(device, "--device")
-    check_text(text, "text")
-    pair = (open_image(left, "--left"), open_image(right, "--right"))
-    return NLVRPredictor(model_dir, device=placed)([pair], [text])[0]
+    check_text(text[1], text[0])
+    pictures = tuple(open_image(path, option) for option, path in images.items())
+    predictor = get_task(task).predictor_class()(model_dir, device=placed, **settings)
+    # a classifier takes each text's images as a tuple, VQA a question's one image
+    row = pictures if isinstance(predictor, ClassifierPredictor) else pictures[0]
+    return predictor([row], [text[1]])[0]
