@@ -85,16 +85,12 @@ def _info(args: argparse.Namespace) -> int:
     cfg = load_model_config(args.params) if args.params else PRESETS[args.preset]()
     model = build_model(args.task, cfg)
     print(cfg.to_json())
-    print(
-        json.dumps(
-            {
-                "parameters": parameter_count(model),
-                "trainable_parameters": parameter_count(model, trainable_only=True),
-            },
-            indent=2,
-        )
+    return _print_json(
+        {
+            "parameters": parameter_count(model),
+            "trainable_parameters": parameter_count(model, trainable_only=True),
+        }
     )
-    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -102,16 +98,14 @@ def _synth(args: argparse.Namespace) -> int:
     from albef.data.stages import synth_stage
 
     card = synth_stage(read_params(args.params), progress=not args.quiet)
-    print(json.dumps({k: v for k, v in card.items() if not isinstance(v, (dict, list))}, indent=2))
-    return 0
+    return _print_json({k: v for k, v in card.items() if not isinstance(v, (dict, list))})
 
 
 def _preprocess(args: argparse.Namespace) -> int:
     from albef.config import read_params
     from albef.data.stages import preprocess_stage
 
-    print(json.dumps(preprocess_stage(read_params(args.params), progress=not args.quiet), indent=2))
-    return 0
+    return _print_json(preprocess_stage(read_params(args.params), progress=not args.quiet))
 
 
 def _s3_transfer(args: argparse.Namespace) -> int:
@@ -126,6 +120,11 @@ def _s3_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(result, sort_keys: bool = False) -> int:
+    print(json.dumps(result, indent=2, sort_keys=sort_keys))
+    return 0
+
+
 def _load_params(args: argparse.Namespace) -> dict:
     from albef.config import read_params
 
@@ -136,26 +135,17 @@ def _unimodal(args: argparse.Namespace) -> int:
     from albef.stages import tracked_unimodal
 
     metrics = tracked_unimodal(_load_params(args), progress=not args.quiet)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from albef.stages import tracked_train
-
-    metrics = tracked_train(_load_params(args), "pretrain", "pretrain", progress=not args.quiet)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+    return _print_json(metrics, sort_keys=True)
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from albef.stages import tracked_train
 
-    # (the NLVR2 text-assignment pretraining is a "finetuning" of the pretrained model on image pairs)
+    # (also `albef pretrain`, as the task "pretrain"; the NLVR2 text-assignment pretraining is a "finetuning"
+    # of the pretrained model on image pairs)
     name = TASKS[args.task].train_section
     metrics = tracked_train(_load_params(args), name, args.task, progress=not args.quiet)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+    return _print_json(metrics, sort_keys=True)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -172,8 +162,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         task=args.task,
         pipeline_params=as_read,  # --test-file adjusts a copy; the pipeline run is named by the file
     )
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+    return _print_json(metrics, sort_keys=True)
 
 
 # albef predict <task>: its help, its model's name, its image options, its text option
@@ -207,8 +196,7 @@ def _predict(args: argparse.Namespace) -> int:
     else:
         result["probability"] = round(result["probability"], 5)
         result["probabilities"] = {k: round(v, 5) for k, v in result["probabilities"].items()}
-    print(json.dumps(result, indent=2))
-    return 0
+    return _print_json(result)
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -223,15 +211,13 @@ def _explain(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         device=args.device,
     )
-    print(json.dumps(info, indent=2))
-    return 0
+    return _print_json(info)
 
 
 def _register(args: argparse.Namespace) -> int:
     from albef.tracking.register import register_stage
 
-    print(json.dumps(register_stage(_load_params(args), args.out, task=args.task), indent=2, sort_keys=True))
-    return 0
+    return _print_json(register_stage(_load_params(args), args.out, task=args.task), sort_keys=True)
 
 
 def _registry(args: argparse.Namespace) -> int:
@@ -381,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         _unimodal,
     )
     _stage_command(
-        sub, "pretrain", "pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM", _pretrain
-    )
+        sub, "pretrain", "pretrain ALBEF (params: pretrain, model); works under torchrun and SLURM", _finetune
+    ).set_defaults(task="pretrain")
     fine = _stage_command(sub, "finetune", "finetune a pretrained model (params: finetune_<task>)", _finetune)
     fine.add_argument("task", choices=FINETUNE_TASKS)
 
