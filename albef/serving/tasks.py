@@ -30,6 +30,7 @@ from albef.eval.settings import ANSWER_LIST_FILE, ClassifierEvalConfig, VQAEvalC
 from albef.serving.pyfunc import (
     DEFAULT_LIMITS,
     MODEL_ARTIFACT,
+    MODEL_CODE,
     InputLimits,
     InvalidModelInput,
     as_table,
@@ -37,8 +38,9 @@ from albef.serving.pyfunc import (
     check_text_cell,
     decode_image,
     example_png,
-    log_albef_model,
+    pip_requirements,
     present,
+    string_signature,
     without_limits,
 )
 from albef.tasks import TASKS, get_task
@@ -193,15 +195,34 @@ def serving_config(params: dict[str, Any], task: str) -> dict[str, Any]:
 
 
 def log_task_model(task: str, model_dir: str | Path, name: str = "model", **settings: Any):
-    """Log the exported ``task`` model in ``model_dir`` as its pyfunc with ``settings`` as its model config
-    (default: the pyfunc's own). Returns MLflow's ``ModelInfo``."""
+    """Log the exported ``task`` model in ``model_dir`` (model.safetensors, config.json, tokenizer/ and the files
+    its pyfunc requires) as its pyfunc with ``settings`` as its model config (default: the pyfunc's own), a
+    string signature of the pyfunc's columns and its input example; albef's source goes along, so the model
+    loads with only the libraries of :func:`albef.serving.pyfunc.pip_requirements` installed.
+
+    Logged as code (:data:`albef.serving.pyfunc.MODEL_CODE`, MLflow's "models from code"), not as a pickled
+    ``python_model``: loading it runs no pickle, so a file swapped in the artifact store cannot smuggle in code
+    that way. Returns MLflow's ``ModelInfo``."""
+    import albef
+    from albef.model_files import read_config
+
     pyfunc = get_task(task).pyfunc_class()
-    return log_albef_model(
-        model_dir,
-        pyfunc.task,
-        pyfunc.columns,
-        pyfunc.example(),
-        settings or pyfunc.settings({}),
+    model_dir = Path(model_dir)
+    saved, _ = read_config(model_dir)
+    if saved != pyfunc.task:
+        raise ValueError(
+            f"{model_dir} holds a {saved!r} model; the {pyfunc.task} pyfunc needs a {pyfunc.task} model"
+        )
+    for needed in ("tokenizer", *pyfunc.required):
+        if not (model_dir / needed).exists():
+            raise FileNotFoundError(f"{model_dir / needed} not found: export the model with its {needed}")
+    return mlflow.pyfunc.log_model(
         name=name,
-        required=pyfunc.required,
+        python_model=str(MODEL_CODE),
+        artifacts={MODEL_ARTIFACT: str(model_dir)},
+        code_paths=[str(Path(albef.__file__).parent)],
+        signature=string_signature(pyfunc.columns),
+        input_example=pyfunc.example(),
+        model_config=settings or pyfunc.settings({}),
+        pip_requirements=pip_requirements(),
     )
