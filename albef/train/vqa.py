@@ -2,7 +2,7 @@
 ``finetune_vqa_stage``, weighted answer generation with momentum distillation (``params.finetune_vqa``). Its
 evaluation is :func:`albef.eval.stages.evaluate_vqa_stage`.
 
-Single predictions (``albef predict vqa``) are :func:`albef.serving.predict.predict_vqa`.
+Single predictions (``albef predict vqa``) are :func:`albef.serving.predict.predict` (task ``"vqa"``).
 
 ``params.finetune_vqa`` is flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
 :class:`~albef.train.stages.TrainStageConfig` keys) plus ``answer_list`` (file in ``data_dir``) and
