@@ -326,24 +326,18 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self, prefix: str = "model") -> ModelConfig:
         v, t = self.vision, self.text
-        positive = {
-            "vision.image_size": v.image_size,
-            "vision.patch_size": v.patch_size,
-            "vision.width": v.width,
-            "vision.depth": v.depth,
-            "vision.heads": v.heads,
-            "text.vocab_size": t.vocab_size,
-            "text.hidden": t.hidden,
-            "text.heads": t.heads,
-            "text.intermediate": t.intermediate,
-            "text.max_positions": t.max_positions,
-            "text.type_vocab": t.type_vocab,
-            "embed_dim": self.embed_dim,
-            "queue_size": self.queue_size,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{prefix}.{key} must be positive, got {value}")
+        flat = flatten(self.to_dict())
+        positive = (
+            [f"vision.{k}" for k in ("image_size", "patch_size", "width", "depth", "heads")]
+            + [
+                f"text.{k}"
+                for k in ("vocab_size", "hidden", "heads", "intermediate", "max_positions", "type_vocab")
+            ]
+            + ["embed_dim", "queue_size"]
+        )
+        for key in positive:
+            if flat[key] <= 0:
+                raise ConfigError(f"{prefix}.{key} must be positive, got {flat[key]}")
         if t.text_layers < 0 or t.fusion_layers < 0:
             raise ConfigError(f"{prefix}.text.text_layers/fusion_layers must be >= 0")
         if t.fusion_layers < 1:
@@ -375,15 +369,11 @@ class ModelConfig:
                 f"{prefix}.temp ({self.temp}) must lie in [quirks.temp_min, quirks.temp_max] = "
                 f"[{q.temp_min}, {q.temp_max}]"
             )
-        ids = {
-            "text.pad_token_id": t.pad_token_id,
-            "text.cls_token_id": t.cls_token_id,
-            "text.sep_token_id": t.sep_token_id,
-            "text.mask_token_id": t.mask_token_id,
-        }
-        for key, value in ids.items():
-            if not 0 <= value < t.vocab_size:
-                raise ConfigError(f"{prefix}.{key} ({value}) is outside the vocabulary [0, {t.vocab_size})")
+        for key in (f"text.{name}_token_id" for name in ("pad", "cls", "sep", "mask")):
+            if not 0 <= flat[key] < t.vocab_size:
+                raise ConfigError(
+                    f"{prefix}.{key} ({flat[key]}) is outside the vocabulary [0, {t.vocab_size})"
+                )
         return self
 
     def check_global_batch(self, global_batch: int, prefix: str = "model") -> None:
@@ -419,7 +409,7 @@ class ModelConfig:
         else:
             base = ModelConfig().to_dict()
         merged = _merge(base, data, cls, prefix)
-        return _build(cls, merged, prefix).validate(prefix)
+        return build_dataclass(cls, merged, prefix).validate(prefix)
 
 
 def flatten(values: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -449,8 +439,8 @@ def _merge(base: dict, override: dict, schema: type, prefix: str) -> dict:
             raise ConfigError(f"{prefix}.{key}: no longer a model setting: {RETIRED_MODEL_KEYS[key]}")
         if key not in fields:
             raise ConfigError(f"{prefix}.{key}: unknown key; expected one of {sorted(fields)}")
-        sub = _dataclass_type(fields[key])
-        if sub is not None:
+        sub = _hints(schema).get(key)
+        if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}.{key} must be a mapping, got {type(value).__name__}")
             base[key] = _merge(base[key], value, sub, f"{prefix}.{key}")
@@ -459,26 +449,6 @@ def _merge(base: dict, override: dict, schema: type, prefix: str) -> dict:
     if schema is TextConfig and "fusion_layers" in override and "decoder_layers" not in override:
         base["decoder_layers"] = None  # follows the new fusion depth (configs saved before VQA lack it)
     return base
-
-
-_SUBCONFIGS = {"VisionConfig": VisionConfig, "TextConfig": TextConfig, "QuirksConfig": QuirksConfig}
-
-
-def _dataclass_type(f: dataclasses.Field) -> type | None:
-    return _SUBCONFIGS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
-
-
-def _build(schema: type, data: dict, prefix: str) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(schema):
-        value = data[f.name]
-        sub = _dataclass_type(f)
-        if sub is not None:
-            kwargs[f.name] = _build(sub, value, f"{prefix}.{f.name}")
-            continue
-        kwargs[f.name] = coerce(value, _hints(schema).get(f.name, Any), f"{prefix}.{f.name}")
-        check_range(kwargs[f.name], f, f"{prefix}.{f.name}")
-    return schema(**kwargs)
 
 
 # ---------------------------------------------------------------------- presets
