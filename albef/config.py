@@ -140,6 +140,25 @@ def check_range(value: Any, f: dataclasses.Field, key: str) -> None:
         raise ConfigError(f"{key} must be <= {high:g}, got {value!r}")
 
 
+def range_problems(obj: Any, prefix: str = "") -> list[str]:
+    """What breaks the declared ranges of the dataclass instance ``obj``'s fields, each naming
+    ``<prefix>.<field>``: build_dataclass checks them as it reads params.yaml, a ``__post_init__`` calling
+    :func:`check_ranges` checks a direct construction too."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        try:
+            check_range(getattr(obj, f.name), f, f"{prefix}.{f.name}" if prefix else f.name)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """A :class:`ConfigError` listing :func:`range_problems`, if any."""
+    if problems := range_problems(obj, prefix):
+        raise ConfigError("; ".join(problems))
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     try:

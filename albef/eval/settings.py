@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from albef.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, build_dataclass, section
+from albef.config import AT_LEAST_ONE, NON_NEGATIVE, ConfigError, build_dataclass, check_ranges, section
 from albef.tasks import TASKS, check_task
 
 ANSWER_LIST_FILE = "answer_list.json"  # copied next to the exported VQA weights, for prediction
@@ -85,7 +85,7 @@ class GroundingEvalConfig:
     iou_threshold: float = 0.5
     max_words: int = 30  # pre_caption, as the official dataset
     max_tokens: int | None = None  # null: the model's positions (the official grounding eval never truncates)
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=AT_LEAST_ONE)
     num_workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device)
     bad_box: str = "skip"  # an expression without a usable ground-truth box: skip (counted) | error
@@ -99,8 +99,7 @@ class GroundingEvalConfig:
             self.test_files = [self.test_files]
         if not 0 < self.iou_threshold <= 1:
             raise ConfigError(f"evaluate_grounding.iou_threshold: expected (0, 1], got {self.iou_threshold}")
-        if self.batch_size < 1:
-            raise ConfigError(f"evaluate_grounding.batch_size: expected >= 1, got {self.batch_size}")
+        check_ranges(self, "evaluate_grounding")
 
 
 #: evaluated classification task -> its params.yaml section

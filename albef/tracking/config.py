@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from albef.config import ConfigError
-from albef.tasks import REGISTER_TASKS, TASKS
+from albef.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, build_dataclass, check_ranges
+from albef.tasks import REGISTER_TASKS, TASKS, check_task
 from albef.tracking.redact import redact_uri
 
 # The schemes MLflow's tracking client understands. Anything else (a typo such as ``htp://``) would only
@@ -55,27 +55,23 @@ class TrackingConfig:
     # relative to the project so that moving it keeps every artifact link (albef.tracking.store)
     artifact_location: str | None = None
     spool_dir: str = "runs/mlflow-spool"  # undelivered tracking calls, replayed by `albef mlflow sync`
-    request_timeout: int = 10  # seconds per HTTP request: a dead server must not stall training
-    request_retries: int = 1  # MLflow's own retries per request (its default, 7, waits minutes)
-    retry_every: float = 30.0  # seconds between delivery attempts while the server is unreachable
+    # seconds per HTTP request: a dead server must not stall training
+    request_timeout: int = field(default=10, metadata=AT_LEAST_ONE)
+    # MLflow's own retries per request (its default, 7, waits minutes)
+    request_retries: int = field(default=1, metadata=NON_NEGATIVE)
+    # seconds between delivery attempts while the server is unreachable
+    retry_every: float = field(default=30.0, metadata=NON_NEGATIVE)
     log_artifacts: bool = True
     # CPU, memory, disk and network (GPUs too when NVML, the nvidia-ml-py package, is installed) sampled into
     # ``system/*`` metrics of every stage run, by rank 0; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, when set, wins
     system_metrics: bool = True
-    system_metrics_interval: float = 10.0  # seconds; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, wins
+    # seconds; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, when set, wins
+    system_metrics_interval: float = field(default=10.0, metadata=POSITIVE)
 
     def __post_init__(self) -> None:
         if not isinstance(self.experiment, str) or not self.experiment.strip():
             raise ConfigError("mlflow.experiment: expected a non-empty name")
-        if not self.system_metrics_interval > 0:
-            raise ConfigError(
-                f"mlflow.system_metrics_interval: expected seconds > 0, got {self.system_metrics_interval}"
-            )
-        if self.request_timeout < 1 or self.request_retries < 0 or self.retry_every < 0:
-            raise ConfigError(
-                "mlflow: request_timeout must be >= 1, request_retries and retry_every >= 0, got "
-                f"{self.request_timeout}, {self.request_retries}, {self.retry_every}"
-            )
+        check_ranges(self, "mlflow")
 
     def resolved_uri(self) -> str:
         """The tracking URI in force: ``MLFLOW_TRACKING_URI`` when set, else ``tracking_uri``; validated."""
@@ -102,7 +98,8 @@ class GateConfig:
 
     metric: str = "r_mean"  # a key of the evaluation metrics JSON (nested keys joined by '.': itc.r_mean)
     direction: str = "maximize"  # or minimize
-    min_improvement: float = 0.0  # over the champion, in the metric's units; 0: not worse
+    # over the champion, in the metric's units; 0: not worse
+    min_improvement: float = field(default=0.0, metadata=NON_NEGATIVE)
     min_value: float | None = None  # the challenger must reach this (maximize) or stay below it (minimize)
 
     def __post_init__(self) -> None:
@@ -110,8 +107,7 @@ class GateConfig:
             raise ConfigError(f"gate.direction: expected maximize or minimize, got {self.direction!r}")
         if not isinstance(self.metric, str) or not self.metric:
             raise ConfigError("gate.metric: expected a metric name")
-        if self.min_improvement < 0:
-            raise ConfigError(f"gate.min_improvement: must be >= 0, got {self.min_improvement}")
+        check_ranges(self, "gate")
 
 
 @dataclass
@@ -128,14 +124,11 @@ class RegisterConfig:
     task: str = "retrieval"  # the pyfunc the model is logged as; register_config sets it from the section
 
     def __post_init__(self) -> None:
-        if self.task not in REGISTER_SECTIONS:
-            raise ConfigError(
-                f"register: unknown task {self.task!r}; expected one of {', '.join(REGISTER_SECTIONS)}"
-            )
+        check_task(self.task, REGISTER_TASKS, "register task")
         name = self.section
         if isinstance(self.gate, dict):
             try:
-                self.gate = _build(GateConfig, self.gate, f"{name}.gate")
+                self.gate = build_dataclass(GateConfig, self.gate, f"{name}.gate")
             except ConfigError as exc:
                 text = str(exc)
                 raise ConfigError(text if text.startswith(name) else f"{name}.{text}") from exc
@@ -191,25 +184,12 @@ def validate_alias(alias: str, source: str = "alias") -> str:
     return alias
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    from albef.config import build_dataclass
-
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix}: expected a mapping, got {type(values).__name__}")
-    try:
-        return build_dataclass(cls, values, prefix)
-    except TypeError as exc:
-        raise ConfigError(f"{prefix}: {exc}") from exc
-
-
 def tracking_config(params: dict[str, Any]) -> TrackingConfig:
     """The ``mlflow`` section. Without one, tracking is off: a params file written for a unit test or a
     one-off run then never creates a database in the working directory. The project's params.yaml has it."""
     if "mlflow" not in params:
         return TrackingConfig(enabled=False)
-    return _build(TrackingConfig, params["mlflow"], "mlflow")
+    return build_dataclass(TrackingConfig, {} if params["mlflow"] is None else params["mlflow"], "mlflow")
 
 
 def register_config(params: dict[str, Any], task: str = "retrieval") -> RegisterConfig:
@@ -231,4 +211,4 @@ def register_config(params: dict[str, Any], task: str = "retrieval") -> Register
     gate = values.get("gate")
     if isinstance(gate, dict) or gate is None:
         merged["gate"] = {**_REGISTER_DEFAULTS[task].get("gate", {}), **(gate or {})}
-    return _build(RegisterConfig, merged, name)
+    return build_dataclass(RegisterConfig, merged, name)

@@ -38,7 +38,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,7 +56,7 @@ from albef.config import (
     POSITIVE,
     ConfigError,
     LossSwitches,
-    check_range,
+    range_problems,
 )
 from albef.device import PRECISIONS, autocast, resolve_precision
 from albef.distributed import gather_objects
@@ -127,12 +127,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Each field's own range is checked where params.yaml is read (build_dataclass: the error names the
         # section and key); here, what a direct construction must hold too and what relates two fields.
-        problems = []
-        for f in fields(self):
-            try:
-                check_range(getattr(self, f.name), f, f.name)
-            except ConfigError as exc:
-                problems.append(str(exc))
+        problems = range_problems(self)
         for name in ("min_lr", "warmup_lr"):
             if getattr(self, name) > self.lr:
                 problems.append(f"{name} ({getattr(self, name)}) must be <= lr ({self.lr})")

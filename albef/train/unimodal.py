@@ -38,6 +38,7 @@ from albef.config import (
     ConfigError,
     ModelConfig,
     build_dataclass,
+    check_ranges,
     in_range,
     section,
 )
@@ -79,9 +80,7 @@ class UnimodalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (albef.device); the draws are the same on every device
 
     def __post_init__(self) -> None:
-        for name in ("vision_steps", "text_steps", "batch_size"):
-            if getattr(self, name) < 0 or (name == "batch_size" and self.batch_size < 1):
-                raise ConfigError(f"unimodal.{name} must be positive, got {getattr(self, name)}")
+        check_ranges(self, "unimodal")
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ConfigError(f"unimodal.heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
         check_device(self.device, "unimodal.device")
