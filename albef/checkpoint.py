@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -229,18 +229,11 @@ class LoadReport:
 
     def summary(self) -> str:
         lines = []
-        for name in (
-            "missing",
-            "unexpected",
-            "resampled",
-            "momentum_from_online",
-            "reset",
-            "decoder_from_encoder",
-        ):
-            keys = getattr(self, name)
+        for f in fields(self):
+            keys = getattr(self, f.name)
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                lines.append(f"{name}: {shown}")
+                lines.append(f"{f.name}: {shown}")
         return "\n".join(lines) if lines else "all keys matched"
 
 
@@ -498,33 +491,18 @@ def load_task_model(
 
 
 def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
-    seen = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) in seen or (trainable_only and not p.requires_grad):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
-
-def unhonoured_settings(base: ModelConfig, source: ModelConfig) -> dict[str, tuple[Any, Any]]:
-    """``model.<key>: (params value, source model's value)`` for every setting of ``base`` (params.yaml's model
-    section) that a model initialised from ``source`` does not take: all of them but the quirks (the sizes,
-    queue, temperature and momentum are the source model's)."""
-    wanted, saved = flatten(base.to_dict(), "model"), flatten(source.to_dict(), "model")
-    return {
-        k: (v, saved.get(k))
-        for k, v in wanted.items()
-        if not k.startswith("model.quirks.") and saved.get(k) != v
-    }
+    # parameters() yields a parameter shared by several modules once
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def warn_unhonoured(base: ModelConfig, source: ModelConfig, where: Path) -> None:
-    """Say which of params.yaml's model settings a stage starting from the model in ``where`` ignores."""
-    differ = unhonoured_settings(base, source)
+    """Say which of params.yaml's model settings (``base``) a stage starting from the model in ``where``
+    (``source``) ignores: all of them but the quirks (the sizes, queue, temperature and momentum are the source
+    model's)."""
+    wanted, saved = flatten(base.to_dict(), "model"), flatten(source.to_dict(), "model")
+    differ = {k: v for k, v in wanted.items() if not k.startswith("model.quirks.") and saved.get(k) != v}
     if differ:
-        shown = ", ".join(f"{k} = {mine!r} (the model: {theirs!r})" for k, (mine, theirs) in differ.items())
+        shown = ", ".join(f"{k} = {mine!r} (the model: {saved.get(k)!r})" for k, mine in differ.items())
         log.warning(
             "params.yaml's model section differs from the model this stage starts from (%s), whose settings "
             "win: %s; retrain the source model to change them",
