@@ -1,8 +1,7 @@
 """Pull and push data between a local directory and any S3-compatible object store.
 
-``pull("s3://bucket/prefix", dest)`` downloads every object under the prefix into ``dest``, keeping the key
-paths below the prefix (a URI naming one object downloads that object). ``push(src, "s3://bucket/prefix")``
-uploads a file or a directory tree. Both are safe to rerun and to interrupt:
+:func:`pull` downloads the objects under an S3 prefix, :func:`push` uploads a file or a directory tree. Both
+are safe to rerun and to interrupt:
 
 * **Up to date is skipped.** A local file with the object's size and checksum is not downloaded again; an
   object whose size and ``sha256`` metadata match the local file is not uploaded again.
@@ -20,7 +19,7 @@ uploads a file or a directory tree. Both are safe to rerun and to interrupt:
   object) raise :class:`S3Error` at once, naming the bucket, key and endpoint.
 
 Credentials come from boto3's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``,
-instance roles, ...). The endpoint defaults to ``ALBEF_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``.
+instance roles, ...); the endpoint and the retries from :class:`S3Settings`.
 """
 
 from __future__ import annotations
@@ -248,6 +247,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def _as_folder(prefix: str) -> str:
+    """``prefix`` as a "folder" of keys: empty or ending with ``/``."""
+    return prefix if (not prefix or prefix.endswith("/")) else prefix + "/"
+
+
 # ---------------------------------------------------------------------------- errors and retries
 
 
@@ -360,6 +364,7 @@ class _Run:
     """State shared by the files of one pull/push: client, settings, progress bar, retry counter."""
 
     def __init__(self, settings: S3Settings, progress: bool) -> None:
+        self.start = time.monotonic()  # the call's wall time counts from here
         self.settings = settings
         self.client = _make_client(settings)
         self.endpoint: str = self.client.meta.endpoint_url
@@ -617,7 +622,7 @@ def _local_path(dest: Path, rel: str) -> Path | None:
 
 def _plan_pull(run: _Run, uri: str, bucket: str, prefix: str, dest: Path, dest_is_dir: bool) -> list[Any]:
     """(key, size, local path) for every object to pull."""
-    dir_prefix = prefix if (not prefix or prefix.endswith("/")) else prefix + "/"
+    dir_prefix = _as_folder(prefix)
     plan = []
     for key, size in _list_keys(run, bucket, dir_prefix):
         path = _local_path(dest, key[len(dir_prefix) :])
@@ -626,7 +631,7 @@ def _plan_pull(run: _Run, uri: str, bucket: str, prefix: str, dest: Path, dest_i
                 log.warning("skipping s3://%s/%s: its key cannot be a path under %s", bucket, key, dest)
             continue
         plan.append((key, size, path))
-    if plan or not prefix or prefix.endswith("/"):
+    if plan or _as_folder(prefix) == prefix:
         if not plan:
             raise S3Error(f"pull {uri}: no objects under s3://{bucket}/{prefix} at {run.endpoint}")
         return plan
@@ -733,7 +738,6 @@ def pull(
     bucket, prefix = parse_s3_uri(uri)
     dest_is_dir = Path(dest).is_dir() or str(dest).endswith(("/", os.sep))
     dest = Path(dest)
-    start = time.monotonic()
     run = _Run(settings, progress)
     plan = _plan_pull(run, uri, bucket, prefix, dest, dest_is_dir)
 
@@ -753,12 +757,7 @@ def pull(
         transferred = run.call("pull", bucket, key, attempt)
         return key, transferred, fetched[0]
 
-    run.open_bar(sum(size for _, size, _ in plan), f"pull {uri}")
-    try:
-        results = run.map(pull_one, plan)
-    finally:
-        run.close_bar()
-    return _report("pull", uri, results, run, start)
+    return _transfer(run, "pull", uri, pull_one, plan, sum(size for _, size, _ in plan))
 
 
 # ---------------------------------------------------------------------------- push
@@ -833,14 +832,12 @@ def push(
     bucket, prefix = parse_s3_uri(uri)
     src = Path(src)
     if src.is_file():
-        key = prefix + src.name if (not prefix or prefix.endswith("/")) else prefix
+        key = prefix + src.name if _as_folder(prefix) == prefix else prefix
         plan = [(src, key)]
     elif src.is_dir():
-        base = prefix if (not prefix or prefix.endswith("/")) else prefix + "/"
-        plan = [(path, base + path.relative_to(src).as_posix()) for path in _iter_files(src)]
+        plan = [(path, _as_folder(prefix) + path.relative_to(src).as_posix()) for path in _iter_files(src)]
     else:
         raise FileNotFoundError(f"push: source {src} does not exist")
-    start = time.monotonic()
     run = _Run(settings, progress)
 
     def push_one(item: tuple[Path, str]) -> tuple[str, bool, int]:
@@ -870,17 +867,16 @@ def push(
 
     if not plan:
         log.warning("push: %s has no files", src)
-    run.open_bar(sum(path.stat().st_size for path, _ in plan), f"push {uri}")
+    return _transfer(run, "push", uri, push_one, plan, sum(path.stat().st_size for path, _ in plan))
+
+
+def _transfer(run: _Run, direction: str, uri: str, one: Callable, plan: list, total: int) -> TransferReport:
+    """``one`` over the ``plan`` of a pull or push (``total`` bytes) under a progress bar, and its report."""
+    run.open_bar(total, f"{direction} {uri}")
     try:
-        results = run.map(push_one, plan)
+        results = run.map(one, plan)
     finally:
         run.close_bar()
-    return _report("push", uri, results, run, start)
-
-
-def _report(
-    direction: str, uri: str, results: list[tuple[str, bool, int]], run: _Run, start: float
-) -> TransferReport:
     report = TransferReport(direction=direction, uri=uri, retries=run.retries)
     for key, transferred, nbytes in results:
         report.keys.append(key)
@@ -890,6 +886,6 @@ def _report(
         else:
             report.skipped += 1
             report.skipped_keys.append(key)
-    report.seconds = time.monotonic() - start
+    report.seconds = time.monotonic() - run.start
     log.info("%s", report.summary())
     return report
