@@ -47,15 +47,24 @@ def image_source(path: str | Path) -> ImageSource:
 Transform = Callable[[Image.Image], object]
 
 
-class PretrainDataset(Dataset):
-    """(image, caption) pairs; a record with a list of captions yields one of them at random per access."""
+class AnnotationDataset(Dataset):
+    """The records of an annotation file of the format ``schema`` (albef.data.formats), with the images they
+    name, the transform of those and the words a text keeps."""
+
+    schema: str
 
     def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 30):
-        self.records = load_annotations(ann_file, "pretrain")
+        self.records = load_annotations(ann_file, self.schema)
         self.images, self.transform, self.max_words = images, transform, max_words
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+class PretrainDataset(AnnotationDataset):
+    """(image, caption) pairs; a record with a list of captions yields one of them at random per access."""
+
+    schema = "pretrain"
 
     def __getitem__(self, index: int):
         record = self.records[index]
@@ -65,15 +74,14 @@ class PretrainDataset(Dataset):
         return self.transform(self.images.open(record["image"])), pre_caption(caption, self.max_words)
 
 
-class RetrievalTrainDataset(Dataset):
+class RetrievalTrainDataset(AnnotationDataset):
     """(image, caption, idx): ``idx`` numbers the ``image_id`` values in order of first appearance, so every
     caption of one image shares an id (the ITC positives and the hard-negative mask use it)."""
 
     schema, text_key = "retrieval_train", "caption"
 
     def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 30):
-        self.records = load_annotations(ann_file, self.schema)
-        self.images, self.transform, self.max_words = images, transform, max_words
+        super().__init__(ann_file, images, transform, max_words)
         self.img_ids: dict[object, int] = {}
         for record in self.records:
             self.img_ids.setdefault(self.image_key(record), len(self.img_ids))
@@ -81,9 +89,6 @@ class RetrievalTrainDataset(Dataset):
     @staticmethod
     def image_key(record: dict) -> object:
         return record["image_id"]
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int):
         record = self.records[index]
@@ -103,12 +108,13 @@ class GroundingTrainDataset(RetrievalTrainDataset):
         return Path(record["image"]).name
 
 
-class RetrievalEvalDataset(Dataset):
+class RetrievalEvalDataset(AnnotationDataset):
     """Images of an evaluation split; ``texts`` lists every caption, with ``img2txt``/``txt2img`` links."""
 
+    schema = "retrieval_eval"
+
     def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 30):
-        self.records = load_annotations(ann_file, "retrieval_eval")
-        self.images, self.transform = images, transform
+        super().__init__(ann_file, images, transform, max_words)
         self.texts: list[str] = []
         self.img2txt: dict[int, list[int]] = {}
         self.txt2img: dict[int, int] = {}
@@ -118,9 +124,6 @@ class RetrievalEvalDataset(Dataset):
                 self.img2txt[img_index].append(len(self.texts))
                 self.txt2img[len(self.texts)] = img_index
                 self.texts.append(pre_caption(caption, max_words))
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int):
         return self.transform(self.images.open(self.records[index]["image"])), index

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from albef.data.datasets import ImageSource, Transform
-from albef.data.formats import AnnotationError, load_annotations
+from albef.data.datasets import AnnotationDataset, ImageSource, Transform
+from albef.data.formats import AnnotationError
 from albef.data.text import pre_question
 
 
@@ -39,16 +38,14 @@ def read_answer_list(path: str | Path) -> list[str]:
     return answers
 
 
-class VQATrainDataset(Dataset):
+class VQATrainDataset(AnnotationDataset):
     """(image, question, answers, weights) per question (``pre_question`` cleaning, ``max_words`` words)."""
 
-    def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 30):
-        self.records = load_annotations(ann_file, "vqa")
-        self.images, self.transform, self.max_words = images, transform, max_words
-        self.answers = [answer_weights(r) for r in self.records]
+    schema = "vqa"
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 30):
+        super().__init__(ann_file, images, transform, max_words)
+        self.answers = [answer_weights(r) for r in self.records]
 
     def __getitem__(self, index: int):
         record = self.records[index]
@@ -70,15 +67,13 @@ class VQATrainDataset(Dataset):
         }
 
 
-class VQATestDataset(Dataset):
+class VQATestDataset(AnnotationDataset):
     """(image, question, question_id) per question (``max_words`` 50 at test time, as the official)."""
 
-    def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 50):
-        self.records = load_annotations(ann_file, "vqa")
-        self.images, self.transform, self.max_words = images, transform, max_words
+    schema = "vqa"
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, ann_file: str | Path, images: ImageSource, transform: Transform, max_words: int = 50):
+        super().__init__(ann_file, images, transform, max_words)
 
     def __getitem__(self, index: int):
         record = self.records[index]
