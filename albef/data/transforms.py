@@ -8,13 +8,10 @@ numbers, and the affine ops (shear about the top-left corner, translate, rotatio
 * **Sharpness overflow.** The official blends in float32 and casts to uint8 without clipping, so a value
   above 255 or below 0 wraps around (a bright pixel next to dark ones turns dark: 311 -> 55 on x86). PIL
   clips. Pixels that do not overflow are identical, borders included (both leave the outer ring untouched).
-* **Affine ops** do not use PIL's ``transform``, which truncates instead of rounding, switches to the
-  fill with a hard edge and does not quantise sample positions (up to ~5 grey levels away from OpenCV on
-  noisy content). :func:`_warp` re-does OpenCV's bilinear ``warpAffine`` in NumPy: same inverse map, same
-  1/32-pixel positions, fill blended in over the border pixel, rounding half up. It matches, pixel for
-  pixel, an emulation of OpenCV's fixed-point code path (tests/test_transforms.py); OpenCV itself is not
-  installed here, so that emulation is the reference. Cost: about 3x PIL's ``rotate`` (~15 ms vs ~5 ms at
-  384 px on one slow core).
+* **Affine ops** run through :func:`_warp`, OpenCV's bilinear ``warpAffine`` re-done in NumPy (PIL's
+  ``transform`` rounds and fills differently: see there). It matches, pixel for pixel, an emulation of
+  OpenCV's fixed-point code path (tests/test_transforms.py); OpenCV itself is not installed here, so that
+  emulation is the reference. Cost: about 3x PIL's ``rotate`` (~15 ms vs ~5 ms at 384 px on one slow core).
 * **Random stream.** The official draws from NumPy's global generator; here draws come from a
   ``random.Random`` (or the ``random`` module, which PyTorch's DataLoader reseeds in each worker). Same
   distribution, different sequence.
@@ -70,22 +67,6 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 MAX_LEVEL = 10  # magnitudes run 0..MAX_LEVEL
 TRANSLATE_CONST = 10  # translation in pixels at MAX_LEVEL (absolute, whatever the image size)
 FILL = 128  # grey written into the area a geometric op uncovers, in every channel
-
-# The official op list for every ALBEF pipeline. Color, Contrast, Solarize, Posterize and Cutout exist in
-# the official file but are deliberately left out (and not implemented here): they change or hide colours,
-# which would make colour words in the paired caption false ("a red car" no longer shows a red car).
-AUGMENT_OPS: tuple[str, ...] = (
-    "Identity",
-    "AutoContrast",
-    "Equalize",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-)
 
 _BICUBIC = InterpolationMode.BICUBIC
 _SUPPORTED_MODES = ("RGB", "L")
@@ -231,6 +212,9 @@ def rotate(img: Image.Image, degrees: float, fill: int = FILL) -> Image.Image:
     return _warp(img, forward, fill)
 
 
+# The official op list for every ALBEF pipeline. Color, Contrast, Solarize, Posterize and Cutout exist in
+# the official file but are deliberately left out (and not implemented here): they change or hide colours,
+# which would make colour words in the paired caption false ("a red car" no longer shows a red car).
 _OPS: dict[str, Callable[..., Image.Image]] = {
     "Identity": identity,
     "AutoContrast": auto_contrast,
@@ -243,6 +227,7 @@ _OPS: dict[str, Callable[..., Image.Image]] = {
     "TranslateY": translate_y,
     "Rotate": rotate,
 }
+AUGMENT_OPS: tuple[str, ...] = tuple(_OPS)
 # Argument at MAX_LEVEL of the ops whose sign is random.
 _SIGNED_SCALE = {
     "ShearX": 0.3,
