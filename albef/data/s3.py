@@ -255,16 +255,6 @@ def _as_folder(prefix: str) -> str:
 # ---------------------------------------------------------------------------- errors and retries
 
 
-def _root_cause(exc: BaseException) -> BaseException:
-    """boto3's ``upload_file`` re-raises a ClientError as S3UploadFailedError; look through that wrapper."""
-    while isinstance(exc, S3UploadFailedError):
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    return exc
-
-
 def _error_code(exc: BaseException) -> tuple[str, int | None]:
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -274,7 +264,6 @@ def _error_code(exc: BaseException) -> tuple[str, int | None]:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    exc = _root_cause(exc)
     if isinstance(exc, (S3ChecksumError, _IncompleteDownload)):
         return True
     if isinstance(exc, S3Error):
@@ -303,7 +292,6 @@ def _is_retryable(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    exc = _root_cause(exc)
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
         message = exc.response.get("Error", {}).get("Message", "")
@@ -313,9 +301,8 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _fatal(exc: BaseException, op: str, bucket: str, key: str, endpoint: str) -> S3Error:
+def _fatal(root: BaseException, op: str, bucket: str, key: str, endpoint: str) -> S3Error:
     """The error to raise for a failure that a retry cannot fix."""
-    root = _root_cause(exc)
     where = f"s3://{bucket}/{key}"
     if isinstance(root, NoCredentialsError):
         return S3Error(
@@ -333,12 +320,6 @@ def _fatal(exc: BaseException, op: str, bucket: str, key: str, endpoint: str) ->
     if code in _NOT_FOUND_CODES:
         return S3Error(f"{op} {where}: not found at {endpoint}")
     return S3Error(f"{op} {where} failed at {endpoint}: {_describe(root)}")
-
-
-def _backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with 'equal jitter': half the delay fixed, half random."""
-    delay = min(cap, base * 2 ** (attempt - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 # ---------------------------------------------------------------------------- per-call state
@@ -401,34 +382,28 @@ class _Run:
                 raise _Cancelled
             try:
                 return fn()
-            except _Cancelled:
-                raise
-            except Exception as exc:
-                if not _is_retryable(exc):
-                    if isinstance(_root_cause(exc), (ClientError, BotoCoreError)):
-                        raise _fatal(exc, op, bucket, key, self.endpoint) from exc
+            except Exception as exc:  # _Cancelled included: not retryable, not the store's, so re-raised
+                # boto3's upload_file re-raises a ClientError as S3UploadFailedError: look through that wrapper.
+                root = (
+                    (exc.__cause__ or exc.__context__ or exc) if isinstance(exc, S3UploadFailedError) else exc
+                )
+                if not _is_retryable(root):
+                    if isinstance(root, (ClientError, BotoCoreError)):
+                        raise _fatal(root, op, bucket, key, self.endpoint) from exc
                     raise  # our own S3Error, or a local problem (disk full, permissions): not the store's
+                what, reason = f"{op} s3://{bucket}/{key}", _describe(root)
                 if attempt == attempts:
-                    message = (
-                        f"{op} s3://{bucket}/{key} failed at {self.endpoint} after {attempts} attempts: "
-                        f"{_describe(exc)}"
-                    )
-                    if isinstance(_root_cause(exc), BotoConnectionError):
+                    message = f"{what} failed at {self.endpoint} after {attempts} attempts: {reason}"
+                    if isinstance(root, BotoConnectionError):
                         message += f" (is the endpoint {self.endpoint} reachable?)"
-                    error_type = S3ChecksumError if isinstance(exc, S3ChecksumError) else S3Error
-                    raise error_type(message) from exc
-                delay = _backoff(attempt, self.settings.base_delay, self.settings.max_delay)
+                    raise (S3ChecksumError if isinstance(exc, S3ChecksumError) else S3Error)(message) from exc
+                # Exponential backoff with "equal jitter": half the delay fixed, half random.
+                delay = min(self.settings.max_delay, self.settings.base_delay * 2 ** (attempt - 1))
+                delay = delay / 2 + random.uniform(0, delay / 2)
                 with self._lock:
                     self.retries += 1
                 log.warning(
-                    "retry %d/%d of %s s3://%s/%s in %.2f s after %s",
-                    attempt,
-                    attempts - 1,
-                    op,
-                    bucket,
-                    key,
-                    delay,
-                    _describe(exc),
+                    "retry %d/%d of %s in %.2f s after %s", attempt, attempts - 1, what, delay, reason
                 )
                 if self.cancel.wait(delay):
                     raise _Cancelled from exc
