@@ -338,7 +338,8 @@ class _FileProgress:
     def add(self, n: int) -> None:
         if n:
             self.count += n
-            self._run.advance(n)
+            with self._run.lock:
+                self._run.bar.update(n)
 
 
 class _Run:
@@ -357,22 +358,8 @@ class _Run:
         self.progress = progress
         self.cancel = threading.Event()
         self.retries = 0
-        self._lock = threading.Lock()
-        self._bar: tqdm | None = None
-
-    def open_bar(self, total: int, desc: str) -> None:
-        self._bar = tqdm(
-            total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not self.progress
-        )
-
-    def close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-    def advance(self, n: int) -> None:
-        if self._bar is not None:
-            with self._lock:
-                self._bar.update(n)
+        self.lock = threading.Lock()
+        self.bar: Any = None  # the tqdm bar of the transfers, opened by _transfer once the plan is known
 
     def call(self, op: str, bucket: str, key: str, fn: Callable[[], T]) -> T:
         """``fn()`` with the outer retry loop: backoff + jitter on retryable errors, a clear S3Error otherwise."""
@@ -400,7 +387,7 @@ class _Run:
                 # Exponential backoff with "equal jitter": half the delay fixed, half random.
                 delay = min(self.settings.max_delay, self.settings.base_delay * 2 ** (attempt - 1))
                 delay = delay / 2 + random.uniform(0, delay / 2)
-                with self._lock:
+                with self.lock:
                     self.retries += 1
                 log.warning(
                     "retry %d/%d of %s in %.2f s after %s", attempt, attempts - 1, what, delay, reason
@@ -847,11 +834,15 @@ def push(
 
 def _transfer(run: _Run, direction: str, uri: str, one: Callable, plan: list, total: int) -> TransferReport:
     """``one`` over the ``plan`` of a pull or push (``total`` bytes) under a progress bar, and its report."""
-    run.open_bar(total, f"{direction} {uri}")
-    try:
+    with tqdm(
+        total=total,
+        desc=f"{direction} {uri}",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not run.progress,
+    ) as run.bar:
         results = run.map(one, plan)
-    finally:
-        run.close_bar()
     report = TransferReport(direction=direction, uri=uri, retries=run.retries)
     for key, transferred, nbytes in results:
         report.keys.append(key)
