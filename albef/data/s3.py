@@ -405,18 +405,16 @@ class _Run:
             futures = [pool.submit(fn, item) for item in items]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # Ctrl-C: let running files stop at their next attempt, keeping .part files
+                errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
+                if errors:
+                    real = [e for e in errors if not isinstance(e, _Cancelled)]
+                    raise (real or errors)[0]
+            except (
+                BaseException
+            ):  # also Ctrl-C: running files stop at their next attempt, keeping .part files
                 self.cancel.set()
-                for future in futures:
-                    future.cancel()
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
-            errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception()]
-            if errors:
-                self.cancel.set()
-                for future in futures:
-                    future.cancel()
-                real = [e for e in errors if not isinstance(e, _Cancelled)]
-                raise (real or errors)[0]
             return [f.result() for f in futures]
 
 
