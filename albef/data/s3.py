@@ -561,17 +561,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _list_keys(run: _Run, bucket: str, prefix: str) -> list[tuple[str, int]]:
-    def attempt() -> list[tuple[str, int]]:
-        paginator = run.client.get_paginator("list_objects_v2")
-        found = []
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            found.extend((obj["Key"], int(obj["Size"])) for obj in page.get("Contents", []))
-        return found
-
-    return run.call("list", bucket, prefix, attempt)
-
-
 def _local_path(dest: Path, rel: str) -> Path | None:
     """Where a key (relative to the pulled prefix) lands; None for keys that cannot be a file under dest."""
     parts = PurePosixPath(rel).parts
@@ -582,19 +571,23 @@ def _local_path(dest: Path, rel: str) -> Path | None:
 
 def _plan_pull(run: _Run, uri: str, bucket: str, prefix: str, dest: Path, dest_is_dir: bool) -> list[Any]:
     """(key, size, local path) for every object to pull."""
-    dir_prefix = _as_folder(prefix)
+    folder = _as_folder(prefix)
+    paginator = run.client.get_paginator("list_objects_v2")
+    # list() inside the retried call: the paginator fetches its pages lazily.
+    pages = run.call("list", bucket, folder, lambda: list(paginator.paginate(Bucket=bucket, Prefix=folder)))
     plan = []
-    for key, size in _list_keys(run, bucket, dir_prefix):
-        path = _local_path(dest, key[len(dir_prefix) :])
+    for obj in (obj for page in pages for obj in page.get("Contents", [])):
+        key = obj["Key"]
+        path = _local_path(dest, key[len(folder) :])
         if path is None:
             if not key.endswith("/"):  # "folder/" markers are expected; anything else is worth a word
                 log.warning("skipping s3://%s/%s: its key cannot be a path under %s", bucket, key, dest)
             continue
-        plan.append((key, size, path))
-    if plan or _as_folder(prefix) == prefix:
-        if not plan:
-            raise S3Error(f"pull {uri}: no objects under s3://{bucket}/{prefix} at {run.endpoint}")
+        plan.append((key, int(obj["Size"]), path))
+    if plan:
         return plan
+    if folder == prefix:
+        raise S3Error(f"pull {uri}: no objects under s3://{bucket}/{prefix} at {run.endpoint}")
     # Not a "directory": the URI names one object.
     head = run.call("pull", bucket, prefix, lambda: run.client.head_object(Bucket=bucket, Key=prefix))
     target = dest / PurePosixPath(prefix).name if dest_is_dir else dest
