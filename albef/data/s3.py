@@ -126,10 +126,6 @@ class _Cancelled(Exception):
 # ---------------------------------------------------------------------------- settings and results
 
 
-def _endpoint_from_env() -> str | None:
-    return os.environ.get("ALBEF_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
 @dataclass
 class S3Settings:
     """How to reach the store and how hard to try.
@@ -168,9 +164,10 @@ class S3Settings:
 
     def __post_init__(self) -> None:
         if self.endpoint_url is None:
-            self.endpoint_url = _endpoint_from_env()
-        positive_ints = ("max_attempts", "client_max_attempts", "max_workers", "multipart_threshold")
-        for name in positive_ints:
+            self.endpoint_url = (
+                os.environ.get("ALBEF_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+            )
+        for name in ("max_attempts", "client_max_attempts", "max_workers", "multipart_threshold"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"S3Settings.{name} must be an integer >= 1, got {value!r}")
