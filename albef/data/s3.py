@@ -24,6 +24,7 @@ instance roles, ...); the endpoint and the retries from :class:`S3Settings`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -415,17 +416,10 @@ class _Run:
             return [f.result() for f in futures]
 
 
-_loader_lock = threading.Lock()
-_loader: botocore.loaders.Loader | None = None
-
-
+@functools.cache
 def _shared_loader() -> botocore.loaders.Loader:
     """One botocore data loader for all calls: parsing the S3 model costs ~0.1 s per fresh session."""
-    global _loader
-    with _loader_lock:
-        if _loader is None:
-            _loader = botocore.loaders.create_loader()
-        return _loader
+    return botocore.loaders.create_loader()
 
 
 def _make_client(settings: S3Settings) -> Any:
