@@ -24,6 +24,7 @@ instance roles, ...); the endpoint and the retries from :class:`S3Settings`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -540,16 +541,12 @@ def _digest_for_upload(path: Path, size: int, settings: S3Settings) -> _LocalDig
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # e.g. Windows cannot open directories
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _local_path(dest: Path, rel: str) -> Path | None:
