@@ -70,9 +70,11 @@ ETAG_SUFFIX = ".part.etag"
 SHA256_METADATA = "sha256"  # stored as x-amz-meta-sha256
 _READ_CHUNK = MIB
 
-# Error codes a retry can fix. botocore's standard mode retries most of these per request already; the outer
-# loop uses the same list so that a file whose requests ran out of botocore attempts is tried again later.
-_THROTTLING_CODES = frozenset(
+_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Error codes a retry can fix: throttling, then transient ones. botocore's standard mode retries most of these
+# per request already; the outer loop uses the same list so that a file whose requests ran out of botocore
+# attempts is tried again later.
+_RETRYABLE_CODES = frozenset(
     {
         "SlowDown",
         "Throttling",
@@ -85,10 +87,6 @@ _THROTTLING_CODES = frozenset(
         "TooManyRequestsException",
         "BandwidthLimitExceeded",
         "ProvisionedThroughputExceededException",
-    }
-)
-_TRANSIENT_CODES = frozenset(
-    {
         "InternalError",
         "ServiceUnavailable",
         "RequestTimeout",
@@ -98,9 +96,9 @@ _TRANSIENT_CODES = frozenset(
         # Our GETs carry If-Match: the object changed between HEAD and GET. The next attempt sees the new
         # ETag, drops the stale .part and starts over.
         "PreconditionFailed",
+        *map(str, _RETRYABLE_STATUS),  # the code of an error without a body (a HEAD's) is its HTTP status
     }
 )
-_RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _DENIED_CODES = frozenset(
     {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
@@ -269,12 +267,7 @@ def _is_retryable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
-        return (
-            code in _THROTTLING_CODES
-            or code in _TRANSIENT_CODES
-            or status in _RETRYABLE_STATUS
-            or code in {str(s) for s in _RETRYABLE_STATUS}
-        )
+        return code in _RETRYABLE_CODES or status in _RETRYABLE_STATUS
     # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
     # ResponseStreamingError, IncompleteReadError; raw socket errors that slip through a body read.
     return isinstance(
