@@ -505,29 +505,22 @@ class _LocalDigest:
 def _digest_for_upload(path: Path, size: int, settings: S3Settings) -> _LocalDigest:
     """sha256, MD5 and the multipart ETag of a file in one read."""
     multipart = size >= settings.multipart_threshold
-    part_size = ChunksizeAdjuster().adjust_chunksize(settings.multipart_chunksize, size) if multipart else 0
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    part_digests: list[bytes] = []
-    part, part_fill = hashlib.md5(usedforsecurity=False), 0
+    part_size = (
+        ChunksizeAdjuster().adjust_chunksize(settings.multipart_chunksize, size) if multipart else _READ_CHUNK
+    )
+    sha, md5, part_digests = hashlib.sha256(), hashlib.md5(usedforsecurity=False), []
     with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-            view = memoryview(chunk)
-            while multipart and view:
-                take = min(len(view), part_size - part_fill)
-                part.update(view[:take])
-                part_fill += take
-                view = view[take:]
-                if part_fill == part_size:
-                    part_digests.append(part.digest())
-                    part, part_fill = hashlib.md5(usedforsecurity=False), 0
-    if multipart and part_fill:
-        part_digests.append(part.digest())
-    etag = None
-    if multipart:
-        etag = f"{hashlib.md5(b''.join(part_digests), usedforsecurity=False).hexdigest()}-{len(part_digests)}"
-    return _LocalDigest(sha256=sha.hexdigest(), md5=md5.hexdigest(), multipart_etag=etag)
+        while True:  # part by part, each in _READ_CHUNK pieces; a single-part upload needs no part MD5s
+            part, left = hashlib.md5(usedforsecurity=False), part_size
+            while left and (chunk := f.read(min(left, _READ_CHUNK))):
+                for hasher in (sha, md5, part) if multipart else (sha, md5):
+                    hasher.update(chunk)
+                left -= len(chunk)
+            if left == part_size:  # end of file
+                break
+            part_digests.append(part.digest())
+    etag = f"{hashlib.md5(b''.join(part_digests), usedforsecurity=False).hexdigest()}-{len(part_digests)}"
+    return _LocalDigest(sha.hexdigest(), md5.hexdigest(), etag if multipart else None)
 
 
 # ---------------------------------------------------------------------------- pull
