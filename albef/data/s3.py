@@ -228,9 +228,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     Raises:
         ValueError: naming the URI when it is not ``s3://<bucket>[/<prefix>]`` with a valid bucket name.
     """
-    if not isinstance(uri, str):
-        raise ValueError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
-    match = re.fullmatch(r"s3://([^/]*)(?:/(.*))?", uri, flags=re.DOTALL)
+    match = re.fullmatch(r"s3://([^/]*)(?:/(.*))?", uri, flags=re.DOTALL) if isinstance(uri, str) else None
     if match is None:
         raise ValueError(f"not an S3 URI: {uri!r} (expected s3://bucket/prefix)")
     bucket, prefix = match.group(1), match.group(2) or ""
@@ -463,18 +461,15 @@ class _Remote:
             size=int(head["ContentLength"]), etag=etag, sha256=sha256.lower() if sha256 else None, md5=md5
         )
 
-    def hasher(self) -> Any:
-        if self.sha256 is not None:
-            return hashlib.sha256()
-        if self.md5 is not None:
-            return hashlib.md5(usedforsecurity=False)
-        return None
-
     def expected(self) -> str | None:
         return self.sha256 if self.sha256 is not None else self.md5
 
     def algorithm(self) -> str:
         return "sha256" if self.sha256 is not None else "md5"
+
+    def hasher(self) -> Any:
+        """A fresh hash of :meth:`algorithm`; None when the object has no checksum to verify."""
+        return None if self.expected() is None else hashlib.new(self.algorithm(), usedforsecurity=False)
 
 
 def _hash_file(path: Path, hasher: Any) -> Any:
@@ -696,9 +691,7 @@ def _iter_files(root: Path) -> Iterator[Path]:
         dirnames.sort()
         names = set(filenames)
         for name in sorted(filenames):
-            if name.endswith(ETAG_SUFFIX):
-                continue
-            if name.endswith(PART_SUFFIX) and name + ".etag" in names:
+            if name.endswith(ETAG_SUFFIX) or (name.endswith(PART_SUFFIX) and name + ".etag" in names):
                 continue
             path = Path(directory, name)
             if path.is_file():
