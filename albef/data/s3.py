@@ -446,6 +446,7 @@ class _Remote:
     etag: str
     sha256: str | None
     md5: str | None  # the ETag when it is the MD5 of the content (single-part, not SSE-KMS/SSE-C)
+    kms: bool  # SSE-KMS: the ETag is no MD5 of the content, not even of the parts
 
     @classmethod
     def from_head(cls, head: dict[str, Any]) -> _Remote:
@@ -453,13 +454,9 @@ class _Remote:
         metadata = {k.lower(): v for k, v in (head.get("Metadata") or {}).items()}
         sha256 = metadata.get(SHA256_METADATA)
         plain = etag.strip('"').lower()
-        encrypted = str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or bool(
-            head.get("SSECustomerAlgorithm")
-        )
-        md5 = plain if _MD5_RE.fullmatch(plain) and not encrypted else None
-        return cls(
-            size=int(head["ContentLength"]), etag=etag, sha256=sha256.lower() if sha256 else None, md5=md5
-        )
+        kms = str(head.get("ServerSideEncryption", "")).startswith("aws:kms")
+        md5 = plain if _MD5_RE.fullmatch(plain) and not (kms or head.get("SSECustomerAlgorithm")) else None
+        return cls(int(head["ContentLength"]), etag, sha256.lower() if sha256 else None, md5, kms)
 
     def expected(self) -> str | None:
         return self.sha256 if self.sha256 is not None else self.md5
@@ -716,14 +713,11 @@ def _upload(
         raise
     if not run.settings.verify_upload_etag:
         return
-    head = run.client.head_object(Bucket=bucket, Key=key)
-    remote = _Remote.from_head(head)
+    remote = _Remote.from_head(run.client.head_object(Bucket=bucket, Key=key))
     etag = remote.etag.strip('"').lower()
     if "-" in etag:
         expected = digest.multipart_etag
-        checkable = expected is not None and not str(head.get("ServerSideEncryption", "")).startswith(
-            "aws:kms"
-        )
+        checkable = expected is not None and not remote.kms
     else:
         expected, checkable = digest.md5, remote.md5 is not None
     if remote.size != size or (checkable and etag != expected):
