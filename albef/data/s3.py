@@ -259,18 +259,17 @@ def _error_code(exc: BaseException) -> tuple[str, int | None]:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (S3ChecksumError, _IncompleteDownload)):
-        return True
-    if isinstance(exc, S3Error):
-        return False
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
         return code in _RETRYABLE_CODES or status in _RETRYABLE_STATUS
+    # Of our own errors, a checksum mismatch and a short body (any other S3Error is final);
     # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
     # ResponseStreamingError, IncompleteReadError; raw socket errors that slip through a body read.
     return isinstance(
         exc,
         (
+            S3ChecksumError,
+            _IncompleteDownload,
             BotoConnectionError,
             HTTPClientError,
             IncompleteReadError,
@@ -746,8 +745,7 @@ def push(
     bucket, prefix = parse_s3_uri(uri)
     src = Path(src)
     if src.is_file():
-        key = prefix + src.name if _as_folder(prefix) == prefix else prefix
-        plan = [(src, key)]
+        plan = [(src, prefix + src.name if _as_folder(prefix) == prefix else prefix)]
     elif src.is_dir():
         plan = [(path, _as_folder(prefix) + path.relative_to(src).as_posix()) for path in _iter_files(src)]
     else:
