@@ -526,14 +526,6 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _local_path(dest: Path, rel: str) -> Path | None:
-    """Where a key (relative to the pulled prefix) lands; None for keys that cannot be a file under dest."""
-    parts = PurePosixPath(rel).parts
-    if not parts or parts[0] == "/" or any(p in ("..", ".") for p in parts) or rel.endswith("/"):
-        return None
-    return dest.joinpath(*parts)
-
-
 def _plan_pull(run: _Run, uri: str, bucket: str, prefix: str, dest: Path, dest_is_dir: bool) -> list[Any]:
     """(key, size, local path) for every object to pull."""
     folder = _as_folder(prefix)
@@ -543,12 +535,12 @@ def _plan_pull(run: _Run, uri: str, bucket: str, prefix: str, dest: Path, dest_i
     plan = []
     for obj in (obj for page in pages for obj in page.get("Contents", [])):
         key = obj["Key"]
-        path = _local_path(dest, key[len(folder) :])
-        if path is None:
+        parts = PurePosixPath(key[len(folder) :]).parts  # the key's path below the prefix
+        if not parts or parts[0] == "/" or any(p in ("..", ".") for p in parts) or key.endswith("/"):
             if not key.endswith("/"):  # "folder/" markers are expected; anything else is worth a word
                 log.warning("skipping s3://%s/%s: its key cannot be a path under %s", bucket, key, dest)
             continue
-        plan.append((key, int(obj["Size"]), path))
+        plan.append((key, int(obj["Size"]), dest.joinpath(*parts)))
     if plan:
         return plan
     if folder == prefix:
