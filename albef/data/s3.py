@@ -644,11 +644,10 @@ def pull(
         S3Error: a non-retryable error (missing bucket or object, access denied) or retries exhausted.
         S3ChecksumError: content kept failing verification; no file is left under its final name.
     """
-    settings = settings or S3Settings()
     bucket, prefix = parse_s3_uri(uri)
     dest_is_dir = Path(dest).is_dir() or str(dest).endswith(("/", os.sep))
     dest = Path(dest)
-    run = _Run(settings, progress)
+    run = _Run(settings or S3Settings(), progress)
     plan = _plan_pull(run, uri, bucket, prefix, dest, dest_is_dir)
 
     def pull_one(item: tuple[str, int, Path]) -> tuple[str, bool, int]:
@@ -733,7 +732,6 @@ def push(
         FileNotFoundError: ``src`` does not exist.
         S3Error: a non-retryable error (missing bucket, access denied) or retries exhausted.
     """
-    settings = settings or S3Settings()
     bucket, prefix = parse_s3_uri(uri)
     src = Path(src)
     if src.is_file():
@@ -742,12 +740,12 @@ def push(
         plan = [(path, _as_folder(prefix) + path.relative_to(src).as_posix()) for path in _iter_files(src)]
     else:
         raise FileNotFoundError(f"push: source {src} does not exist")
-    run = _Run(settings, progress)
+    run = _Run(settings or S3Settings(), progress)
 
     def push_one(item: tuple[Path, str]) -> tuple[str, bool, int]:
         path, key = item
         size = path.stat().st_size
-        digest = _digest_for_upload(path, size, settings)
+        digest = _digest_for_upload(path, size, run.settings)
         progress = _FileProgress(run)
 
         def attempt() -> bool:
@@ -785,15 +783,11 @@ def _transfer(run: _Run, direction: str, uri: str, one: Callable, plan: list, to
         disable=not run.progress,
     ) as run.bar:
         results = run.map(one, plan)
-    report = TransferReport(direction=direction, uri=uri, retries=run.retries)
-    for key, transferred, nbytes in results:
-        report.keys.append(key)
-        if transferred:
-            report.transferred += 1
-            report.bytes += nbytes
-        else:
-            report.skipped += 1
-            report.skipped_keys.append(key)
+    report = TransferReport(direction, uri, keys=[key for key, _, _ in results], retries=run.retries)
+    report.skipped_keys = [key for key, transferred, _ in results if not transferred]
+    report.skipped = len(report.skipped_keys)
+    report.transferred = len(results) - report.skipped
+    report.bytes = sum(nbytes for _, transferred, nbytes in results if transferred)
     report.seconds = time.monotonic() - run.start
     log.info("%s", report.summary())
     return report
