@@ -359,10 +359,9 @@ class _Run:
             try:
                 return fn()
             except Exception as exc:  # _Cancelled included: not retryable, not the store's, so re-raised
-                # boto3's upload_file re-raises a ClientError as S3UploadFailedError: look through that wrapper.
-                root = (
-                    (exc.__cause__ or exc.__context__ or exc) if isinstance(exc, S3UploadFailedError) else exc
-                )
+                root = exc
+                if isinstance(exc, S3UploadFailedError):  # boto3's upload_file wraps ClientErrors in it
+                    root = exc.__cause__ or exc.__context__ or exc
                 if not _is_retryable(root):
                     if isinstance(root, (ClientError, BotoCoreError)):
                         raise _fatal(root, op, bucket, key, self.endpoint) from exc
@@ -398,9 +397,8 @@ class _Run:
                 if errors:
                     real = [e for e in errors if not isinstance(e, _Cancelled)]
                     raise (real or errors)[0]
-            except (
-                BaseException
-            ):  # also Ctrl-C: running files stop at their next attempt, keeping .part files
+            except BaseException:
+                # A failure, or Ctrl-C: running files stop at their next attempt, keeping their .part files.
                 self.cancel.set()
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
