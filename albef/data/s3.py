@@ -686,8 +686,7 @@ def _iter_files(root: Path) -> Iterator[Path]:
 def _upload(
     run: _Run, bucket: str, key: str, path: Path, size: int, digest: _LocalDigest, progress: _FileProgress
 ) -> None:
-    progress.set(0)
-    try:
+    try:  # every failed attempt takes its bytes off the bar, so the next one starts from 0
         run.client.upload_file(
             str(path),
             bucket,
@@ -696,24 +695,23 @@ def _upload(
             Config=run.transfer_config,
             Callback=progress.add,
         )
+        if not run.settings.verify_upload_etag:
+            return
+        remote = _Remote.from_head(run.client.head_object(Bucket=bucket, Key=key))
+        etag = remote.etag.strip('"').lower()
+        if "-" in etag:
+            expected = digest.multipart_etag
+            checkable = expected is not None and not remote.kms
+        else:
+            expected, checkable = digest.md5, remote.md5 is not None
+        if remote.size != size or (checkable and etag != expected):
+            raise S3ChecksumError(
+                f"upload of {path} to s3://{bucket}/{key} at {run.endpoint} does not match: store reports "
+                f"{remote.size} bytes, ETag {etag}; sent {size} bytes, expected ETag {expected}"
+            )
     except BaseException:
         progress.set(0)
         raise
-    if not run.settings.verify_upload_etag:
-        return
-    remote = _Remote.from_head(run.client.head_object(Bucket=bucket, Key=key))
-    etag = remote.etag.strip('"').lower()
-    if "-" in etag:
-        expected = digest.multipart_etag
-        checkable = expected is not None and not remote.kms
-    else:
-        expected, checkable = digest.md5, remote.md5 is not None
-    if remote.size != size or (checkable and etag != expected):
-        progress.set(0)
-        raise S3ChecksumError(
-            f"upload of {path} to s3://{bucket}/{key} at {run.endpoint} does not match: store reports "
-            f"{remote.size} bytes, ETag {etag}; sent {size} bytes, expected ETag {expected}"
-        )
 
 
 def push(
