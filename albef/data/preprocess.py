@@ -20,8 +20,8 @@ import logging
 import os
 import pickle
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,11 +197,6 @@ def _process_image(args: tuple[str, str, int, int, int, int]) -> tuple[str, byte
         return key, None, "unreadable_file", f"{key}: {exc}"
 
 
-def _chunks(items: list[str], size: int) -> Iterator[tuple[int, list[str]]]:
-    for i in range(0, len(items), size):
-        yield i // size, items[i : i + size]
-
-
 def _image_stat(root: Path, key: str) -> list:
     try:
         st = os.stat(root / key)
@@ -228,10 +223,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
     journal = state / "shards"
     journal.mkdir(parents=True, exist_ok=True)
 
-    answers = None
-    if cfg.answer_list:
-        answer_data = read_json_list(ann_dir / cfg.answer_list)
-        answers = set(answer_data)
+    answers = set(read_json_list(ann_dir / cfg.answer_list)) if cfg.answer_list else None
 
     assets = None
     if cfg.grounding_assets:
@@ -314,21 +306,15 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
         ):
             log.info("preprocess: inputs unchanged since the last run; nothing to do")
             stored = json.loads((out / "report.json").read_text())
-            return Report(
-                records_in=stored["records_in"],
-                records_kept=stored["records_kept"],
-                images_kept=stored["images_kept"],
-                dropped=[Drop(**d) for d in stored["dropped"]],
-                notes=Counter(stored["notes"]),
-                per_file=stored["per_file"],
-                up_to_date=True,
-            )
+            counts = {k: stored[k] for k in ("records_in", "records_kept", "images_kept", "per_file")}
+            dropped = [Drop(**d) for d in stored["dropped"]]
+            return Report(**counts, dropped=dropped, notes=Counter(stored["notes"]), up_to_date=True)
 
     bad_images: dict[str, tuple[str, str]] = {}
     shards = []
-    slices = list(_chunks(keys, cfg.shard_size))
     todo = []
-    for number, slice_keys in slices:
+    for number, start in enumerate(range(0, len(keys), cfg.shard_size)):
+        slice_keys = keys[start : start + cfg.shard_size]
         name = f"images/shard-{number:06d}.tar"
         slice_id = _hash(settings, [_image_stat(root, k) for k in slice_keys])
         entry = journal / f"shard-{number:06d}.json"
@@ -342,8 +328,11 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
 
     (out / "images").mkdir(exist_ok=True)
     total = sum(len(t[2]) for t in todo)
-    bar = _progress(total, progress)
-    with ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else _Inline() as pool:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="preprocess images", unit="img", disable=not progress)
+    # workers == 1: the same code path without processes
+    with ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else nullcontext() as pool:
         for _number, name, slice_keys, slice_id, entry in todo:
             jobs = [
                 (str(root), k, cfg.max_side, cfg.min_side, cfg.max_pixels, cfg.jpeg_quality)
@@ -351,7 +340,8 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> Report:
             ]
             good: list[tuple[str, bytes]] = []
             bad: dict[str, tuple[str, str]] = {}
-            for key, data, reason, detail in pool.map(_process_image, jobs, chunksize=16):
+            results = pool.map(_process_image, jobs, chunksize=16) if pool else map(_process_image, jobs)
+            for key, data, reason, detail in results:
                 if data is None:
                     bad[key] = (reason, detail)
                 else:
@@ -452,22 +442,3 @@ def _copy_extra(src_root: Path, out: Path, name: str) -> None:
     else:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
-
-
-class _Inline:
-    """A stand-in for a process pool when workers == 1 (same code path, no processes)."""
-
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def map(self, fn, items, chunksize: int = 1):
-        return map(fn, items)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="preprocess images", unit="img", disable=not enabled)
