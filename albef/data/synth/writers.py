@@ -108,9 +108,6 @@ class SynthConfig:
                 sizes[f"{task}_{name}"] = k
         return sizes
 
-    def total_images(self) -> int:
-        return sum(n * (2 if split.startswith("nlvr") else 1) for split, n in self.split_sizes().items())
-
 
 def _task(split: str) -> str:
     return split.rsplit("_", 1)[0] if "_" in split else split
@@ -124,9 +121,7 @@ def image_name(split: str, index: int, part: int | None = None) -> str:
 
 @dataclass(frozen=True)
 class _Chunk:
-    seed: int
-    image_size: int
-    twin_period: int
+    cfg: SynthConfig
     out_dir: str
     split: str
     n: int  # items in the split
@@ -144,41 +139,37 @@ def _build_item(c: _Chunk, index: int) -> dict[str, Any]:
     task = _task(c.split)
 
     def rng(*stream: int) -> np.random.Generator:
-        return np.random.default_rng([c.seed, code, *stream])
+        return np.random.default_rng([c.cfg.seed, code, *stream])
 
     if task == "nlvr":
         return _build_nlvr(c, index, rng)
     if c.split in SHIFTED_SPLITS:
         return _build_shifted(c, index, rng)
     pair = index // 2
-    twin = pair % c.twin_period == 0 and 2 * pair + 1 < c.n
+    twin = pair % c.cfg.twin_period == 0 and 2 * pair + 1 < c.n
     near: tuple[Rel, Rel] | None = None
     # SNLI-VE wants a form of claim that takes every label in each scene; the scenes without one are drawn
     # again from the same generator.
     if twin:
         twin_rng = rng(2 * pair, 1)
-        a, b, rel_a, rel_b = make_twins(twin_rng, c.image_size)
+        a, b, rel_a, rel_b = make_twins(twin_rng, c.cfg.image_size)
         while task == "ve" and not (ve_claims(a) and ve_claims(b)):
-            a, b, rel_a, rel_b = make_twins(twin_rng, c.image_size)
+            a, b, rel_a, rel_b = make_twins(twin_rng, c.cfg.image_size)
         scene, near = (a, (rel_a, rel_b)) if index % 2 == 0 else (b, (rel_b, rel_a))
     else:
         scene_rng = rng(index, 0)
-        scene = make_scene(scene_rng, c.image_size)
+        scene = make_scene(scene_rng, c.cfg.image_size)
         while task == "ve" and not ve_claims(scene):
-            scene = make_scene(scene_rng, c.image_size)
+            scene = make_scene(scene_rng, c.cfg.image_size)
     text_rng = rng(index, 2)
 
-    def near_text(style: str) -> tuple[str, str]:
+    def near_text(style: str) -> tuple[str, ...]:
         # The same generator state for both relations and both twins: same words, different bindings.
         assert near is not None
-        mine, other = near
         if style == "caption":  # the whole scene: the twins' other objects are the same
             rest = [o for o, o_twin in zip(a.objects, b.objects) if o == o_twin]
-            return (
-                relation_caption(mine, rest, rng(2 * pair, 3), with_size=False),
-                relation_caption(other, rest, rng(2 * pair, 3), with_size=False),
-            )
-        return relation_text(mine, rng(2 * pair, 3), style), relation_text(other, rng(2 * pair, 3), style)
+            return tuple(relation_caption(r, rest, rng(2 * pair, 3), with_size=False) for r in near)
+        return tuple(relation_text(r, rng(2 * pair, 3), style) for r in near)
 
     rel = image_name(c.split, index)
     _save(render(scene), c.out_dir, rel)
@@ -213,7 +204,7 @@ def _build_item(c: _Chunk, index: int) -> dict[str, Any]:
 
 def _build_shifted(c: _Chunk, index: int, rng: Callable[..., np.random.Generator]) -> dict[str, Any]:
     """A retrieval test image of the shifted distribution with 5 captions (no twins: a plain test set)."""
-    scene = make_scene(rng(index, 0), c.image_size, n_objects_p=SHIFT_N_OBJECTS_P)
+    scene = make_scene(rng(index, 0), c.cfg.image_size, n_objects_p=SHIFT_N_OBJECTS_P)
     rel = image_name(c.split, index)
     _save(render_shifted(scene, rng(index, 6)), c.out_dir, rel)
     return {
@@ -226,18 +217,15 @@ def _build_shifted(c: _Chunk, index: int, rng: Callable[..., np.random.Generator
 
 def _build_nlvr(c: _Chunk, index: int, rng: Callable[..., np.random.Generator]) -> dict[str, Any]:
     near: tuple[str, str] | None = None
-    if index % c.twin_period == 0:
-        a, b, rel_a, rel_b = make_twins(rng(index, 1), c.image_size)
+    if index % c.cfg.twin_period == 0:
+        a, b, rel_a, rel_b = make_twins(rng(index, 1), c.cfg.image_size)
         a_left = bool(rng(index, 5).random() < 0.5)
         left, right = (a, b) if a_left else (b, a)
         # "in the left image <rel_a>" is true iff a is on the left; "<rel_b>" the other way round.
-        t_a, t_b = (
-            relation_text(rel_a, rng(index, 3), "nlvr:left"),
-            relation_text(rel_b, rng(index, 3), "nlvr:left"),
-        )
+        t_a, t_b = (relation_text(r, rng(index, 3), "nlvr:left") for r in (rel_a, rel_b))
         near = (t_a, t_b) if a_left else (t_b, t_a)
     else:
-        left = make_scene(rng(index, 0), c.image_size)
+        left = make_scene(rng(index, 0), c.cfg.image_size)
         rng_right = rng(index, 4)
         include: list[tuple[str, str, str]] = []
         if rng_right.random() < 0.5:  # correlated pairs make "both"/"more" statements interesting
@@ -246,7 +234,7 @@ def _build_nlvr(c: _Chunk, index: int, rng: Callable[..., np.random.Generator]) 
             include = [
                 (left.objects[i].shape, left.objects[i].color, left.objects[i].size) for i in sorted(picks)
             ]
-        right = make_scene(rng_right, c.image_size, include=include)
+        right = make_scene(rng_right, c.cfg.image_size, include=include)
     names = [image_name(c.split, index, 0), image_name(c.split, index, 1)]
     for scene, rel in zip((left, right), names):
         _save(render(scene), c.out_dir, rel)
@@ -420,15 +408,8 @@ def _assemble_grounding(cfg: SynthConfig, items: dict[str, list[dict[str, Any]]]
     out.files["refcoco+/refs(unc).p"] = refs
 
 
-def _vocabulary(texts: Sequence[str]) -> Counter[str]:
-    words: Counter[str] = Counter()
-    for t in texts:
-        words.update(pre_caption(t, 10**6).split())
-    return words
-
-
 def _card(cfg: SynthConfig, out: _Outputs, counts: dict[str, int]) -> dict[str, Any]:
-    vocab = _vocabulary(out.texts)
+    vocab = Counter(word for t in out.texts for word in pre_caption(t, 10**6).split())
     objects = [o for s in out.scenes.values() for o in s["objects"]]
     config = {k: v for k, v in asdict(cfg).items() if k != "workers"}  # workers changes no output byte
     return {
@@ -576,19 +557,11 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = True) -> di
         folder.mkdir(parents=True)
     (out / "refcoco+").mkdir(parents=True, exist_ok=True)
 
-    total = cfg.total_images()
+    counts = {s: n * (2 if s.startswith("nlvr") else 1) for s, n in sizes.items()}  # images per split
+    total = sum(counts.values())
     per_chunk = max(4, min(64, total // (cfg.workers * 8) or 1))
     chunks = [
-        _Chunk(
-            cfg.seed,
-            cfg.image_size,
-            cfg.twin_period,
-            str(out),
-            split,
-            sizes[split],
-            start,
-            min(start + per_chunk, sizes[split]),
-        )
+        _Chunk(cfg, str(out), split, sizes[split], start, min(start + per_chunk, sizes[split]))
         for split in SPLITS
         for start in range(0, sizes[split], per_chunk)
     ]
@@ -613,7 +586,6 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = True) -> di
             _write_json(out / name, obj)
     _write_json(out / "scenes.json", outputs.scenes)
     _write_json(out / "scenes_shifted.json", outputs.shifted_scenes)
-    counts = {s: n * (2 if s.startswith("nlvr") else 1) for s, n in sizes.items()}
     card = _card(cfg, outputs, counts)
     _write_json(out / "data_card.json", card, indent=2)
     (out / "data_card.md").write_text(_card_markdown(card))
