@@ -333,8 +333,7 @@ def _q_relation(scene: Scene, rng: np.random.Generator) -> Question | None:
     if len(scene.objects) < 2:
         return None
     want = bool(rng.random() < 0.5)
-    definite = [(o, unique_descs(scene, o)) for o in scene.objects]
-    definite = [(o, [d for d in ds if d.shape]) for o, ds in definite]
+    definite = [(o, [d for d in unique_descs(scene, o) if d.shape]) for o in scene.objects]
     definite = [(o, ds) for o, ds in definite if ds]
     if len(definite) >= 2:
         i, j = (int(k) for k in rng.choice(len(definite), size=2, replace=False))
@@ -372,10 +371,7 @@ def vqa_questions(scene: Scene, rng: np.random.Generator, near_miss: Sequence[st
     relation questions of the pair as ``(text_true_here, text_false_here)`` replace the relation type."""
     qs = [_q_color(scene, rng), _q_shape(scene, rng), _q_count(scene, rng), _q_existence(scene, rng)]
     if near_miss:
-        qs += [
-            Question(near_miss[0], "yes", "relation", "yes/no"),
-            Question(near_miss[1], "no", "relation", "yes/no"),
-        ]
+        qs += [Question(text, answer, "relation", "yes/no") for text, answer in zip(near_miss, ("yes", "no"))]
     else:
         qs.append(_q_relation(scene, rng))
     return [q for q in qs if q is not None]
@@ -621,14 +617,9 @@ def proposals(scene: Scene, rng: np.random.Generator) -> list[list[float]]:
     if len(scene.objects) >= 2:
         i, j = (int(k) for k in rng.choice(len(scene.objects), size=2, replace=False))
         a, b = scene.objects[i].bbox, scene.objects[j].bbox
-        union = _clip_box(
-            min(a[0], b[0]),
-            min(a[1], b[1]),
-            max(a[0] + a[2], b[0] + b[2]),
-            max(a[1] + a[3], b[1] + b[3]),
-            size,
-        )
-        out.append([*union, float(rng.uniform(0.1, 0.7))])
+        x0, y0 = min(a[0], b[0]), min(a[1], b[1])
+        x1, y1 = max(a[0] + a[2], b[0] + b[2]), max(a[1] + a[3], b[1] + b[3])
+        out.append([*_clip_box(x0, y0, x1, y1, size), float(rng.uniform(0.1, 0.7))])
     for _ in range(int(rng.integers(2, 5))):
         w, h = rng.uniform(0.1, 0.5, size=2) * size
         x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)

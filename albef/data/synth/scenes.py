@@ -145,25 +145,11 @@ def _unit_polygon(shape: str) -> np.ndarray:
         return ring(6, 0.0)
     if shape == "diamond":
         return np.array([(0.0, -1.0), (0.62, 0.0), (0.0, 1.0), (-0.62, 0.0)])
-    if shape == "cross":
-        w = 0.34
-        return np.array(
-            [
-                (-w, -1),
-                (w, -1),
-                (w, -w),
-                (1, -w),
-                (1, w),
-                (w, w),
-                (w, 1),
-                (-w, 1),
-                (-w, w),
-                (-1, w),
-                (-1, -w),
-                (-w, -w),
-            ],
-            dtype=np.float64,
-        )
+    if shape == "cross":  # an arm's three vertices, then each quarter turn of them: (x, y) -> (-y, x)
+        w = 0.34  # half an arm's width
+        arm = np.array([(-w, -1.0), (w, -1.0), (w, -w)])
+        turn = np.array([[0.0, 1.0], [-1.0, 0.0]])
+        return np.concatenate([arm @ np.linalg.matrix_power(turn, k) for k in range(4)])
     raise ValueError(f"no polygon for shape {shape!r}")
 
 
