@@ -304,16 +304,13 @@ class RandomAugment:
         self.p = p
         self.generator = random.Random(generator) if isinstance(generator, int) else generator
 
-    def _rng(self) -> _Rng:
-        return self.generator if self.generator is not None else random
-
     def sample(self) -> list[tuple[str, tuple[float, ...]]]:
         """Draw one call's ops: the ``(name, args)`` that will be applied, in order (possibly none).
 
         The draw order follows the official: all ``n`` op choices first, then for each op the apply/skip draw
         and, only when applied, the sign draw.
         """
-        rng = self._rng()
+        rng: _Rng = self.generator if self.generator is not None else random
         chosen = rng.choices(self.ops, k=self.n) if self.n else []
         applied = []
         for name in chosen:
@@ -347,7 +344,7 @@ def _check_size(image_size: int) -> None:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
 
-def _train_pipeline(first: T.RandomResizedCrop | T.Resize, hflip: bool, augment: bool) -> T.Compose:
+def _pipeline(first: T.RandomResizedCrop | T.Resize, hflip: bool, augment: bool) -> T.Compose:
     steps: list[Callable] = [first]
     if hflip:
         # The official flips although captions say "left"/"right"; hflip=False keeps them true.
@@ -365,7 +362,7 @@ def pretrain_transform(
     -> ToTensor -> Normalize(CLIP). Bicubic."""
     _check_size(image_size)
     crop = T.RandomResizedCrop(image_size, scale=scale, interpolation=_BICUBIC)
-    return _train_pipeline(crop, hflip, augment)
+    return _pipeline(crop, hflip, augment)
 
 
 def train_transform(
@@ -379,19 +376,13 @@ def grounding_train_transform(image_size: int, *, hflip: bool = True, augment: b
     """Grounding fine-tuning: Resize((s, s)) (no crop) -> HFlip -> RandomAugment(2, 7) -> ToTensor
     -> Normalize(CLIP). Bicubic."""
     _check_size(image_size)
-    return _train_pipeline(T.Resize((image_size, image_size), interpolation=_BICUBIC), hflip, augment)
+    return _pipeline(T.Resize((image_size, image_size), interpolation=_BICUBIC), hflip, augment)
 
 
 def eval_transform(image_size: int) -> T.Compose:
     """Validation/test for every task: Resize((s, s)) bicubic -> ToTensor -> Normalize(CLIP). Deterministic."""
     _check_size(image_size)
-    return T.Compose(
-        [
-            T.Resize((image_size, image_size), interpolation=_BICUBIC),
-            T.ToTensor(),
-            T.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
+    return _pipeline(T.Resize((image_size, image_size), interpolation=_BICUBIC), hflip=False, augment=False)
 
 
 _BUILDERS: dict[str, Callable[..., T.Compose]] = {
