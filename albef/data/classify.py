@@ -131,11 +131,8 @@ class ClassificationCollate:
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
 
     def __call__(self, samples: list[tuple]) -> dict[str, torch.Tensor]:
-        first = samples[0][0]
-        if isinstance(first, tuple):
-            images = torch.cat(
-                [torch.stack([s[0][0] for s in samples]), torch.stack([s[0][1] for s in samples])]
-            )
+        if isinstance(samples[0][0], tuple):  # NLVR2: (left, right)
+            images = torch.cat([torch.stack([s[0][side] for s in samples]) for side in (0, 1)])
         else:
             images = torch.stack([s[0] for s in samples])
         tokens = self.tokenizer([s[1] for s in samples], max_length=self.max_tokens)

@@ -102,10 +102,7 @@ def open_rgb(
         raise ImageProblem("missing_file", str(path))
     if not path.is_file():
         raise ImageProblem("missing_file", f"{path} is not a file")
-    data = path.read_bytes()
-    if not data:
-        raise ImageProblem("empty_file", str(path))
-    return decode_rgb(data, str(path), min_side, max_pixels, max_side)
+    return decode_rgb(path.read_bytes(), str(path), min_side, max_pixels, max_side)
 
 
 def decode_rgb(

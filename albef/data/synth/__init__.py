@@ -14,11 +14,9 @@ Semantics (CLEVR-like, documented in the data card):
       left of some blue square. A definite one ("the red circle") presupposes exactly one such object.
     * A count ("two red circles") is exact.
     * An SNLI-VE hypothesis is a definite claim ("the big object is red") about whichever object its subject
-      means: entailment when all of them have the value, contradiction when none has, neutral when some have
-      and some have not. Each picture's three hypotheses share one form, so the words do not give the label
-      away: the label needs the picture.
-    * Captions describe the whole scene (every object, or a relation after a listing of the other objects),
-      so that a caption is true of few images besides its own.
+      means (its label: :class:`~albef.data.synth.language.Claim`); a picture's three share one form.
+    * Captions describe the whole scene (:func:`~albef.data.synth.language.captions`), so that a caption is
+      true of few images besides its own.
 
 Bag of words is not enough: some image pairs are attribute-swapped twins (the same layout with the colours
 of two objects exchanged), and each twin carries the near-miss text of the other (for example "a red circle
@@ -41,10 +39,7 @@ The package by concern: :mod:`~albef.data.synth.scenes` (the vocabulary, scenes 
 :mod:`~albef.data.synth.writers` (the configuration, the per-image work and the files written).
 """
 
-from albef.data.synth.language import (
-    captions,
-    relation_text,
-)
+from albef.data.synth.language import captions, relation_text
 from albef.data.synth.scenes import (
     COLORS,
     CRISP,
