@@ -298,10 +298,7 @@ class RandomAugment:
             )
         if n > 0 and not ops:
             raise ValueError("ops is empty")
-        self.n = n
-        self.m = m
-        self.ops = tuple(ops)
-        self.p = p
+        self.n, self.m, self.ops, self.p = n, m, tuple(ops), p
         self.generator = random.Random(generator) if isinstance(generator, int) else generator
 
     def sample(self) -> list[tuple[str, tuple[float, ...]]]:
