@@ -33,33 +33,6 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = [
-    "AUGMENT_OPS",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "FILL",
-    "MAX_LEVEL",
-    "TRANSFORM_NAMES",
-    "TRANSLATE_CONST",
-    "RandomAugment",
-    "auto_contrast",
-    "brightness",
-    "build_transform",
-    "equalize",
-    "eval_transform",
-    "grounding_train_transform",
-    "identity",
-    "op_args",
-    "pretrain_transform",
-    "rotate",
-    "sharpness",
-    "shear_x",
-    "shear_y",
-    "train_transform",
-    "translate_x",
-    "translate_y",
-]
-
 # CLIP's normalisation constants: the official code uses these, not ImageNet's, although the ViT is DeiT.
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
