@@ -56,12 +56,9 @@ class TextClassifier:
     def __init__(self, vocab: dict[str, int], weight: torch.Tensor, bias: torch.Tensor, settings, c: float):
         self.vocab, self.weight, self.bias, self.settings, self.c = vocab, weight, bias, settings, c
 
-    def _encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode(texts, self.vocab, self.settings.ngrams)
-
     @torch.no_grad()
     def logits(self, texts: Sequence[str]) -> torch.Tensor:
-        ids, offsets = self._encode(texts)
+        ids, offsets = encode(texts, self.vocab, self.settings.ngrams)
         return F.embedding_bag(ids, self.weight, offsets, mode="sum") + self.bias
 
     def predict(self, texts: Sequence[str]) -> list[int]:
@@ -69,6 +66,15 @@ class TextClassifier:
             return []
         with _threads(1 if len(texts) * self.bias.numel() <= ONE_THREAD_LOGITS else None):
             return self.logits(texts).argmax(dim=1).tolist()
+
+    def description(self) -> dict[str, Any]:
+        """What the metrics tell of the classifier: its n-grams, regularisation, model and settings."""
+        return {
+            "features": len(self.vocab),
+            "c": self.c,
+            "model": DESCRIPTION,
+            "settings": asdict(self.settings),
+        }
 
 
 def build_vocab(texts: Sequence[str], n: int, max_features: int) -> dict[str, int]:
@@ -86,10 +92,6 @@ def encode(texts: Sequence[str], vocab: dict[str, int], n: int) -> tuple[torch.T
         offsets.append(len(ids))
         ids.extend(vocab[g] for g in ngrams(text, n) if g in vocab)
     return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
-
-
-def _targets(labels: Sequence[int | dict[int, float]]) -> list[dict[int, float]]:
-    return [{int(y): 1.0} if not isinstance(y, dict) else y for y in labels]
 
 
 @contextmanager
@@ -122,7 +124,7 @@ def fit_text_classifier(
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
     if not texts:
         raise ValueError("no training texts")
-    targets = _targets(labels)
+    targets = [{int(y): 1.0} if not isinstance(y, dict) else y for y in labels]
     with _threads(1 if len(texts) * num_classes <= ONE_THREAD_LOGITS else None):
         c = settings.c if settings.c is not None else _select_c(texts, targets, num_classes, settings)
         return _fit(texts, targets, num_classes, settings, c)
@@ -206,10 +208,7 @@ def text_only_classification(
         "train_accuracy": round(100 * train_correct / len(train_labels), 3),
         "train_records": len(train_texts),
         "test_records": len(test_texts),
-        "features": len(clf.vocab),
-        "c": clf.c,
-        "model": DESCRIPTION,
-        "settings": asdict(clf.settings),
+        **clf.description(),
     }
 
 
@@ -250,10 +249,7 @@ def question_only_vqa(
         "scored_questions": scored["scored_questions"],
         "train_records": len(texts),
         "train_without_listed_answer": len(train_questions) - len(texts),
-        "features": len(clf.vocab),
-        "c": clf.c,
-        "model": DESCRIPTION,
-        "settings": asdict(clf.settings),
+        **clf.description(),
     }
 
 
