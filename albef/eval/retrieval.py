@@ -117,17 +117,11 @@ def recall_metrics(
 ) -> dict[str, float]:
     """TR@1/5/10 (rank of the best-ranked ground-truth caption), IR@1/5/10, their means and ``r_mean``,
     in percent, as the official ``itm_eval``."""
-    score_i2t, score_t2i = np.asarray(score_i2t), np.asarray(score_t2i)
-    order = np.argsort(-score_i2t, axis=1, kind="stable")
-    position = np.empty_like(order)
-    np.put_along_axis(position, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
-    tr_ranks = np.array([position[i, img2txt[i]].min() for i in range(len(score_i2t))])
-    order = np.argsort(-score_t2i, axis=1, kind="stable")
-    position = np.empty_like(order)
-    np.put_along_axis(position, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
-    ir_ranks = np.array([position[t, txt2img[t]] for t in range(len(score_t2i))])
     out = {}
-    for name, ranks in (("txt", tr_ranks), ("img", ir_ranks)):
+    for name, scores, truth in (("txt", score_i2t, img2txt), ("img", score_t2i, txt2img)):
+        # each entry's place (0-based, ties in index order) in its row; a query's rank: its best ground truth's
+        position = np.argsort(np.argsort(-np.asarray(scores), axis=1, kind="stable"), axis=1)
+        ranks = np.array([np.min(position[q, truth[q]]) for q in range(len(position))])
         for k in (1, 5, 10):
             out[f"{name}_r{k}"] = 100.0 * float(np.mean(ranks < k))
         out[f"{name}_r_mean"] = (out[f"{name}_r1"] + out[f"{name}_r5"] + out[f"{name}_r10"]) / 3
