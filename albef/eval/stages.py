@@ -1,13 +1,7 @@
-"""The evaluation stages as plain functions of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect call them
-through the task registry, :mod:`albef.tasks`), all run by one body, :func:`run_evaluation`.
-
-``evaluate_retrieval_stage``   the official retrieval protocol on a test split (``params.evaluate``)
-``evaluate_vqa_stage``         answers from the answer list, VQA accuracy (``params.evaluate_vqa``)
-``evaluate_classifier_stage``  SNLI-VE / NLVR2 accuracy (``params.evaluate_ve`` / ``params.evaluate_nlvr``)
-``evaluate_grounding_stage``   weakly supervised grounding by Grad-CAM (``params.evaluate_grounding``)
-
-Each works the same in one process and under ``torchrun`` or SLURM: every rank computes, rank 0 writes
-``metrics.json`` (and the DVC metrics file) and the task's report files, and logs one line.
+"""The evaluation stages (retrieval, VQA, SNLI-VE / NLVR2, grounding) as plain functions of a ``params.yaml``
+(the CLI, ``dvc.yaml`` and Prefect call them through the task registry, :mod:`albef.tasks`), all run by one
+body, :func:`run_evaluation`, the same in one process and under ``torchrun`` or SLURM: every rank computes,
+rank 0 writes ``metrics.json`` (and the DVC metrics file) and the task's report files, and logs one line.
 """
 
 from __future__ import annotations
@@ -100,13 +94,11 @@ def run_evaluation(
             progress and world.is_main,
         )
         result = evaluate(inputs)
-        metrics = result.metrics
-        metrics["model_task"] = model_task
+        result.metrics["model_task"] = model_task
         if world.is_main:
-            out = write_metrics(out_dir, metrics, metrics_path)
-            result.write(out)
+            result.write(write_metrics(out_dir, result.metrics, metrics_path))
             log.info("%s %s: %s", name, model_dir, result.summary)
-        return metrics
+        return result.metrics
 
 
 # ------------------------------------------------------------------------------------------ retrieval
@@ -173,23 +165,32 @@ def evaluate_retrieval_stage(
 # ------------------------------------------------------------------------------------------ VQA
 
 
+def _baseline_training(cfg: VQAEvalConfig | ClassifierEvalConfig, name: str, what: str, task: str):
+    """The records of ``cfg.train_file`` a text-only baseline trains on; None: no baseline (no training
+    file, or it is missing: warned)."""
+    from albef.data.formats import load_annotations
+
+    if not cfg.train_file:
+        return None
+    train_path = Path(cfg.data_dir) / cfg.train_file
+    if not train_path.is_file():
+        log.warning("%s: no %s baseline: %s not found", name, what, train_path)
+        return None
+    return load_annotations(train_path, task)
+
+
 def question_only_baseline(
     cfg: VQAEvalConfig, name: str, test_records, answer_list: list[str], humans: dict[str, list[str]]
 ) -> dict[str, Any]:
     """``question_only_accuracy``: the VQA accuracy of a classifier that reads the question alone, trained on
     ``cfg.train_file`` (:mod:`albef.eval.text_baseline`); nothing when there is no training file."""
-    from albef.data.formats import load_annotations
     from albef.data.text import pre_question
     from albef.data.vqa import answer_weights
     from albef.eval.text_baseline import question_only_vqa
 
-    if not cfg.train_file:
+    if (train := _baseline_training(cfg, name, "question-only", "vqa")) is None:
         return {}
-    train_path = Path(cfg.data_dir) / cfg.train_file
-    if not train_path.is_file():
-        log.warning("%s: no question-only baseline: %s not found", name, train_path)
-        return {}
-    train = [r for r in load_annotations(train_path, "vqa") if r.get("answer") is not None]
+    train = [r for r in train if r.get("answer") is not None]
     result = question_only_vqa(
         [pre_question(r["question"], cfg.max_words) for r in train],
         [answer_weights(r) for r in train],
@@ -276,18 +277,12 @@ def sentence_only_baseline(cfg: ClassifierEvalConfig, task: str, name: str, test
     statement), trained on ``cfg.train_file`` and scored on the records the model is scored on
     (:mod:`albef.eval.text_baseline`), under :data:`TEXT_ONLY_KEYS`; nothing when there is no training file."""
     from albef.data.classify import LABEL_NAMES
-    from albef.data.formats import load_annotations
     from albef.data.text import pre_caption
     from albef.eval.text_baseline import text_only_classification
 
-    if not cfg.train_file:
-        return {}
-    train_path = Path(cfg.data_dir) / cfg.train_file
-    if not train_path.is_file():
-        log.warning("%s: no sentence-only baseline: %s not found", name, train_path)
+    if (train := _baseline_training(cfg, name, "sentence-only", task)) is None:
         return {}
     names = LABEL_NAMES[task]
-    train = load_annotations(train_path, task)
     result = text_only_classification(
         [pre_caption(r["sentence"], cfg.max_words) for r in train],
         [names.index(r["label"]) for r in train],
