@@ -242,20 +242,15 @@ def score_expression(
         return {"pred_box": None, "iou": 0.0, "correct": False, "reason": "no_proposal"}
     pred = [float(v) for v in proposals[index][:4]]
     iou = box_iou(truth, pred)
-    reachable = any(
-        box_iou(truth, p[:4]) >= iou_threshold for p, s in zip(proposals, scores) if s is not None
-    )
+    hits = [box_iou(truth, p[:4]) >= iou_threshold for p, s in zip(proposals, scores) if s is not None]
     return {
         "pred_box": pred,
         "pred_index": index,
         "pred_score": scores[index],
         "iou": round(iou, 4),
         "correct": iou >= iou_threshold,
-        "reachable": reachable,
-        "chance": sum(
-            box_iou(truth, p[:4]) >= iou_threshold for p, s in zip(proposals, scores) if s is not None
-        )
-        / sum(s is not None for s in scores),
+        "reachable": any(hits),
+        "chance": sum(hits) / len(hits),
     }
 
 
@@ -453,12 +448,6 @@ def plot_word_maps(
     return path
 
 
-def word_pieces(tokenizer, input_ids: torch.Tensor) -> list[str]:
-    """The word pieces of one tokenized row after [CLS], up to its padding."""
-    ids = [i for i in input_ids.tolist() if i != tokenizer.pad_token_id]
-    return tokenizer.tokenizer.convert_ids_to_tokens(ids[1:])
-
-
 def explain_image(
     model: torch.nn.Module,
     tokenizer,
@@ -481,7 +470,8 @@ def explain_image(
     tokens = tokenizer([caption], max_length=model.cfg.text.max_positions).to(device)
     pixels = eval_transform(model.cfg.vision.image_size)(image)[None].to(device)
     cam = gradcam_itm(model, pixels, tokens.input_ids, tokens.attention_mask, layer)
-    words = word_pieces(tokenizer, tokens.input_ids[0])
+    ids = [i for i in tokens.input_ids[0].tolist() if i != tokenizer.pad_token_id]
+    words = tokenizer.tokenizer.convert_ids_to_tokens(ids[1:])  # the word pieces after [CLS]
     shown = image.convert("RGB") if size is None else image.convert("RGB").resize(size, Image.BICUBIC)
     match = torch.softmax(cam.itm_logits[0], dim=0)[1].item()
     plot_word_maps(
