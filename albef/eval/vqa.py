@@ -87,16 +87,13 @@ def score_predictions(
     predictions: list[dict[str, Any]], human_answers: dict[str, list[str]]
 ) -> dict[str, Any]:
     """VQA accuracy (%) over the questions that have human answers; counts what could not be scored."""
-    scores = []
-    missing = 0
-    for p in predictions:
-        answers = human_answers.get(str(p["question_id"]))
-        if answers is None:
-            missing += 1
-            continue
-        scores.append(vqa_accuracy(p["answer"], answers))
+    scores = [
+        vqa_accuracy(p["answer"], answers)
+        for p in predictions
+        if (answers := human_answers.get(str(p["question_id"]))) is not None
+    ]
     return {
         "accuracy": round(100.0 * sum(scores) / len(scores), 3) if scores else float("nan"),
         "scored_questions": len(scores),
-        "unscored_questions": missing,
+        "unscored_questions": len(predictions) - len(scores),
     }
