@@ -305,12 +305,8 @@ def plot_examples(
             ax = row[c + 1]
             ax.imshow(dataset.images.open(dataset.records[img]["image"]))
             ok = img == tq["ground_truth"]
-            for side in ax.spines.values():
-                side.set_visible(True)
-                side.set_color("green" if ok else "red")
-                side.set_linewidth(3)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            plt.setp(list(ax.spines.values()), visible=True, color="green" if ok else "red", linewidth=3)
+            ax.set(xticks=[], yticks=[])
             ax.axis("on")
             ax.set_title(f"#{c + 1} {score:.2f}", fontsize=7)
         iq = ranked["image_to_text"][q * step_i]
