@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -170,7 +169,6 @@ def evaluate_retrieval(
     both matrices. Rankings equal those of the official per-query loop (:func:`score_matrices_per_query`).
     """
     device = torch.device(device)
-    show = progress and _is_main()
     was_training = model.training
     model.eval()
     times: dict[str, float] = {}
@@ -195,7 +193,7 @@ def evaluate_retrieval(
         Subset(dataset, list(mine)), batch_size=image_batch, num_workers=num_workers, shuffle=False
     )
     i_embeds, i_feats = [], []
-    for images, _ in tqdm(loader, desc="encode images", disable=not show, leave=False):
+    for images, _ in tqdm(loader, desc="encode images", disable=not progress, leave=False):
         with autocast(device, amp_dtype):
             e, f = model.encode_image(images.to(device, non_blocking=True))
         i_embeds.append(e)
@@ -215,7 +213,7 @@ def evaluate_retrieval(
     # at most 16 calls (progress steps): each call runs the first fusion self-attention of all texts again
     chunk = max(pair_batch * 16, -(-len(my_pairs) // 16), 1)
     parts = []
-    for lo in tqdm(range(0, len(my_pairs), chunk), desc="ITM re-rank", disable=not show, leave=False):
+    for lo in tqdm(range(0, len(my_pairs), chunk), desc="ITM re-rank", disable=not progress, leave=False):
         with autocast(device, amp_dtype):
             parts.append(
                 itm_scores(model, image_embeds, text_embeds, text_mask, my_pairs[lo : lo + chunk], pair_batch)
@@ -244,10 +242,6 @@ def evaluate_retrieval(
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def rankings(result: RetrievalResult, dataset: RetrievalEvalDataset, top: int = 10) -> dict:
