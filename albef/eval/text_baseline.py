@@ -132,8 +132,7 @@ def fit_text_classifier(
 
 def _select_c(texts, targets, num_classes: int, settings: TextBaselineSettings) -> float:
     """The regularisation of ``settings.c_grid`` whose classifier, trained on the other texts, predicts the
-    held-out ones best (target weight of the predicted class; ties: the stronger regularisation), so that a
-    text without signal falls back to the class prior instead of fitting noise."""
+    held-out ones best (target weight of the predicted class; ties: the stronger regularisation)."""
     held = [i for i in range(len(texts)) if i % settings.holdout == settings.holdout - 1]
     rest = [i for i in range(len(texts)) if i % settings.holdout != settings.holdout - 1]
     if len(held) < 2 or len(rest) < 2:
@@ -150,8 +149,7 @@ def _select_c(texts, targets, num_classes: int, settings: TextBaselineSettings) 
 
 def _fit(texts, targets, num_classes: int, settings: TextBaselineSettings, c: float) -> TextClassifier:
     """Minimise the mean (soft-target) cross-entropy + |W|^2 / (2 c n) over the weights W (n-grams x classes)
-    and the biases (not penalised), from zeros, with full-batch L-BFGS: a convex problem, so the result is
-    its regularised optimum, with no seed, learning rate or batch order to choose."""
+    and the biases (not penalised), from zeros, with full-batch L-BFGS (the module docstring says why)."""
     vocab = build_vocab(texts, settings.ngrams, settings.max_features)
     n = len(texts)
     chunks = []
