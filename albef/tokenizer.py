@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Literal
 
 from albef.config import ModelConfig, TextConfig
 
-if (
-    TYPE_CHECKING
-):  # torch loads on first encoding: preprocessing (which only trains and saves vocabularies) needs none
+# torch loads on first encoding: preprocessing (which only trains and saves vocabularies) needs none
+if TYPE_CHECKING:
     import torch
+
+_SPECIAL_IDS = ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id")
 
 
 @dataclass
@@ -34,11 +35,15 @@ class ALBEFTokenizer:
     def __init__(self, tokenizer, single_sentence_sep: bool = False):
         self.tokenizer = tokenizer
         self.single_sentence_sep = single_sentence_sep
-        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+        for name in _SPECIAL_IDS:
             if getattr(tokenizer, name) is None:
                 raise ValueError(
                     f"tokenizer has no {name.removesuffix('_id')} token; ALBEF needs [PAD], [CLS], [SEP], [MASK]"
                 )
+        self.pad_token_id: int = tokenizer.pad_token_id
+        self.cls_token_id: int = tokenizer.cls_token_id
+        self.sep_token_id: int = tokenizer.sep_token_id
+        self.mask_token_id: int = tokenizer.mask_token_id
 
     @classmethod
     def from_pretrained(cls, source: str | Path, single_sentence_sep: bool = False) -> ALBEFTokenizer:
@@ -59,22 +64,6 @@ class ALBEFTokenizer:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def cls_token_id(self) -> int:
-        return self.tokenizer.cls_token_id
-
-    @property
-    def sep_token_id(self) -> int:
-        return self.tokenizer.sep_token_id
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.tokenizer.mask_token_id
-
     def check_compatible(self, text_cfg: TextConfig) -> None:
         """The model's vocabulary and special ids must be the tokenizer's."""
         problems = []
@@ -82,7 +71,7 @@ class ALBEFTokenizer:
             problems.append(
                 f"tokenizer has {self.vocab_size} tokens but text.vocab_size is {text_cfg.vocab_size}"
             )
-        for name in ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id"):
+        for name in _SPECIAL_IDS:
             if getattr(self, name) != getattr(text_cfg, name):
                 problems.append(
                     f"text.{name} is {getattr(text_cfg, name)} but the tokenizer's is {getattr(self, name)}"
@@ -125,9 +114,7 @@ class ALBEFTokenizer:
         return TokenBatch(input_ids, attention_mask)
 
     def decode(self, ids: torch.Tensor | list[int], skip_special_tokens: bool = True) -> str:
-        if hasattr(ids, "tolist"):  # a tensor
-            ids = ids.tolist()
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)  # a tensor too (to_py_obj)
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(directory))
