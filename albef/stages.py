@@ -16,17 +16,7 @@ from albef.config import section
 from albef.sections import check_sections
 from albef.tasks import get_task
 from albef.tracking.provenance import provenance_tags
-from albef.tracking.run import StageRun, stage_run
-
-
-def _log_outputs(run: StageRun, metrics: dict[str, Any], files: dict[str, str | None]) -> None:
-    # The last window's losses, temperature and throughput already sit in the step histories.
-    summary = {k: v for k, v in metrics.items() if not k.startswith(("loss", "temp", "samples_per_s"))}
-    run.log_metrics(summary, step=int(metrics.get("steps", 0) or 0))
-    run.log_dict(metrics, "metrics.json")
-    for artifact_path, path in files.items():
-        if path:
-            run.log_artifact(path, artifact_path)
+from albef.tracking.run import stage_run
 
 
 def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool = True) -> dict[str, Any]:
@@ -41,21 +31,18 @@ def tracked_train(params: dict[str, Any], name: str, task: str, progress: bool =
         on_log = run.on_log if run is not None else None
         metrics = entry.train(params, name=name, progress=progress, on_log=on_log)
         if run is not None:
-            _log_outputs(
-                run,
-                metrics,
-                {"plots": values.get("plots"), "model": _training_summary(values.get("out"))},
-            )
+            # The last window's losses, temperature and throughput already sit in the step histories.
+            summary = {
+                k: v for k, v in metrics.items() if not k.startswith(("loss", "temp", "samples_per_s"))
+            }
+            run.log_metrics(summary, step=metrics.get("steps") or 0)
+            run.log_dict(metrics, "metrics.json")
+            run.log_artifact(values.get("plots"), "plots")  # (skipped where there is none)
+            # The exported weights go to MLflow once, as the registered pyfunc model (the register stage); a
+            # stage run keeps the small summary of what it exported.
+            if values.get("out"):
+                run.log_artifact(Path(values["out"]) / "training.json", "model")
     return metrics
-
-
-def _training_summary(out: str | None) -> str | None:
-    # The exported weights go to MLflow once, as the registered pyfunc model (the register stage); a
-    # stage run keeps the small summary of what it exported.
-    if not out:
-        return None
-    path = Path(out) / "training.json"
-    return str(path) if path.is_file() else None
 
 
 def evaluate_section(task: str) -> str:
@@ -108,14 +95,11 @@ def tracked_evaluate(
         pipeline_params=pipeline_params,
     ) as run:
         metrics = entry.evaluate(params, model_dir, out_dir, metrics_path, progress=progress)
-        files = entry.report_files
         if run is not None:
             run.log_metrics(metrics)
             run.log_dict(metrics, "metrics.json")
-            for file in files:
+            for file in entry.report_files:  # a missing one (examples: 0 draws none) is skipped
                 path = Path(out_dir) / file
-                if not path.exists():  # (examples: 0 draws none)
-                    continue
                 # a folder's files go under report/<folder>, as in the report
                 run.log_artifact(path, f"report/{file}" if path.is_dir() else "report")
     return metrics
