@@ -3,10 +3,9 @@
 ``torchrun`` sets ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``MASTER_PORT``); under SLURM
 (``srun python -m albef ...``) the same facts come from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS``
 and the first host of ``SLURM_JOB_NODELIST``. Without either, the run is one process with no process group,
-and every collective in albef is a no-op. Each process computes on the device its section's ``device`` setting
-names (:func:`albef.device.resolve_device`: ``auto`` is ``cuda:LOCAL_RANK`` where CUDA is available); NCCL
-is used between GPUs, gloo between CPUs, and the collective timeout is minutes, not the days some codebases
-set, so a dead rank stops the job instead of hanging it.
+and every collective in albef is a no-op. Each process computes on the device its section's ``device`` names
+(:mod:`albef.device`); NCCL is used between GPUs, gloo between CPUs, and the collective timeout is minutes,
+not the days some codebases set, so a dead rank stops the job instead of hanging it.
 """
 
 from __future__ import annotations
@@ -53,11 +52,6 @@ def init_distributed(
     return info, placed
 
 
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @contextlib.contextmanager
 def stage_process(
     device: str, precision: str | None, section: str
@@ -71,29 +65,26 @@ def stage_process(
         amp = None if precision is None else resolve_precision(precision, placed, f"{section}.precision")
         yield world, placed, amp
     finally:
-        cleanup_distributed()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
-    """This rank's contiguous share of ``range(n)`` (shares differ in size by at most one)."""
-    world_size = _group_size() if world_size is None else world_size
-    rank = (dist.get_rank() if world_size > 1 else 0) if rank is None else rank
+def evaluation_share(n: int, what: str) -> range:
+    """This rank's contiguous share of ``n`` evaluation items (shares differ in size by at most one); with
+    several ranks each logs which items it takes, so a slow or stuck rank can be told apart."""
+    world_size = _group_size()
+    if world_size == 1:
+        return range(n)
+    rank = dist.get_rank()
     per, extra = divmod(n, world_size)
     start = rank * per + min(rank, extra)
-    return range(start, start + per + (1 if rank < extra else 0))
-
-
-def evaluation_share(n: int, what: str) -> range:
-    """This rank's contiguous share of ``n`` evaluation items (:func:`shard_range`); with several ranks each
-    logs which items it takes, so a slow or stuck rank can be told apart."""
-    share = shard_range(n)
-    if _group_size() > 1:
-        items = f"{share.start}-{share.stop - 1}" if len(share) else "none"
-        log.info("rank %d of %d evaluates %s %s of %d", dist.get_rank(), _group_size(), what, items, n)
+    share = range(start, start + per + (1 if rank < extra else 0))
+    items = f"{share.start}-{share.stop - 1}" if len(share) else "none"
+    log.info("rank %d of %d evaluates %s %s of %d", rank, world_size, what, items, n)
     return share
 
 

@@ -27,14 +27,8 @@ class WorldInfo:
 
 def first_slurm_host(nodelist: str) -> str:
     """``node[03-05,07],gpu1`` -> ``node03``: the first host of a SLURM node list."""
-    head = (
-        nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    )
-    match = re.fullmatch(r"([^\[]+)\[([^\]]+)\]", head)
-    if not match:
-        return head
-    prefix, ranges = match.groups()
-    return prefix + ranges.split(",")[0].split("-")[0]
+    prefix, ranges = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist).groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
 def world_info_from_env(env: dict[str, str] | None = None) -> WorldInfo:

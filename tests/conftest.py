@@ -191,7 +191,7 @@ def call_under_torchrun(function: str, kwargs: dict, workdir, nproc: int = 2, ti
 
 
 def assert_halves_logged(log: str, what: str, n: int) -> None:
-    """Two ranks split ``n`` evaluation items as ``shard_range`` does, and each logged its half."""
+    """Two ranks split ``n`` evaluation items as ``evaluation_share`` does, and each logged its half."""
     half = (n + 1) // 2
     assert f"rank 0 of 2 evaluates {what} 0-{half - 1} of {n}" in log, log[-2000:]
     assert f"rank 1 of 2 evaluates {what} {half}-{n - 1} of {n}" in log, log[-2000:]
