@@ -78,12 +78,6 @@ def pickled_globals(path: str | Path) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _code_globals(path: Path, exc: BaseException) -> list[str]:
-    named = re.findall(r"GLOBAL ([\w.]+)", str(exc))
-    scanned = [g for g in pickled_globals(path) if not g.startswith(_SAFE_MODULES)]
-    return list(dict.fromkeys(named + scanned))
-
-
 def _incomplete_zip(path: Path) -> bool:
     """Whether ``path`` starts as a zip archive (every PyTorch checkpoint since 1.6) but is not a whole one."""
     try:
@@ -112,7 +106,8 @@ def describe_failure(path: str | Path, exc: BaseException) -> str:
     if isinstance(exc, EOFError):
         return "empty or truncated (the data ends early)"
     if isinstance(exc, pickle.UnpicklingError) or "weights only load failed" in str(exc).lower():
-        code = _code_globals(path, exc)
+        scanned = [g for g in pickled_globals(path) if not g.startswith(_SAFE_MODULES)]
+        code = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(exc)) + scanned))
         if code:
             shown = ", ".join(code[:4]) + (f", ... ({len(code)} in all)" if len(code) > 4 else "")
             return f"refused: it holds pickled code ({shown}), which weights_only=True does not run"
@@ -139,18 +134,15 @@ def load_torch(path: str | Path, what: str = "") -> Any:
         raise UnreadableCheckpoint(path, describe_failure(path, exc), what) from exc
 
 
-def load_safetensors(path: str | Path, what: str = "") -> dict[str, Any]:
-    """``safetensors.torch.load_file(path)`` on the CPU; any failure is an :class:`UnreadableCheckpoint`."""
+def load_weights(path: str | Path, what: str = "") -> Any:
+    """A ``.safetensors`` file with ``safetensors.torch.load_file`` on the CPU, anything else with
+    :func:`load_torch`; any failure is an :class:`UnreadableCheckpoint`."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_torch(path, what)
     from safetensors.torch import load_file
 
-    path = Path(path)
     try:
         return load_file(str(path))
     except Exception as exc:
         raise UnreadableCheckpoint(path, describe_failure(path, exc), what) from exc
-
-
-def load_weights(path: str | Path, what: str = "") -> Any:
-    """A ``.safetensors`` file with safetensors, anything else with ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    return load_safetensors(path, what) if path.suffix == ".safetensors" else load_torch(path, what)
