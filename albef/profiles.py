@@ -157,8 +157,5 @@ def as_set_args(profile: dict[str, Any]) -> str:
     """The profile as ``dvc exp run`` arguments: ``-S ++pretrain.epochs=30 ...``, quoted for a POSIX shell.
     ``++`` (Hydra's override syntax, which DVC uses) sets a key whether or not params.yaml spells it out
     (``model.text.text_layers`` comes from the preset); values in JSON form, which DVC parses as YAML."""
-    args = []
-    for key, value in profile.items():
-        text = json.dumps(value) if not isinstance(value, str) else value
-        args.append(f"-S {shlex.quote(f'++{key}={text}')}")
-    return " ".join(args)
+    texts = {key: value if isinstance(value, str) else json.dumps(value) for key, value in profile.items()}
+    return " ".join(f"-S {shlex.quote(f'++{key}={text}')}" for key, text in texts.items())
