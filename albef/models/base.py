@@ -1,5 +1,6 @@
-"""What the pretraining and retrieval models share: two encoders, projections, ITM head, temperature,
-momentum twins and feature queues, and the ITC/ITM computations."""
+"""What the models share: the text-batch check and the encoders' access (every model), and for pretraining and
+retrieval two encoders, projections, ITM head, temperature, momentum twins and feature queues, and the ITC/ITM
+computations."""
 
 from __future__ import annotations
 
@@ -108,7 +109,20 @@ def check_text(
         )
 
 
-class ContrastiveModel(MomentumTwins, nn.Module):
+class Encoders:
+    """The ViT ``visual_encoder`` and the BERT ``text_encoder`` every model has."""
+
+    @property
+    def text_backbone(self) -> TextEncoder:
+        """The BERT encoder (without an MLM head)."""
+        return self.text_encoder
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual_encoder.set_grad_checkpointing(enable)
+        self.text_backbone.encoder.grad_checkpointing = enable
+
+
+class ContrastiveModel(Encoders, MomentumTwins, nn.Module):
     """ViT + BERT with ITC (momentum distillation, queues) and ITM (contrastive hard negatives)."""
 
     #: extra index queue of image ids (retrieval) or not (pretraining)
@@ -142,17 +156,8 @@ class ContrastiveModel(MomentumTwins, nn.Module):
 
     # ------------------------------------------------------------------ structure
     @property
-    def text_backbone(self) -> TextEncoder:
-        """The BERT encoder (without an MLM head)."""
-        return self.text_encoder
-
-    @property
     def text_backbone_m(self) -> TextEncoder:
         return self.text_encoder_m
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_backbone.encoder.grad_checkpointing = enable
 
     def use_losses(self, losses: LossSwitches) -> None:
         """Train with ``losses``. Without ITC its projections and temperature get no gradient: they are frozen,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albef.config import ModelConfig
-from albef.models.base import check_text
+from albef.models.base import Encoders, check_text
 from albef.models.ve import DistilledClassifier
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import Mode, TextEncoder
@@ -152,7 +152,7 @@ class TAOutput:
         return {"loss": self.loss.detach()}
 
 
-class ALBEFTextAssignment(nn.Module):
+class ALBEFTextAssignment(Encoders, nn.Module):
     """TA pretraining (``models/model_pretrain_nlvr.py``): which slot of an image pair holds the caption's
     image, if any. No momentum encoders and no distillation; ``text_proj`` and ``temp`` are kept (unused)
     so the official checkpoint keys match."""
@@ -167,14 +167,6 @@ class ALBEFTextAssignment(nn.Module):
         self.text_proj = nn.Linear(cfg.text.hidden, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.ta_head = nn.Linear(cfg.text.hidden, 3)
-
-    @property
-    def text_backbone(self) -> TextEncoder:
-        return self.text_encoder
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_encoder.encoder.grad_checkpointing = enable
 
     @torch.no_grad()
     def sampling_weights(self, image_embeds: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albef.config import LossSwitches, ModelConfig
-from albef.models.base import check_text
+from albef.models.base import Encoders, check_text
 from albef.models.components import MomentumTwins, distillation_mix, soft_cross_entropy
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import Mode, TextEncoder
@@ -57,7 +57,7 @@ def distillation_loss(
     return distillation_mix(loss, soft_cross_entropy(logits, F.softmax(teacher_logits, dim=1)), alpha)
 
 
-class DistilledClassifier(MomentumTwins, nn.Module):
+class DistilledClassifier(Encoders, MomentumTwins, nn.Module):
     """ViT + fusion BERT + ``cls_head`` on the fused [CLS], with momentum twins when ``cfg.distill``."""
 
     num_classes: int = 2
@@ -79,16 +79,6 @@ class DistilledClassifier(MomentumTwins, nn.Module):
             self.cls_head_m = classifier_head(hidden, self.num_classes)
             self.copy_params()
 
-    # ------------------------------------------------------------------ structure
-    @property
-    def text_backbone(self) -> TextEncoder:
-        return self.text_encoder
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_encoder.encoder.grad_checkpointing = enable
-
-    # ------------------------------------------------------------------ computation
     def encode_image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
         return (self.visual_encoder_m if momentum else self.visual_encoder)(images)
 

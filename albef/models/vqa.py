@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from albef.config import LossSwitches, ModelConfig
-from albef.models.base import check_text
+from albef.models.base import Encoders, check_text
 from albef.models.components import MomentumTwins, distillation_mix, soft_cross_entropies
 from albef.models.vision import ImageEncoder
 from albef.models.xbert import (
@@ -148,7 +148,7 @@ class AnswerRanking:
     topk_probs: torch.Tensor  # (Q, k) re-ranked probabilities, descending
 
 
-class ALBEFVQA(MomentumTwins, nn.Module):
+class ALBEFVQA(Encoders, MomentumTwins, nn.Module):
     """ViT + BERT question encoder + BERT answer decoder, with momentum twins for distillation."""
 
     twins = ("visual_encoder", "text_encoder", "text_decoder")
@@ -166,14 +166,8 @@ class ALBEFVQA(MomentumTwins, nn.Module):
             self.text_decoder_m = AnswerDecoder(cfg)
             self.copy_params()
 
-    # ------------------------------------------------------------------ structure
-    @property
-    def text_backbone(self) -> TextEncoder:
-        return self.text_encoder
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual_encoder.set_grad_checkpointing(enable)
-        self.text_encoder.encoder.grad_checkpointing = enable
+        super().set_grad_checkpointing(enable)
         self.text_decoder.bert.encoder.grad_checkpointing = enable
 
     # ------------------------------------------------------------------ encoding
