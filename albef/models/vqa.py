@@ -27,17 +27,7 @@ from albef.config import LossSwitches, ModelConfig
 from albef.models.base import Encoders, check_text
 from albef.models.components import MomentumTwins, distillation_mix, soft_cross_entropies
 from albef.models.vision import ImageEncoder
-from albef.models.xbert import (
-    MLMHeadContainer,
-    Mode,
-    TextEncoder,
-    hf_bert_config,
-    partial_init,
-)
-
-# transformers' ``invert_attention_mask`` (official cross-attention masks): -1e9 in float32, -1e4 in float16.
-_CROSS_MASK_FP32 = -1e9
-_CROSS_MASK_FP16 = -1e4
+from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM, text_additive_mask
 
 
 def decoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -50,12 +40,6 @@ def decoder_config(cfg: ModelConfig) -> ModelConfig:
     return dec
 
 
-def cross_additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N) 1/0 mask of the attended tokens -> (B, 1, 1, N) additive mask (official values)."""
-    value = _CROSS_MASK_FP16 if dtype == torch.float16 else _CROSS_MASK_FP32
-    return (1.0 - mask[:, None, None, :].to(dtype)) * value
-
-
 def causal_additive_mask(mask: torch.Tensor, dtype: torch.dtype, value: float) -> torch.Tensor:
     """(B, L) padding mask -> (B, 1, L, L): position i sees the non-pad positions j <= i (official decoder)."""
     length = mask.shape[1]
@@ -64,18 +48,12 @@ def causal_additive_mask(mask: torch.Tensor, dtype: torch.dtype, value: float) -
     return (1.0 - keep[:, None].to(dtype)) * value
 
 
-class AnswerDecoder(nn.Module):
+class AnswerDecoder(TextEncoderForMLM):
     """The official ``BertLMHeadModel`` as VQA uses it: ``bert`` (causal, cross-attends to question states)
-    and ``cls.predictions`` (tied to the word embeddings)."""
+    and ``cls.predictions`` (tied to the word embeddings), built as the MLM model of the decoder's shape."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        dec = decoder_config(cfg)
-        self.cfg = dec
-        self.bert = TextEncoder(dec)
-        self.cls = MLMHeadContainer(hf_bert_config(dec), self.bert.embeddings.word_embeddings)
-        self.cls.predictions.transform.apply(partial_init(dec.text.initializer_range))
-        nn.init.zeros_(self.cls.predictions.bias)
+        super().__init__(decoder_config(cfg))
 
     def forward(
         self,
@@ -87,11 +65,15 @@ class AnswerDecoder(nn.Module):
         """Next-token logits (B, L, vocab) at every position (unshifted: position i predicts token i + 1)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        cfg = self.bert.cfg
         hidden = self.bert.embeddings(input_ids=input_ids)
-        self_mask = causal_additive_mask(attention_mask, hidden.dtype, self.cfg.quirks.text_mask_value)
-        cross_mask = cross_additive_mask(encoder_mask, hidden.dtype)
-        n = self.cfg.text.num_layers
-        hidden = self.bert.encoder(hidden, self_mask, encoder_states, 0, n, cross_mask=cross_mask)
+        self_mask = causal_additive_mask(attention_mask, hidden.dtype, cfg.quirks.text_mask_value)
+        # transformers' ``invert_attention_mask`` (official cross-attention masks): -1e9, or -1e4 in float16
+        cross_value = -1e4 if hidden.dtype == torch.float16 else -1e9
+        cross_mask = text_additive_mask(encoder_mask, hidden.dtype, cross_value)
+        hidden = self.bert.encoder(
+            hidden, self_mask, encoder_states, 0, cfg.text.num_layers, cross_mask=cross_mask
+        )
         return self.cls.predictions(hidden)
 
 

@@ -364,10 +364,8 @@ class TextEncoderForMLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.bert = TextEncoder(cfg)
-        bert_cfg = hf_bert_config(cfg)
-        self.cls = MLMHeadContainer(bert_cfg, self.bert.embeddings.word_embeddings)
-        init = partial_init(cfg.text.initializer_range)
-        self.cls.predictions.transform.apply(init)
+        self.cls = MLMHeadContainer(hf_bert_config(cfg), self.bert.embeddings.word_embeddings)
+        self.cls.predictions.transform.apply(partial_init(cfg.text.initializer_range))
         nn.init.zeros_(self.cls.predictions.bias)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
