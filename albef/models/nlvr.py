@@ -34,31 +34,21 @@ TA_LABELS = {"left": 0, "right": 1, "neither": 2}
 TA_SAMPLING_TEMPERATURE = 0.07
 
 
-def two_image_config(cfg: ModelConfig) -> ModelConfig:
-    """The text-encoder config with every fusion layer held twice."""
+def two_image_text_encoder(cfg: ModelConfig) -> TextEncoder:
+    """A :class:`TextEncoder` with ``text_layers + 2 * fusion_layers`` layers whose pairs ``T + 2i``,
+    ``T + 2i + 1`` share the cross-attention key and value projections (the first takes the second's
+    Parameters, as the official ``share_cross_attention``). Given a list of two image-token tensors, fusion
+    layer ``j`` attends to image ``(j - text_layers) % 2``."""
     doubled = copy.deepcopy(cfg)
     doubled.text.fusion_layers = 2 * cfg.text.fusion_layers
-    return doubled
-
-
-def two_image_text_encoder(cfg: ModelConfig) -> TextEncoder:
-    """A :class:`TextEncoder` with ``text_layers + 2 * fusion_layers`` layers whose pairs share the
-    cross-attention key and value projections. Given a list of two image-token tensors, fusion layer ``j``
-    attends to image ``(j - text_layers) % 2``."""
-    encoder = TextEncoder(two_image_config(cfg))
-    share_cross_attention_kv(encoder, cfg.text.text_layers)
-    return encoder
-
-
-def share_cross_attention_kv(encoder: TextEncoder, text_layers: int) -> None:
-    """Tie the key/value projections of fusion layers ``T + 2i`` and ``T + 2i + 1`` (the first takes the
-    second's Parameters, as the official ``share_cross_attention``)."""
+    encoder = TextEncoder(doubled)
     layers = encoder.encoder.layer
-    for first in range(text_layers, len(layers), 2):
+    for first in range(cfg.text.text_layers, len(layers), 2):
         a, b = layers[first].crossattention.self, layers[first + 1].crossattention.self
         for name in ("key", "value"):
             getattr(a, name).weight = getattr(b, name).weight
             getattr(a, name).bias = getattr(b, name).bias
+    return encoder
 
 
 def split_pair(images: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
