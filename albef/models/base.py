@@ -39,9 +39,8 @@ class ITCResult:
 @dataclass
 class ITMResult:
     loss: torch.Tensor
-    logits: (
-        torch.Tensor
-    )  # (3B, 2): positives, (text, negative image), (negative text, image); column 1 = match
+    # (3B, 2): positives, (text, negative image), (negative text, image); column 1 = match
+    logits: torch.Tensor
     labels: torch.Tensor
     valid: torch.Tensor  # (3B,) bool: False for negative rows that had no candidate (left out of the loss)
     neg_image_idx_for_text: torch.Tensor  # (B,), -1 where a text had no valid negative image
@@ -70,9 +69,8 @@ class ContrastiveOutput:
     text_feat: torch.Tensor
     image_feat_m: torch.Tensor | None
     text_feat_m: torch.Tensor | None
-    temp: (
-        torch.Tensor
-    )  # the temperature used, detached (a tensor: reading it as a float would wait for the GPU)
+    # the temperature used, detached (a tensor: reading it as a float would wait for the GPU)
+    temp: torch.Tensor
 
     def loss_terms(self) -> dict[str, torch.Tensor]:
         """Every loss term computed, detached, on the model's device (the trainer averages them there and reads
@@ -304,13 +302,12 @@ class ContrastiveModel(Encoders, MomentumTwins, nn.Module):
             values.append(gather_no_grad(idx.view(-1, 1)))
         enqueue(queues, values, self.queue_ptr)
 
-    @staticmethod
     def contrastive_fields(
+        self,
         itc: ITCResult | None,
         itm: ITMResult,
         hard_targets: torch.Tensor | None,
         features: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
-        temp: torch.Tensor,
     ) -> dict:
         """The :class:`ContrastiveOutput` fields from the ITC (None: switched off) and ITM results (losses
         summed by the caller)."""
@@ -330,7 +327,7 @@ class ContrastiveModel(Encoders, MomentumTwins, nn.Module):
             text_feat=text_feat.detach(),
             image_feat_m=image_feat_m,
             text_feat_m=text_feat_m,
-            temp=temp.detach().clone(),
+            temp=self.temp.detach().clone(),
         )
 
     def default_choices(self, choices: ChoiceSource | None) -> ChoiceSource:

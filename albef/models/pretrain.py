@@ -128,9 +128,7 @@ class ALBEFPretrain(ContrastiveModel):
             mlm_labels=mlm_labels,
             mlm_logits=mlm_logits.detach(),
             mlm_teacher_logits=teacher,
-            **self.contrastive_fields(
-                itc, itm, hard, (image_feat, text_feat, image_feat_m, text_feat_m), self.temp
-            ),
+            **self.contrastive_fields(itc, itm, hard, (image_feat, text_feat, image_feat_m, text_feat_m)),
         )
 
     def mlm_logits(

@@ -63,13 +63,18 @@ class ALBEFRetrieval(ContrastiveModel):
         itm = self.itm(image_embeds, text_embeds, attention_mask, itc.sim_i2t, itc.sim_t2i, positive, choices)
         return RetrievalOutput(
             loss=itc.loss + itm.loss,
-            **self.contrastive_fields(
-                itc, itm, hard, (image_feat, text_feat, image_feat_m, text_feat_m), self.temp
-            ),
+            **self.contrastive_fields(itc, itm, hard, (image_feat, text_feat, image_feat_m, text_feat_m)),
         )
 
 
 # ---------------------------------------------------------------------------- scoring for evaluation
+
+
+def _in_batches(encode, batch_size: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode``'s two outputs on consecutive ``batch_size`` rows of ``inputs``, each concatenated."""
+    size = inputs[0].shape[0]
+    parts = [encode(*(x[s : s + batch_size] for x in inputs)) for s in range(0, size, batch_size)]
+    return torch.cat([embeds for embeds, _ in parts]), torch.cat([feats for _, feats in parts])
 
 
 @torch.no_grad()
@@ -77,12 +82,7 @@ def image_features(
     model: ContrastiveModel, images: torch.Tensor, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image tokens (N, T, C), normalised ITC features (N, D)) for a stack of images, in batches."""
-    embeds, feats = [], []
-    for start in range(0, images.shape[0], batch_size):
-        e, f = model.encode_image(images[start : start + batch_size])
-        embeds.append(e)
-        feats.append(f)
-    return torch.cat(embeds), torch.cat(feats)
+    return _in_batches(model.encode_image, batch_size, images)
 
 
 @torch.no_grad()
@@ -91,14 +91,7 @@ def text_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(text-layer states (N, L, H), normalised ITC features (N, D)), in batches."""
     check_text(input_ids, attention_mask, model.cfg, None)
-    embeds, feats = [], []
-    for start in range(0, input_ids.shape[0], batch_size):
-        e, f = model.encode_text(
-            input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-        )
-        embeds.append(e)
-        feats.append(f)
-    return torch.cat(embeds), torch.cat(feats)
+    return _in_batches(model.encode_text, batch_size, input_ids, attention_mask)
 
 
 @torch.no_grad()
