@@ -162,22 +162,6 @@ class ALBEFVQA(Encoders, MomentumTwins, nn.Module):
         states = self.text_encoder(question_ids, question_mask, image_embeds, mode=Mode.MULTIMODAL)
         return image_embeds, states
 
-    @torch.no_grad()
-    def _teacher_logits(
-        self,
-        images: torch.Tensor,
-        question_ids: torch.Tensor,
-        question_mask: torch.Tensor,
-        per_question: torch.Tensor,
-        answer_ids: torch.Tensor,
-        answer_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        image_embeds_m = self.visual_encoder_m(images)
-        states_m = self.text_encoder_m(question_ids, question_mask, image_embeds_m, mode=Mode.MULTIMODAL)
-        states_m = states_m.repeat_interleave(per_question, dim=0)
-        mask = question_mask.repeat_interleave(per_question, dim=0)
-        return self.text_decoder_m(answer_ids, answer_mask, states_m, mask)[:, :-1, :]
-
     # ------------------------------------------------------------------ training
     def forward(
         self,
@@ -215,9 +199,13 @@ class ALBEFVQA(Encoders, MomentumTwins, nn.Module):
         if self.cfg.distill:
             self.momentum_update()
             if losses.mod:
-                teacher = self._teacher_logits(
-                    images, question_ids, question_mask, per_question, answer_ids, answer_mask
-                )
+                with torch.no_grad():
+                    image_embeds_m = self.visual_encoder_m(images)
+                    states_m = self.text_encoder_m(
+                        question_ids, question_mask, image_embeds_m, mode=Mode.MULTIMODAL
+                    )
+                    states_m = states_m.repeat_interleave(per_question, dim=0)
+                    teacher = self.text_decoder_m(answer_ids, answer_mask, states_m, states_mask)[:, :-1, :]
         logits = self.text_decoder(answer_ids, answer_mask, states, states_mask)[:, :-1, :]
         targets = answer_targets(answer_ids, self.cfg.text.pad_token_id)
         soft = F.softmax(teacher, dim=-1) if teacher is not None else None
