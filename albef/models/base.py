@@ -112,8 +112,8 @@ class Encoders:
 
     @property
     def text_backbone(self) -> TextEncoder:
-        """The BERT encoder (without an MLM head)."""
-        return self.text_encoder
+        """The BERT encoder: ``text_encoder``, or the ``bert`` inside it when it carries an MLM head."""
+        return getattr(self.text_encoder, "bert", self.text_encoder)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual_encoder.set_grad_checkpointing(enable)
@@ -155,7 +155,7 @@ class ContrastiveModel(Encoders, MomentumTwins, nn.Module):
     # ------------------------------------------------------------------ structure
     @property
     def text_backbone_m(self) -> TextEncoder:
-        return self.text_encoder_m
+        return getattr(self.text_encoder_m, "bert", self.text_encoder_m)
 
     def use_losses(self, losses: LossSwitches) -> None:
         """Train with ``losses``. Without ITC its projections and temperature get no gradient: they are frozen,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from albef.config import LossSwitches, ModelConfig
 from albef.models.base import ContrastiveModel, ContrastiveOutput, check_text
 from albef.models.components import ChoiceSource, MaskSpec, distillation_mix, soft_cross_entropies
-from albef.models.xbert import Mode, TextEncoder, TextEncoderForMLM
+from albef.models.xbert import Mode, TextEncoderForMLM
 
 
 @dataclass(kw_only=True)
@@ -52,14 +52,6 @@ class ALBEFPretrain(ContrastiveModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, TextEncoderForMLM(cfg), TextEncoderForMLM(cfg))
-
-    @property
-    def text_backbone(self) -> TextEncoder:
-        return self.text_encoder.bert
-
-    @property
-    def text_backbone_m(self) -> TextEncoder:
-        return self.text_encoder_m.bert
 
     def mask_spec(self) -> MaskSpec:
         return MaskSpec.of(self.cfg, self.cfg.mlm_probability)
