@@ -4,12 +4,10 @@ Official checkpoints (``ALBEF.pth``, ``ALBEF_4M.pth``, ``mscoco.pth``, ``flickr3
 come as ``{'model': state_dict, ...}`` or as a raw state dict, with or without momentum encoders and queues,
 in the pretraining layout (``text_encoder.bert.*`` + ``text_encoder.cls.*``) or the finetuning layout
 (``text_encoder.*``), or the VQA layout (``text_decoder.*`` besides). :func:`load_official` maps any of them
-onto an albef model of any task and reports every key it could not place. A VQA model loaded from a
-pretraining checkpoint gets the official VQA script's remapping: its answer decoder starts from the fusion
-layers, the word embeddings and the MLM head. The two-image models (NLVR2 and its text-assignment
-pretraining) get the official ``Pretrain_nlvr.py`` remapping from a single-image checkpoint: every fusion
-layer ``L`` is written to layers ``T + 2(L - T)`` and ``T + 2(L - T) + 1``; a checkpoint already in the
-two-image layout loads as it is.
+onto an albef model of any task and reports every key it could not place, with the official scripts'
+remappings: a VQA model from a pretraining checkpoint (:func:`decoder_from_encoder`), the two-image models
+(NLVR2 and its text-assignment pretraining) from a single-image one (:func:`duplicate_fusion_layers`; one
+already in the two-image layout loads as it is).
 
 albef's own format is a directory with ``model.safetensors`` (no pickle on load) and ``config.json``.
 """
@@ -250,10 +248,8 @@ def decoder_from_encoder(
     created: list[str] = []
     for key, value in state.items():
         prefix = next((p for p in ("text_encoder.", "text_encoder_m.") if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = value
-            continue
-        if key.endswith("position_ids"):  # a buffer old transformers saved; dropped on conversion anyway
+        # (position_ids: a buffer old transformers saved; dropped on conversion anyway)
+        if prefix is None or key.endswith("position_ids"):
             out[key] = value
             continue
         dec = prefix.replace("text_encoder", "text_decoder")
