@@ -68,12 +68,10 @@ class MomentumTwins(abc.ABC):
         """Train with ``losses`` (``mod``: distil from the momentum teacher)."""
         self.losses = losses
 
-    @torch.no_grad()
     def copy_params(self) -> None:
         """Reset every momentum twin to its online module (after loading new online weights) and freeze it."""
         copy_to_momentum(self.momentum_pairs())
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
         """One EMA step of every twin towards its online module (one fused multi-tensor update)."""
         pairs = self.momentum_pairs()
