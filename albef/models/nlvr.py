@@ -35,10 +35,9 @@ TA_SAMPLING_TEMPERATURE = 0.07
 
 
 def two_image_text_encoder(cfg: ModelConfig) -> TextEncoder:
-    """A :class:`TextEncoder` with ``text_layers + 2 * fusion_layers`` layers whose pairs ``T + 2i``,
-    ``T + 2i + 1`` share the cross-attention key and value projections (the first takes the second's
-    Parameters, as the official ``share_cross_attention``). Given a list of two image-token tensors, fusion
-    layer ``j`` attends to image ``(j - text_layers) % 2``."""
+    """The two-image text encoder (module docstring; in each pair the first layer takes the second's key and
+    value Parameters). Given a list of two image-token tensors, fusion layer ``j`` attends to image
+    ``(j - text_layers) % 2``."""
     doubled = copy.deepcopy(cfg)
     doubled.text.fusion_layers = 2 * cfg.text.fusion_layers
     encoder = TextEncoder(doubled)

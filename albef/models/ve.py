@@ -1,14 +1,7 @@
-"""Classification on the fused [CLS] state, with momentum distillation: the base of SNLI-VE and NLVR2, and the
-SNLI-VE model (``models/model_ve.py``).
-
-A classifier is a ViT, a BERT whose upper layers cross-attend to the image tokens, and ``cls_head``
-(Linear(h, h), ReLU, Linear(h, classes)) on the last layer's [CLS] state. With ``distill`` (the official
-default), momentum twins ``visual_encoder_m``, ``text_encoder_m`` and ``cls_head_m`` give soft targets::
-
-    loss = (1 - alpha) * CE(logits, targets) + alpha * soft-CE(softmax(teacher logits), logits)
-
-and are updated by EMA once per training forward, before the teacher runs (as the official forward does).
-State-dict keys are the official ones.
+"""Classification on the fused [CLS] state: :class:`DistilledClassifier`, the base of SNLI-VE and NLVR2, and the
+SNLI-VE model (``models/model_ve.py``). With ``distill`` (the official default) the momentum twins of both
+encoders and ``cls_head`` give soft targets (:func:`distillation_loss`) and take one EMA step per training
+forward, before the teacher runs, as the official forward does. State-dict keys are the official ones.
 """
 
 from __future__ import annotations

@@ -203,9 +203,8 @@ class ProjectedImage:
     which dominate the fusion cost when images have many more tokens than texts (577 vs 30 at 384 px).
     """
 
-    layers: list[
-        tuple[torch.Tensor, torch.Tensor] | GroupedKV
-    ]  # per fusion layer: (keys, values), (N, heads, T, d)
+    # per fusion layer: (keys, values), (N, heads, T, d)
+    layers: list[tuple[torch.Tensor, torch.Tensor] | GroupedKV]
 
     def select(self, index: torch.Tensor) -> ProjectedImage:
         """The rows ``index`` (one per text to fuse)."""
