@@ -108,7 +108,13 @@ def check_text(
 
 
 class Encoders:
-    """The ViT ``visual_encoder`` and the BERT ``text_encoder`` every model has."""
+    """The ViT ``visual_encoder`` (built here, once the config is validated) and the BERT ``text_encoder`` (the
+    model's own) every model has."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.visual_encoder = ImageEncoder(cfg.vision)
 
     @property
     def text_backbone(self) -> TextEncoder:
@@ -128,11 +134,8 @@ class ContrastiveModel(Encoders, MomentumTwins, nn.Module):
     twins = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 
     def __init__(self, cfg: ModelConfig, text_encoder: nn.Module, text_encoder_m: nn.Module):
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg)
         text_width = cfg.text.hidden
-        self.visual_encoder = ImageEncoder(cfg.vision)
         self.text_encoder = text_encoder
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(text_width, cfg.embed_dim)

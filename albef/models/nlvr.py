@@ -23,7 +23,6 @@ from torch import nn
 from albef.config import ModelConfig
 from albef.models.base import Encoders, check_text
 from albef.models.ve import DistilledClassifier
-from albef.models.vision import ImageEncoder
 from albef.models.xbert import Mode, TextEncoder
 
 #: NLVR2 labels (the official dataset: "True" -> 1, "False" -> 0)
@@ -147,10 +146,7 @@ class ALBEFTextAssignment(Encoders, nn.Module):
     so the official checkpoint keys match."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.visual_encoder = ImageEncoder(cfg.vision)
+        super().__init__(cfg)
         self.text_encoder = two_image_text_encoder(cfg)
         self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text.hidden, cfg.embed_dim)

@@ -57,11 +57,8 @@ class DistilledClassifier(Encoders, MomentumTwins, nn.Module):
     twins = ("visual_encoder", "text_encoder", "cls_head")
 
     def __init__(self, cfg: ModelConfig, text_encoder: TextEncoder, text_encoder_m: TextEncoder | None):
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
+        super().__init__(cfg)
         hidden = cfg.text.hidden
-        self.visual_encoder = ImageEncoder(cfg.vision)
         self.text_encoder = text_encoder
         self.cls_head = classifier_head(hidden, self.num_classes)
         if cfg.distill:

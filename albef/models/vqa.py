@@ -136,10 +136,7 @@ class ALBEFVQA(Encoders, MomentumTwins, nn.Module):
     twins = ("visual_encoder", "text_encoder", "text_decoder")
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.visual_encoder = ImageEncoder(cfg.vision)
+        super().__init__(cfg)
         self.text_encoder = TextEncoder(cfg)
         self.text_decoder = AnswerDecoder(cfg)
         if cfg.distill:
