@@ -43,6 +43,7 @@ from albef.tracking.config import TrackingConfig, tracking_config
 from albef.tracking.journal import PIPELINE_TAG, STAGE_TAG, Deliverer, Journal, now_ms
 from albef.tracking.provenance import git_state, library_versions, numeric_items
 from albef.tracking.redact import redact, redact_text, redact_uri
+from albef.world import world_info_from_env
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,6 @@ def pipeline_key(params: dict[str, Any], cwd: str | Path | None = None) -> str:
         default=str,
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
-
-
-def _is_main_process() -> bool:
-    from albef.world import world_info_from_env
-
-    return world_info_from_env().is_main
 
 
 class StageTerminated(SystemExit):
@@ -275,10 +270,6 @@ class StageRun:
         """The MLflow id of this stage's run, once delivered."""
         return self._ids.get(self.ref)
 
-    @property
-    def parent_run_id(self) -> str | None:
-        return self._ids.get(self.parent_ref)
-
     # -- system metrics -----------------------------------------------------------------------------------
     def _start_system_metrics(self) -> None:
         """Sample system metrics into the run from now on (once the store has the run; never twice)."""
@@ -391,7 +382,7 @@ def start_stage_run(
     an adjusted copy of params.yaml (``--test-file``) and must still nest under the pipeline's parent run.
     ``termination``: the SIGTERM handling of :func:`stage_run`, which ends the run KILLED."""
     cfg = tracking_config(params)
-    if not cfg.enabled or not _is_main_process():
+    if not cfg.enabled or not world_info_from_env().is_main:
         return None
     uri = cfg.resolved_uri()  # a malformed URI fails here, before any work
     cfg.system_metrics_on()  # so does a malformed MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
@@ -401,73 +392,55 @@ def start_stage_run(
     parent_id = os.environ.get(PARENT_ENV)
     run = StageRun(cfg, stage, uri, journal, termination, owns_parent=not parent_id)
     try:
-        _open(run, params, stage, parent_id, run_name, tags, log_params, pipeline_params)
+        git = git_state()
+        commit = {"mlflow.source.git.commit": git["commit"]} if git.get("commit") else {}
+        key = pipeline_key(params if pipeline_params is None else pipeline_params)
+        start = now_ms()
+        journal.append(
+            {
+                "op": "parent",
+                "ref": run.parent_ref,
+                "run_id": parent_id,
+                "experiment": cfg.experiment,
+                "artifact_location": cfg.artifact_location,
+                "key": key,
+                "name": f"pipeline-{key[:8]}",
+                "start_time": start,
+                "tags": redact({"albef.kind": "pipeline", **commit}),
+            }
+        )
+        run_tags = {
+            STAGE_TAG: stage,
+            PIPELINE_TAG: key,
+            "albef.kind": "stage",
+            **{f"albef.git.{k}": v for k, v in git.items()},
+            **commit,
+            **{f"albef.lib.{k}": v for k, v in library_versions().items()},
+            **({EXPERIMENT_TAG: os.environ[EXPERIMENT_ENV]} if os.environ.get(EXPERIMENT_ENV) else {}),
+            **(tags or {}),
+        }
+        run.continued = bool(os.environ.get(STAGE_RUN_ENV))
+        journal.append(
+            {
+                "op": "run",
+                "ref": run.ref,
+                "run_id": os.environ.get(STAGE_RUN_ENV) or None,
+                "parent": run.parent_ref,
+                "experiment": cfg.experiment,
+                "artifact_location": cfg.artifact_location,
+                "name": run_name or f"{stage}-{uuid.uuid4().hex[:6]}",
+                "start_time": start,
+                "tags": {k: str(v) for k, v in redact(run_tags).items()},
+            }
+        )
+        run.log_params(log_params if log_params is not None else params)
+        run.pump(force=True)
     except BaseException as exc:  # e.g. SIGTERM while the run was being created: it ends KILLED
         run.finish(run.ending_status(exc))
         raise
     if run.run_id:
         log.info("mlflow: stage %s logs to run %s at %s", stage, run.run_id, run.shown_uri)
     return run
-
-
-def _open(
-    run: StageRun,
-    params: dict[str, Any],
-    stage: str,
-    parent_id: str | None,
-    run_name: str | None,
-    tags: dict[str, Any] | None,
-    log_params: dict[str, Any] | None,
-    pipeline_params: dict[str, Any] | None,
-) -> None:
-    cfg, journal = run.cfg, run.journal
-    git = git_state()
-    key = pipeline_key(params if pipeline_params is None else pipeline_params)
-    start = now_ms()
-    journal.append(
-        {
-            "op": "parent",
-            "ref": run.parent_ref,
-            "run_id": parent_id,
-            "experiment": cfg.experiment,
-            "artifact_location": cfg.artifact_location,
-            "key": key,
-            "name": f"pipeline-{key[:8]}",
-            "start_time": start,
-            "tags": redact(
-                {
-                    "albef.kind": "pipeline",
-                    **({"mlflow.source.git.commit": git["commit"]} if git.get("commit") else {}),
-                }
-            ),
-        }
-    )
-    run_tags = {
-        STAGE_TAG: stage,
-        PIPELINE_TAG: key,
-        "albef.kind": "stage",
-        **{f"albef.git.{k}": v for k, v in git.items()},
-        **({"mlflow.source.git.commit": git["commit"]} if git.get("commit") else {}),
-        **{f"albef.lib.{k}": v for k, v in library_versions().items()},
-        **({EXPERIMENT_TAG: os.environ[EXPERIMENT_ENV]} if os.environ.get(EXPERIMENT_ENV) else {}),
-        **(tags or {}),
-    }
-    run.continued = bool(os.environ.get(STAGE_RUN_ENV))
-    journal.append(
-        {
-            "op": "run",
-            "ref": run.ref,
-            "run_id": os.environ.get(STAGE_RUN_ENV) or None,
-            "parent": run.parent_ref,
-            "experiment": cfg.experiment,
-            "artifact_location": cfg.artifact_location,
-            "name": run_name or f"{stage}-{uuid.uuid4().hex[:6]}",
-            "start_time": start,
-            "tags": {k: str(v) for k, v in redact(run_tags).items()},
-        }
-    )
-    run.log_params(log_params if log_params is not None else params)
-    run.pump(force=True)
 
 
 @contextmanager
