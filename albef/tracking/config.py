@@ -200,9 +200,7 @@ def register_config(params: dict[str, Any], task: str = "retrieval") -> Register
             f"no registration for task {task!r}; expected one of {', '.join(REGISTER_SECTIONS)}"
         )
     name = REGISTER_SECTIONS[task]
-    values = params.get(name)
-    if values is None:
-        values = {}
+    values = {} if params.get(name) is None else params[name]
     if not isinstance(values, dict):
         raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
     if values.get("task", task) != task:

@@ -49,10 +49,6 @@ def manifest(root: str | Path) -> dict[str, str]:
     return files
 
 
-def manifest_text(files: dict[str, str]) -> str:
-    return json.dumps(files, indent=1, sort_keys=True) + "\n"
-
-
 def seal(model_uri: str) -> str:
     """Record the files of the logged model ``model_uri`` as they are in the artifact store: the manifest goes
     to the active run as :data:`MANIFEST_FILE`; returns its digest, the value of :data:`MANIFEST_TAG`."""
@@ -60,7 +56,7 @@ def seal(model_uri: str) -> str:
 
     with tempfile.TemporaryDirectory() as scratch:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch)
-        text = manifest_text(manifest(local))
+        text = json.dumps(manifest(local), indent=1, sort_keys=True) + "\n"
     mlflow.log_text(text, MANIFEST_FILE)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -64,16 +64,13 @@ class Journal:
         return cls(directory / f"{time.strftime('%Y%m%d-%H%M%S')}-{safe}-{uuid.uuid4().hex[:8]}.jsonl")
 
     # -- writing ------------------------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Hold an exclusive lock while a stage writes, so ``albef mlflow sync`` leaves a live journal alone."""
+    def lock(self, wait: bool = True) -> bool:
+        """Hold an exclusive lock while a stage writes, so ``albef mlflow sync`` leaves a live journal alone.
+        ``wait=False``: False at once when someone else holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fh = open(self.path.with_suffix(".lock"), "w")  # noqa: SIM115 (held until unlock)
-        fcntl.flock(self._lock_fh, fcntl.LOCK_EX)
-
-    def try_lock(self) -> bool:
-        self._lock_fh = open(self.path.with_suffix(".lock"), "w")  # noqa: SIM115
         try:
-            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             self._lock_fh.close()
             self._lock_fh = None
@@ -159,11 +156,7 @@ class Deliverer:
         try:
             while state.done < len(ops):
                 batch_end = self._batch_end(ops, state.done)
-                op = (
-                    self._merge(ops[state.done : batch_end])
-                    if batch_end > state.done + 1
-                    else ops[state.done]
-                )
+                op = self._merge(ops[state.done : batch_end])
                 try:
                     self._apply(op, state, journal)
                 except Exception as exc:
@@ -185,26 +178,24 @@ class Deliverer:
     @staticmethod
     def _batch_end(ops: list[dict[str, Any]], start: int) -> int:
         """Consecutive metric logs of one run travel as one ``log_batch`` call (replays after an outage)."""
-        end, count = start + 1, len(ops[start].get("metrics", []))
-        if ops[start].get("op") != "log" or ops[start].get("params") or ops[start].get("tags"):
+
+        first = ops[start]
+        end, count = start + 1, len(first.get("metrics", []))
+        if first.get("op") != "log" or first.get("params") or first.get("tags"):
             return end
         while end < len(ops):
-            nxt = ops[end]
-            if (
-                nxt.get("op") != "log"
-                or nxt.get("ref") != ops[start]["ref"]
-                or nxt.get("params")
-                or nxt.get("tags")
-            ):
-                break
-            count += len(nxt.get("metrics", []))
-            if count > MAX_METRICS_PER_BATCH:
+            op = ops[end]
+            same_run = op.get("op") == "log" and op.get("ref") == first["ref"]
+            count += len(op.get("metrics", []))
+            if not same_run or op.get("params") or op.get("tags") or count > MAX_METRICS_PER_BATCH:
                 break
             end += 1
         return end
 
     @staticmethod
     def _merge(ops: list[dict[str, Any]]) -> dict[str, Any]:
+        if len(ops) == 1:
+            return ops[0]
         return {"op": "log", "ref": ops[0]["ref"], "metrics": [m for op in ops for m in op["metrics"]]}
 
     # -- calls --------------------------------------------------------------------------------------------
@@ -256,13 +247,10 @@ class Deliverer:
                 self.client.log_artifacts(run_id, str(path), op.get("artifact_path"))
             else:
                 self.client.log_artifact(run_id, str(path), op.get("artifact_path"))
-        elif kind == "end":
-            self.client.set_terminated(
-                self._run_id(state, op["ref"]), op.get("status", "FINISHED"), op.get("end_time")
-            )
-        elif kind == "parent_status":
-            if op.get("owned"):
-                self.client.set_terminated(self._run_id(state, op["ref"]), op["status"], op.get("end_time"))
+        elif kind in ("end", "parent_status"):  # a parent run's status only when the stage owns it
+            if kind == "end" or op.get("owned"):
+                run_id = self._run_id(state, op["ref"])
+                self.client.set_terminated(run_id, op.get("status", "FINISHED"), op.get("end_time"))
         elif kind != "noop":
             raise _Unresolved(f"unknown journal call {kind!r}")
 
@@ -312,7 +300,7 @@ def sync_spool(spool_dir: str | Path, tracking_uri: str) -> SyncReport:
     report = SyncReport()
     deliverer: Deliverer | None = None
     for journal in journals(spool_dir):
-        if not journal.try_lock():
+        if not journal.lock(wait=False):
             report.busy += 1
             continue
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -103,22 +104,16 @@ def data_version(inputs: list[str | Path], lock_file: str | Path = "dvc.lock") -
     lock_path = Path(lock_file)
     outs: dict[str, str] = {}
     if lock_path.is_file():
-        try:
+        with contextlib.suppress(yaml.YAMLError):
             outs = _lock_outs(yaml.safe_load(lock_path.read_text()) or {})
-        except yaml.YAMLError:
-            outs = {}
     root = lock_path.resolve().parent
     found: dict[str, str] = {}
     for item in inputs:
         path = Path(item)
-        try:
-            rel = (
-                os.path.normpath(path.resolve().relative_to(root))
-                if path.is_absolute()
-                else os.path.normpath(path)
-            )
-        except ValueError:
-            rel = os.path.normpath(path)
+        if path.is_absolute():
+            with contextlib.suppress(ValueError):  # outside the project: kept absolute
+                path = path.resolve().relative_to(root)
+        rel = os.path.normpath(path)
         found[rel] = outs.get(rel, "untracked")
     combined = hashlib.sha256(json.dumps(found, sort_keys=True).encode()).hexdigest()[:16]
     return {"version": combined, **{f"input.{k}": v for k, v in found.items()}}
@@ -129,13 +124,9 @@ def numeric_items(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _lock_file() -> Path:
-    return Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock"
-
-
 def provenance_tags(inputs: list[str | None]) -> dict[str, str]:
     """A stage run's MLflow tags: the version of its inputs under DVC (``dvc.lock`` of ``$DVC_ROOT``)."""
-    versions = data_version([i for i in inputs if i], _lock_file())
+    versions = data_version([i for i in inputs if i], Path(os.environ.get("DVC_ROOT", ".")) / "dvc.lock")
     return {
         "albef.data_version": versions.pop("version"),
         **{f"albef.dvc.{k}": v for k, v in versions.items()},

@@ -65,9 +65,7 @@ def _parts(name: str) -> list[str]:
 
 
 def _secret_part(part: str) -> bool:
-    if part in _SECRET_PARTS or part in _SECRET_SUFFIXES:
-        return True
-    return any(part.endswith("_" + word) for word in _SECRET_SUFFIXES)
+    return part in _SECRET_PARTS or any(part == w or part.endswith("_" + w) for w in _SECRET_SUFFIXES)
 
 
 def is_secret_key(name: Any) -> bool:
@@ -121,12 +119,10 @@ def redact(values: Any) -> Any:
             key: (REDACTED if _has_value(value) else value) if is_secret_key(key) else redact(value)
             for key, value in values.items()
         }
-    if isinstance(values, list | tuple):
-        return (
-            [redact(value) for value in values]
-            if isinstance(values, list)
-            else tuple(redact(v) for v in values)
-        )
+    if isinstance(values, list):
+        return [redact(value) for value in values]
+    if isinstance(values, tuple):
+        return tuple(redact(value) for value in values)
     return redact_text(values)
 
 

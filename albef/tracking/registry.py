@@ -10,10 +10,12 @@ aliases), which ``rollback`` uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from albef.config import ConfigError, flatten
@@ -251,22 +253,18 @@ class Registry:
     def rollback(self, to: str | int | None = None) -> str:
         """Give ``champion`` back to version ``to`` (default: the previous champion still registered)."""
         past = self.history()
-        current = None
         try:
             holder = self.holder(self.cfg.champion_alias)
             current = str(holder.version) if holder is not None else None
         except RegistryError:
             current = None  # the champion was deleted: rolling back is the way out
         if to is None:
-            candidates = [v for v in reversed(past) if v != current]
             target = None
-            for v in candidates:
-                try:
+            for v in (v for v in reversed(past) if v != current):
+                with contextlib.suppress(RegistryError):  # a deleted version is skipped
                     self.version(v)
-                except RegistryError:
-                    continue
-                target = v
-                break
+                    target = v
+                    break
             if target is None:
                 raise RegistryError(
                     f"{self.name}: no earlier champion to roll back to (history: {past or 'empty'})"
@@ -300,8 +298,6 @@ class Registry:
 
 
 def read_metrics(path) -> dict[str, Any]:
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the evaluation stage first")
