@@ -74,13 +74,9 @@ def _signal_all(procs: list[psutil.Process], group: int, sig: int) -> None:
 
 
 def _reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    with contextlib.suppress(ChildProcessError):  # none left
+        while os.waitpid(-1, os.WNOHANG)[0]:  # 0: none has exited yet
+            pass
 
 
 def stop_all(child: subprocess.Popen, grace: float) -> None:
@@ -117,12 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no command given")
 
     stop: list[int] = []
-
-    def on_signal(signum, frame) -> None:
-        stop.append(signum)
-
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if args.parent and os.getppid() != args.parent:
