@@ -38,6 +38,7 @@ from albef.orchestration.pipeline import (
 )
 from albef.orchestration.process import failure, run_supervised
 from albef.orchestration.workspace import Workspace
+from albef.tracking.run import PARENT_ENV, STAGE_RUN_ENV
 
 DEFAULT_RETRIES = 2
 DEFAULT_RETRY_DELAY_SECONDS = 30.0
@@ -83,7 +84,7 @@ def stage_env(settings: dict[str, Any]) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the Prefect log as they are written
     env.update(settings.get("launch_env") or {})
     if settings.get("mlflow_parent_run_id"):
-        env[mlflow_link.PARENT_ENV] = settings["mlflow_parent_run_id"]
+        env[PARENT_ENV] = settings["mlflow_parent_run_id"]
     return env
 
 
@@ -116,7 +117,7 @@ def repro_stage(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
     earlier = mlflow_link.find_stage_run(cfg, settings.get("mlflow_parent_run_id"), stage, logger)
     if earlier is not None and earlier.status != "FINISHED":
         # an interrupted attempt of this stage in this pipeline run: its MLflow run continues
-        env[mlflow_link.STAGE_RUN_ENV] = earlier.run_id
+        env[STAGE_RUN_ENV] = earlier.run_id
         logger.info("continuing MLflow run %s of the interrupted attempt", earlier.run_id)
     started = time.time()
     try:

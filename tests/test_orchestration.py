@@ -477,10 +477,10 @@ def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found
     assert parent and ml.open_parent_run(cfg, "flow-run-1", "prefect-test") == parent  # a retry continues it
     assert ml.open_parent_run(cfg, "flow-run-2", "prefect-other") != parent
 
-    from albef.tracking.run import stage_run, start_stage_run
+    from albef.tracking.run import PARENT_ENV, STAGE_RUN_ENV, stage_run, start_stage_run
 
     # a first attempt killed mid-run: its stage run stays RUNNING (nothing ended it)
-    monkeypatch.setenv(ml.PARENT_ENV, parent)
+    monkeypatch.setenv(PARENT_ENV, parent)
     killed = start_stage_run(params, "pretrain")
     killed.log_metrics({"loss": 2.0}, step=1)
     killed.pump(force=True)
@@ -492,7 +492,7 @@ def test_the_mlflow_parent_run_is_continued_on_retry_and_each_stage_run_is_found
     interrupted = ml.find_stage_run(cfg, parent, "pretrain")
     assert interrupted.run_id == killed.run_id and interrupted.status == "KILLED"
     # the retry, told which run to continue (as the flow's task does), logs into the same run
-    monkeypatch.setenv(ml.STAGE_RUN_ENV, interrupted.run_id)
+    monkeypatch.setenv(STAGE_RUN_ENV, interrupted.run_id)
     with stage_run(params, "pretrain") as run:
         run.log_metrics({"loss": 1.0}, step=2)
     stage_id = run.run_id

@@ -26,7 +26,7 @@ from typing import Any
 
 from albef.tracking.journal import KIND_TAG, PARENT_TAG, STAGE_TAG
 from albef.tracking.redact import redact, redact_text
-from albef.tracking.run import EXPERIMENT_TAG, PARENT_ENV, STAGE_RUN_ENV  # noqa: F401 (flows/ sets the envs)
+from albef.tracking.run import EXPERIMENT_TAG
 from albef.tracking.store import ensure_experiment
 
 _log = logging.getLogger(__name__)
