@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,66 +72,44 @@ def _champion(path: Path | None) -> str:
 
 
 def _row(task: Task, metrics: dict[str, Any], champion: str) -> Row:
+    row = partial(Row, task.name, champion=champion)  # (metric, value, baseline, baseline_name, detail=...)
     if "r_mean" in metrics:  # retrieval: chance R@1 is 5 captions / all texts (TR), 1 / images (IR)
         chance = metrics.get("chance_r1") or {}
         baseline = (chance["txt"] + chance["img"]) / 2 if {"txt", "img"} <= set(chance) else None
         detail = f"TR@1 {metrics.get('txt_r1', 0):.1f}, IR@1 {metrics.get('img_r1', 0):.1f}"
-        return Row(
-            task.name,
-            "R@1 mean (TR, IR)",
-            (metrics["txt_r1"] + metrics["img_r1"]) / 2,
-            baseline,
-            "chance",
-            champion,
-            f"{detail}; r_mean {metrics['r_mean']:.1f}",
+        value = (metrics["txt_r1"] + metrics["img_r1"]) / 2
+        return row(
+            "R@1 mean (TR, IR)", value, baseline, "chance", detail=f"{detail}; r_mean {metrics['r_mean']:.1f}"
         )
     if "majority_baseline" in metrics:  # SNLI-VE, NLVR2
         detail = f"{metrics.get('records', '?')} records"
+        majority = metrics["majority_baseline"]
         for key, text in (("hypothesis_only_accuracy", "hypothesis"), ("sentence_only_accuracy", "sentence")):
             if metrics.get(key) is not None:
-                return Row(
-                    task.name,
+                return row(
                     "accuracy",
                     metrics.get("accuracy"),
                     metrics[key],
                     f"text only ({text})",
-                    champion,
-                    f"{detail}; majority class {metrics['majority_baseline']:.1f}",
+                    detail=f"{detail}; majority class {majority:.1f}",
                 )
-        return Row(
-            task.name,
-            "accuracy",
-            metrics.get("accuracy"),
-            metrics["majority_baseline"],
-            "majority class",
-            champion,
-            detail,
-        )
+        return row("accuracy", metrics.get("accuracy"), majority, "majority class", detail=detail)
     if "val_d" in metrics or "layer" in metrics:  # grounding: a random proposal per expression
         splits = [v for v in (metrics.get("splits") or {}).values() if "random_proposal" in v]
         total = sum(s.get("expressions", 0) for s in splits)
         chance = (
             sum(s["random_proposal"] * s.get("expressions", 0) for s in splits) / total if total else None
         )
-        return Row(
-            task.name,
-            "box accuracy",
-            metrics.get("accuracy"),
-            chance,
-            "random proposal",
-            champion,
-            f"{metrics.get('expressions', '?')} expressions",
-        )
+        detail = f"{metrics.get('expressions', '?')} expressions"
+        return row("box accuracy", metrics.get("accuracy"), chance, "random proposal", detail=detail)
     # VQA: the question-only classifier from below (when evaluated with it), the answer-list oracle from above
     question_only = metrics.get("question_only_accuracy")
-    return Row(
-        task.name,
+    return row(
         "VQA accuracy",
         metrics.get("accuracy"),
         question_only,
         "text only (question)" if question_only is not None else "",
-        champion,
-        f"{metrics.get('questions', '?')} questions; answer-list ceiling "
+        detail=f"{metrics.get('questions', '?')} questions; answer-list ceiling "
         f"{metrics.get('answer_list_oracle_accuracy', '?')}",
     )
 
