@@ -191,25 +191,15 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if tags:
-            self._record(
-                {
-                    "op": "log",
-                    "ref": self.ref,
-                    "tags": {mlflow_name(k): str(v) for k, v in redact(tags).items()},
-                }
-            )
+            named = {mlflow_name(k): str(v) for k, v in redact(tags).items()}
+            self._record({"op": "log", "ref": self.ref, "tags": named})
 
     def log_metrics(self, metrics: dict[str, Any], step: int = 0) -> None:
         values = numeric_items(flatten(metrics))
         if values:
             ts = now_ms()
-            self._record(
-                {
-                    "op": "log",
-                    "ref": self.ref,
-                    "metrics": [[mlflow_name(k), v, ts, int(step)] for k, v in sorted(values.items())],
-                }
-            )
+            rows = [[mlflow_name(k), v, ts, int(step)] for k, v in sorted(values.items())]
+            self._record({"op": "log", "ref": self.ref, "metrics": rows})
 
     def on_log(self, step: int, row: dict[str, float]) -> None:
         """The :class:`~albef.train.engine.Trainer` hook: every loss term, lr, alpha, temperature,
