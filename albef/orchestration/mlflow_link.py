@@ -60,8 +60,6 @@ def tracking(params: dict[str, Any], project: str | Path, ui_url: str | None = N
     for scheme in ("sqlite:///", "file://"):
         if uri.startswith(scheme) and not uri[len(scheme) :].startswith("/"):
             uri = f"{scheme}{(Path(project) / uri[len(scheme) :]).resolve()}"
-    if uri.startswith("file://") and not uri.startswith("file:///"):
-        uri = uri.replace("file://", "file:///", 1)
     return Tracking(
         uri,
         str(section.get("experiment") or "albef"),

@@ -92,10 +92,6 @@ def flow_of(stage: str, declared: list[str] | None = None) -> str | None:
     return next((f for f in later + earlier if f is not None), None)
 
 
-def stages_of(flow: str, declared: list[str]) -> list[str]:
-    return [s for s in declared if flow_of(s, declared) == flow]
-
-
 FLOW_PREFIX = "flow:"
 
 
@@ -126,7 +122,7 @@ def select_stages(project: str | Path, requested: list[str] | None = None) -> li
         if name in declared and not asked.startswith(FLOW_PREFIX):
             chosen.add(name)
         elif name in FLOW_STAGES:
-            found = stages_of(name, declared)
+            found = [s for s in declared if flow_of(s, declared) == name]
             if not found:
                 raise PlanError(
                     f"stage {name!r}: dvc.yaml declares none of its DVC stages "

@@ -115,13 +115,11 @@ def run_supervised(
 
     reader = threading.Thread(target=pump, name="stage-output", daemon=True)
     reader.start()
+    status: int | None = None
     try:
-        while True:
-            try:
+        while status is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 status = proc.wait(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                continue
     except BaseException:
         _stop(proc, grace_s)
         raise

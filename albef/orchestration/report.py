@@ -41,21 +41,19 @@ def stage_files(project: str | Path, stage: str) -> StageFiles:
     spec = yaml.safe_load((Path(project) / "dvc.yaml").read_text()) or {}
     body = (spec.get("stages") or {}).get(stage) or {}
     outs = [Path(p) for p in _paths(body.get("outs")) + _paths(body.get("plots"))]
-    images = []
-    for plot in _paths(spec.get("plots")) + _paths(body.get("plots")):
-        path = Path(plot)
-        if path.suffix.lower() == ".png" and any(path == o or o in path.parents for o in outs):
-            images.append(str(path))
-    return StageFiles(metrics=_paths(body.get("metrics")), images=sorted(set(images)))
+    plots = [Path(p) for p in _paths(spec.get("plots")) + _paths(body.get("plots"))]
+    images = {
+        str(p) for p in plots if p.suffix.lower() == ".png" and any(p == o or o in p.parents for o in outs)
+    }
+    return StageFiles(metrics=_paths(body.get("metrics")), images=sorted(images))
 
 
 def read_metrics(project: str | Path, files: list[str]) -> dict[str, Any]:
     """The stage's metrics, one dict per file (a missing or unreadable file is left out)."""
     out: dict[str, Any] = {}
     for name in files:
-        path = Path(project) / name
         try:
-            out[name] = json.loads(path.read_text())
+            out[name] = json.loads((Path(project) / name).read_text())
         except (OSError, ValueError):
             continue
     return out
