@@ -72,17 +72,15 @@ def experiment_name(flow_run_name: str, flow_run_id: str) -> str:
     return f"{stem}-{flow_run_id.replace('-', '')[:8]}"
 
 
-def _git(checkout: Path, *args: str, cwd: Path | None = None) -> str:
-    result = subprocess.run(["git", *args], cwd=cwd or checkout, capture_output=True, text=True, check=False)
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise PlanError(f"git {' '.join(args)} in {cwd or checkout} failed: {result.stderr.strip()[-800:]}")
+        raise PlanError(f"git {' '.join(args)} in {cwd} failed: {result.stderr.strip()[-800:]}")
     return result.stdout
 
 
-def _dvc(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env, check=False
-    )
+def _dvc(cwd: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise PlanError(
             f"dvc {' '.join(args)} in {cwd} failed: {(result.stdout + result.stderr).strip()[-800:]}"

@@ -61,13 +61,6 @@ def seal(model_uri: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _differences(expected: dict[str, str], found: dict[str, str]) -> list[str]:
-    out = [f"changed {p}" for p in sorted(expected) if p in found and found[p] != expected[p]]
-    out += [f"added {p}" for p in sorted(set(found) - set(expected))]
-    out += [f"missing {p}" for p in sorted(set(expected) - set(found))]
-    return out
-
-
 def _store(client) -> dict[str, str]:
     # the client's store, not the process-global one (a Prefect flow may point that elsewhere)
     return {"tracking_uri": client.tracking_uri, "registry_uri": client.tracking_uri}
@@ -111,7 +104,10 @@ def fetch_verified(client, name: str, version: str | int, dst: str | Path) -> Pa
             artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst), **_store(client)
         )
     )
-    problems = _differences(expected, manifest(local))
+    found = manifest(local)
+    problems = [f"changed {p}" for p in sorted(expected) if p in found and found[p] != expected[p]]
+    problems += [f"added {p}" for p in sorted(set(found) - set(expected))]
+    problems += [f"missing {p}" for p in sorted(set(expected) - set(found))]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise IntegrityError(
