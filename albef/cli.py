@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pkgutil
 import sys
 from pathlib import Path
 
-# the task registry is torch-free: the CLI starts without importing torch
+# the config and the task registry are torch-free: the CLI starts without importing torch
+from albef.config import PRESETS, ConfigError, load_model_config, read_params
 from albef.tasks import EVAL_TASKS, FINETUNE_TASKS, MODEL_TASKS, REGISTER_TASKS, TASKS
 
 
@@ -20,7 +22,6 @@ def _convert_official(args: argparse.Namespace) -> int:
         read_official_state_dict,
         save_pretrained,
     )
-    from albef.config import PRESETS, load_model_config
 
     state = read_official_state_dict(args.src)
     base = load_model_config(args.params) if args.params else PRESETS[args.preset]()
@@ -63,7 +64,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from albef.config import read_params
     from albef.profiles import apply_profile, as_set_args, load_profile
 
     profile = load_profile(args.name)
@@ -80,7 +80,6 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from albef.checkpoint import build_model, parameter_count
-    from albef.config import PRESETS, load_model_config
 
     cfg = load_model_config(args.params) if args.params else PRESETS[args.preset]()
     model = build_model(args.task, cfg)
@@ -94,7 +93,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from albef.config import read_params
     from albef.data.stages import synth_stage
 
     card = synth_stage(read_params(args.params), progress=not args.quiet)
@@ -102,7 +100,6 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from albef.config import read_params
     from albef.data.stages import preprocess_stage
 
     return _print_json(preprocess_stage(read_params(args.params), progress=not args.quiet))
@@ -125,16 +122,10 @@ def _print_json(result, sort_keys: bool = False) -> int:
     return 0
 
 
-def _load_params(args: argparse.Namespace) -> dict:
-    from albef.config import read_params
-
-    return read_params(args.params)
-
-
 def _unimodal(args: argparse.Namespace) -> int:
     from albef.stages import tracked_unimodal
 
-    metrics = tracked_unimodal(_load_params(args), progress=not args.quiet)
+    metrics = tracked_unimodal(read_params(args.params), progress=not args.quiet)
     return _print_json(metrics, sort_keys=True)
 
 
@@ -144,14 +135,14 @@ def _finetune(args: argparse.Namespace) -> int:
     # (also `albef pretrain`, as the task "pretrain"; the NLVR2 text-assignment pretraining is a "finetuning"
     # of the pretrained model on image pairs)
     name = TASKS[args.task].train_section
-    metrics = tracked_train(_load_params(args), name, args.task, progress=not args.quiet)
+    metrics = tracked_train(read_params(args.params), name, args.task, progress=not args.quiet)
     return _print_json(metrics, sort_keys=True)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from albef.stages import tracked_evaluate, with_test_file
 
-    as_read = _load_params(args)
+    as_read = read_params(args.params)
     params = with_test_file(as_read, args.task, args.test_file) if args.test_file else as_read
     metrics = tracked_evaluate(
         params,
@@ -217,14 +208,14 @@ def _explain(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     from albef.tracking.register import register_stage
 
-    return _print_json(register_stage(_load_params(args), args.out, task=args.task), sort_keys=True)
+    return _print_json(register_stage(read_params(args.params), args.out, task=args.task), sort_keys=True)
 
 
 def _registry(args: argparse.Namespace) -> int:
     from albef.tracking.config import register_config, tracking_config
     from albef.tracking.registry import Registry
 
-    params = _load_params(args)
+    params = read_params(args.params)
     cfg = register_config(params, args.task)
     if args.name:
         cfg.model_name = args.name
@@ -273,7 +264,7 @@ def _mlflow_sync(args: argparse.Namespace) -> int:
     from albef.tracking.config import tracking_config, validate_tracking_uri
     from albef.tracking.journal import sync_spool
 
-    cfg = tracking_config(_load_params(args))
+    cfg = tracking_config(read_params(args.params))
     uri = (
         validate_tracking_uri(args.tracking_uri, "--tracking-uri")
         if args.tracking_uri
@@ -335,17 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="the synthetic benchmark and S3 transfers")
     data_sub = data.add_subparsers(dest="s3_command", required=True)
     _stage_command(data_sub, "synth", "generate the synthetic benchmark (params.yaml: synth)", _synth)
-    for name, helptext in (
-        ("pull", "download s3://bucket/prefix into DEST"),
-        ("push", "upload SRC to s3://..."),
+    for name, helptext, positionals in (
+        ("pull", "download s3://bucket/prefix into DEST", ("uri", "dest")),
+        ("push", "upload SRC to s3://...", ("src", "uri")),
     ):
         transfer = data_sub.add_parser(name, help=helptext)
-        if name == "pull":
-            transfer.add_argument("uri", help="s3://bucket/prefix")
-            transfer.add_argument("dest")
-        else:
-            transfer.add_argument("src")
-            transfer.add_argument("uri", help="s3://bucket/prefix")
+        for positional in positionals:
+            transfer.add_argument(positional, help="s3://bucket/prefix" if positional == "uri" else None)
         transfer.add_argument(
             "--endpoint-url",
             default=None,
@@ -515,30 +502,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
-    # (both torch-free: synth, preprocess and report start without the models)
-    from albef.config import ConfigError
+    # (torch-free: synth, preprocess and report start without the models)
     from albef.safe_load import CheckpointError
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
-    if args.command in ("data", "preprocess"):
-        from albef.data.preprocess import PreprocessError
-
-        expected = (*expected, PreprocessError)
-    if args.command == "data" and args.s3_command in ("pull", "push"):
-        from albef.data.s3 import S3Error  # boto3: only the S3 transfers need it
-
-        expected = (*expected, S3Error)
-    if args.command in ("unimodal", "pretrain", "finetune", "evaluate"):
-        from albef.train.engine import CheckpointWriteError, TrainingDiverged
-
-        expected = (*expected, TrainingDiverged, CheckpointWriteError)
-    if args.command in ("register", "registry", "mlflow"):
-        from albef.tracking.registry import RegistryError
-
-        expected = (*expected, RegistryError)
+    expected: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError, ValueError]
+    for commands, error in (  # the failures of one command, imported only for it
+        (("data", "preprocess"), "albef.data.preprocess:PreprocessError"),
+        (("pull", "push"), "albef.data.s3:S3Error"),  # boto3: only the S3 transfers need it
+        (("unimodal", "pretrain", "finetune", "evaluate"), "albef.train.engine:TrainingDiverged"),
+        (("unimodal", "pretrain", "finetune", "evaluate"), "albef.train.engine:CheckpointWriteError"),
+        (("register", "registry", "mlflow"), "albef.tracking.registry:RegistryError"),
+    ):
+        if args.command in commands or getattr(args, "s3_command", None) in commands:
+            expected.append(pkgutil.resolve_name(error))
     try:
         return args.func(args)
-    except expected as exc:
+    except tuple(expected) as exc:
         from albef.tracking.redact import redact_text  # a URI's password never reaches the terminal
 
         print(f"albef {args.command}: error: {redact_text(str(exc))}", file=sys.stderr)
