@@ -209,11 +209,11 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
 class VisionConfig:
     """ViT image encoder (timm ``VisionTransformer`` with ALBEF's choices)."""
 
-    image_size: int = 256
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
+    image_size: int = field(default=256, metadata=POSITIVE)
+    patch_size: int = field(default=16, metadata=POSITIVE)
+    width: int = field(default=768, metadata=POSITIVE)
+    depth: int = field(default=12, metadata=POSITIVE)
+    heads: int = field(default=12, metadata=POSITIVE)
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
 
@@ -230,14 +230,14 @@ class VisionConfig:
 class TextConfig:
     """BERT text encoder whose upper ``fusion_layers`` layers also cross-attend to image tokens."""
 
-    vocab_size: int = 30522
-    hidden: int = 768
-    text_layers: int = 6
-    fusion_layers: int = 6
-    heads: int = 12
-    intermediate: int = 3072
-    max_positions: int = 512
-    type_vocab: int = 2
+    vocab_size: int = field(default=30522, metadata=POSITIVE)
+    hidden: int = field(default=768, metadata=POSITIVE)
+    text_layers: int = field(default=6, metadata=NON_NEGATIVE)
+    fusion_layers: int = field(default=6, metadata=AT_LEAST_ONE)  # ALBEF fuses in the upper layers
+    heads: int = field(default=12, metadata=POSITIVE)
+    intermediate: int = field(default=3072, metadata=POSITIVE)
+    max_positions: int = field(default=512, metadata=POSITIVE)
+    type_vocab: int = field(default=2, metadata=POSITIVE)
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
@@ -247,7 +247,7 @@ class TextConfig:
     mask_token_id: int = 103
     # Layers of the VQA answer decoder, each with cross-attention to the question states and initialised
     # from the fusion layers. None: as many as the fusion layers (the official 6 of 6).
-    decoder_layers: int | None = None
+    decoder_layers: int | None = field(default=None, metadata=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         if self.decoder_layers is None:
@@ -334,9 +334,9 @@ class ModelConfig:
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 256
+    embed_dim: int = field(default=256, metadata=POSITIVE)
     temp: float = 0.07
-    queue_size: int = 65536
+    queue_size: int = field(default=65536, metadata=POSITIVE)
     momentum: float = 0.995
     mlm_probability: float = 0.15
     distill: bool = True
@@ -345,24 +345,8 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self, prefix: str = "model") -> ModelConfig:
         v, t = self.vision, self.text
-        flat = flatten(self.to_dict())
-        positive = (
-            [f"vision.{k}" for k in ("image_size", "patch_size", "width", "depth", "heads")]
-            + [
-                f"text.{k}"
-                for k in ("vocab_size", "hidden", "heads", "intermediate", "max_positions", "type_vocab")
-            ]
-            + ["embed_dim", "queue_size"]
-        )
-        for key in positive:
-            if flat[key] <= 0:
-                raise ConfigError(f"{prefix}.{key} must be positive, got {flat[key]}")
-        if t.text_layers < 0 or t.fusion_layers < 0:
-            raise ConfigError(f"{prefix}.text.text_layers/fusion_layers must be >= 0")
-        if t.fusion_layers < 1:
-            raise ConfigError(f"{prefix}.text.fusion_layers must be >= 1 (ALBEF fuses in the upper layers)")
-        if t.decoder_layers < 1:  # after fusion_layers: by default the decoder follows the fusion depth
-            raise ConfigError(f"{prefix}.text.decoder_layers must be >= 1, got {t.decoder_layers}")
+        for obj, where in ((v, ".vision"), (t, ".text"), (self, "")):  # built directly: not range-checked yet
+            check_ranges(obj, prefix + where)
         if v.image_size % v.patch_size:
             raise ConfigError(
                 f"{prefix}.vision.image_size ({v.image_size}) must be a multiple of "
@@ -388,10 +372,10 @@ class ModelConfig:
                 f"{prefix}.temp ({self.temp}) must lie in [quirks.temp_min, quirks.temp_max] = "
                 f"[{q.temp_min}, {q.temp_max}]"
             )
-        for key in (f"text.{name}_token_id" for name in ("pad", "cls", "sep", "mask")):
-            if not 0 <= flat[key] < t.vocab_size:
+        for key in (f"{name}_token_id" for name in ("pad", "cls", "sep", "mask")):
+            if not 0 <= getattr(t, key) < t.vocab_size:
                 raise ConfigError(
-                    f"{prefix}.{key} ({flat[key]}) is outside the vocabulary [0, {t.vocab_size})"
+                    f"{prefix}.text.{key} ({getattr(t, key)}) is outside the vocabulary [0, {t.vocab_size})"
                 )
         return self
 
@@ -419,15 +403,9 @@ class ModelConfig:
             raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
         data = copy.deepcopy(data)
         preset = data.pop("preset", None)
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ConfigError(
-                    f"{prefix}.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
-                )
-            base = PRESETS[preset]().to_dict()
-        else:
-            base = ModelConfig().to_dict()
-        merged = _merge(base, data, cls, prefix)
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"{prefix}.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        merged = _merge(PRESETS[preset or "base"]().to_dict(), data, cls, prefix)  # base: ModelConfig()
         return build_dataclass(cls, merged, prefix).validate(prefix)
 
 
