@@ -15,7 +15,7 @@ reader as ``fn(params, task=, name=)`` (the typed settings the stage will use: t
 from __future__ import annotations
 
 import functools
-import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +99,7 @@ class Task:
 def _resolve(entry: str | None, missing: str) -> Callable[..., Any]:
     if entry is None:
         raise ValueError(missing)
-    module, _, function = entry.partition(":")
-    return getattr(importlib.import_module(module), function)
+    return pkgutil.resolve_name(entry)
 
 
 def _read_section(entry: str, task: str, section: str, params: dict[str, Any]) -> Any:

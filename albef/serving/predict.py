@@ -110,15 +110,15 @@ class VQAPredictor(TaskPredictor):
         self.answer_ids, self.answer_mask = ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: list, questions: list[str]) -> list[list[tuple[str, float]]]:
+    def __call__(self, images: list[tuple], questions: list[str]) -> list[list[tuple[str, float]]]:
+        """``images``: per question, a tuple of its one image (as :class:`ClassifierPredictor` takes them)."""
         from albef.data.text import pre_question
 
         # test questions are not truncated to a token count by the official code; the position table bounds them
         cleaned = self.clean(questions, pre_question, self.max_words)
         ids, mask = self.tokens(cleaned, self.model.cfg.text.max_positions)
-        top_ids, probs = self.model.predict(
-            self.pixels(images), ids, mask, self.answer_ids, self.answer_mask, k=self.k
-        )
+        pixels = self.pixels([image for (image,) in images])
+        top_ids, probs = self.model.predict(pixels, ids, mask, self.answer_ids, self.answer_mask, k=self.k)
         return [
             [
                 (self.answers[i], float(p))
@@ -199,6 +199,4 @@ def predict(
     check_text(text[1], text[0])
     pictures = tuple(open_image(path, option) for option, path in images.items())
     predictor = get_task(task).predictor_class()(model_dir, device=placed, **settings)
-    # a classifier takes each text's images as a tuple, VQA a question's one image
-    row = pictures if isinstance(predictor, ClassifierPredictor) else pictures[0]
-    return predictor([row], [text[1]])[0]
+    return predictor([pictures], [text[1]])[0]

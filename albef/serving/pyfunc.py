@@ -25,9 +25,8 @@ import mlflow.pyfunc
 
 COLUMNS = ("image", "text")
 MODEL_ARTIFACT = "albef_model"
-MODEL_CODE = Path(__file__).with_name(
-    "model_code.py"
-)  # the file MLflow runs to build the pyfunc when loading
+# the file MLflow runs to build the pyfunc when loading
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 _REQUIREMENTS = (
     "torch",
     "torchvision",
@@ -164,9 +163,7 @@ def check_text_cell(value: Any, row: int, column: str, limits: InputLimits) -> s
 
 
 def present(value: Any) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, float) and value != value:  # NaN: pandas' missing value
+    if value is None or (isinstance(value, float) and value != value):  # NaN: pandas' missing value
         return False
     return not (isinstance(value, str) and not value.strip())
 

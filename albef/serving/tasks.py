@@ -94,13 +94,15 @@ class TaskModel(mlflow.pyfunc.PythonModel, metaclass=abc.ABCMeta):
         from albef.serving.predict import BadInput
 
         try:
-            return self.answer(read_rows(model_input, self.columns, self.limits))
+            *images, texts = read_rows(model_input, self.columns, self.limits).values()
+            # the predictor takes per text a tuple of its images (the image columns, in order)
+            return self.answer(self.predictor(list(zip(*images, strict=True)), texts))
         except (InvalidModelInput, BadInput) as exc:
             raise bad_input(str(exc)) from exc
 
     @abc.abstractmethod
-    def answer(self, columns: dict[str, list]):
-        """The output frame for the request's decoded ``columns`` (each task's pyfunc answers its own way)."""
+    def answer(self, results: list):
+        """The output frame for the predictor's ``results`` (each task's pyfunc answers its own way)."""
 
     @classmethod
     def example(cls):
@@ -126,10 +128,9 @@ class VQAModel(TaskModel):
         cfg = build_dataclass(VQAEvalConfig, params.get("evaluate_vqa") or {}, "evaluate_vqa")
         return {"k": cfg.k_test, "max_words": cfg.max_words}
 
-    def answer(self, columns: dict[str, list]):
+    def answer(self, tops: list[list[tuple[str, float]]]):
         import pandas as pd
 
-        tops = self.predictor(columns["image"], columns["question"])
         return pd.DataFrame(
             {
                 "answer": [top[0][0] for top in tops],
@@ -147,12 +148,9 @@ class ClassifierModel(TaskModel):
         cfg = build_dataclass(ClassifierEvalConfig, params.get(name) or {}, name)
         return {"max_tokens": cfg.max_tokens, "max_words": cfg.max_words}
 
-    def answer(self, columns: dict[str, list]):
+    def answer(self, results: list[dict[str, Any]]):
         import pandas as pd
 
-        *image_columns, text_column = self.columns
-        images = list(zip(*(columns[c] for c in image_columns), strict=True))
-        results = self.predictor(images, columns[text_column])
         table: dict[str, list] = {
             "label": [r["label"] for r in results],
             "probability": [r["probability"] for r in results],
