@@ -45,42 +45,27 @@ TRAIN_SECTIONS = {
     for name, task in TASKS.items()
     if task.train_entry == f"{__name__}:finetune_classifier_stage"
 }
-# Defaults of each training section (official configs); anything in params.yaml wins.
+# Defaults of each training section (official configs), next to the shared ones of classifier_train_settings;
+# anything in params.yaml wins.
 _TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ve": {
-        "train_file": "ve_train.json",
-        "val_file": "ve_dev.json",
-        "out": "models/ve",
-        "run_dir": "runs/ve",
-        "epochs": 5,
-        "batch_size": 32,
-        "lr": 2e-5,
-        "alpha_ramp_epochs": 0.0,  # VE.yaml warm_up: False
+    task: {
+        "train_file": f"{task}_train.json",
+        "val_file": f"{task}_dev.json",
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "alpha_ramp_epochs": ramp,  # VE.yaml warm_up: False, NLVR.yaml warm_up: True
         "crop_scale": (0.5, 1.0),
         "max_tokens": 40,
-    },
-    "nlvr": {
-        "train_file": "nlvr_train.json",
-        "val_file": "nlvr_dev.json",
-        "out": "models/nlvr",
-        "run_dir": "runs/nlvr",
-        "epochs": 10,
-        "batch_size": 16,
-        "lr": 2e-5,
-        "alpha_ramp_epochs": 1.0,  # NLVR.yaml warm_up: True
-        "crop_scale": (0.5, 1.0),
-        "max_tokens": 40,
-    },
-    "nlvr_ta": {
-        "train_file": "pretrain.json",
-        "out": "models/nlvr_ta",
-        "run_dir": "runs/nlvr_ta",
-        "epochs": 1,
-        "batch_size": 32,
-        "lr": 2e-5,
-        "crop_scale": (0.2, 1.0),  # the pretraining transform
-        "max_tokens": 30,
-    },
+    }
+    for task, epochs, batch_size, ramp in (("ve", 5, 32, 0.0), ("nlvr", 10, 16, 1.0))
+}
+# text assignment: one epoch of the pretraining captions, with the pretraining transform
+_TRAIN_DEFAULTS["nlvr_ta"] = {
+    "train_file": "pretrain.json",
+    "epochs": 1,
+    "batch_size": 32,
+    "crop_scale": (0.2, 1.0),
+    "max_tokens": 30,
 }
 
 
@@ -111,11 +96,11 @@ def _accuracy_validator(val_set, collate, batch_size: int, device, precision: st
     def validate(model) -> dict[str, float]:
         result = classify(model, val_set, collate, batch_size=batch_size, device=device, amp_dtype=amp)
         metrics = accuracy_metrics(val_set.labels, result.predictions, names)
-        out = {"accuracy": metrics["accuracy"]}
-        out.update(
-            {f"acc_{k}": v["accuracy"] for k, v in metrics["per_class"].items() if v["accuracy"] is not None}
-        )
-        return out
+        per_class = metrics["per_class"].items()
+        return {
+            "accuracy": metrics["accuracy"],
+            **{f"acc_{k}": v["accuracy"] for k, v in per_class if v["accuracy"] is not None},
+        }
 
     return validate
 
@@ -131,7 +116,8 @@ def classifier_train_settings(params: dict[str, Any], task: str, name: str | Non
     values = section(params, name)
     max_words = int(values.pop("max_words", 30))
     missing_images = values.pop("missing_images", "error") if task != "nlvr_ta" else None
-    for key, value in _TRAIN_DEFAULTS[task].items():
+    shared = {"out": f"models/{task}", "run_dir": f"runs/{task}", "lr": 2e-5}
+    for key, value in {**shared, **_TRAIN_DEFAULTS[task]}.items():
         values.setdefault(key, value)
     if task != "nlvr_ta" and values.get("val_file"):
         values.setdefault("select_metric", "accuracy")
@@ -154,45 +140,38 @@ def finetune_classifier_stage(
     def build_data(model, tokenizer, world, device) -> TrainingData:
         from albef.data import datasets as ds
         from albef.data.classify import ClassificationCollate, ClassificationDataset
-        from albef.data.transforms import build_transform, eval_transform
+        from albef.data.transforms import eval_transform
 
         images = ds.image_source(stage.data_dir)
         size = model.cfg.vision.image_size
-        train_file = Path(stage.data_dir) / stage.train_file
+        data = Path(stage.data_dir)
         settings = {"max_words": max_words, "missing_images": missing_images}
         if task == "nlvr_ta":
-            transform = build_transform(
-                "pretrain", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
-            )
             # kept for the official checkpoint keys, unused by the TA forward: frozen, so DDP does not wait for
             # their gradients (AdamW leaves a parameter without gradient unchanged either way)
             model.text_proj.requires_grad_(False)
             model.temp.requires_grad_(False)
             return TrainingData(
-                ds.PretrainDataset(train_file, images, transform, max_words=max_words),
+                ds.PretrainDataset(
+                    data / stage.train_file, images, stage.transform("pretrain", size), max_words=max_words
+                ),
                 Collate(tokenizer, stage.max_tokens, with_idx=False),
                 text_assignment_forward,
                 unit="records",
                 settings=settings,
             )
-        transform = build_transform(
-            "train", size, scale=stage.crop_scale, hflip=stage.hflip, augment=stage.augment
-        )
-        dataset = ClassificationDataset(
-            train_file, task, images, transform, max_words=max_words, missing_images=missing_images
-        )
+
+        def records(file: str, transform) -> ClassificationDataset:
+            return ClassificationDataset(
+                data / file, task, images, transform, max_words=max_words, missing_images=missing_images
+            )
+
+        dataset = records(stage.train_file, stage.transform("train", size))
         info = {"train_records": len(dataset), "skipped_missing_images": len(dataset.skipped)}
         collate = ClassificationCollate(tokenizer, stage.max_tokens)
         validate = None
         if stage.val_file:
-            val_set = ClassificationDataset(
-                Path(stage.data_dir) / stage.val_file,
-                task,
-                images,
-                eval_transform(size),
-                max_words=max_words,
-                missing_images=missing_images,
-            )
+            val_set = records(stage.val_file, eval_transform(size))
             info["val_records"] = len(val_set)
             info["val_skipped_missing_images"] = len(val_set.skipped)
             validate = _accuracy_validator(val_set, collate, stage.eval_batch_size, device, train.precision)

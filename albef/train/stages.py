@@ -41,7 +41,6 @@ from albef.model_files import CONFIG_FILE, WEIGHTS_FILE
 from albef.tasks import TASKS, check_task
 from albef.tokenizer import load_tokenizer
 from albef.train.engine import FitResult, TrainConfig, Trainer, file_digest, fingerprint
-from albef.world import WorldInfo
 
 log = logging.getLogger(__name__)
 # DataLoader workers tokenize in forked processes; the Rust tokenizer's own threads must not be inherited.
@@ -69,6 +68,13 @@ class TrainStageConfig:
     augment: bool = True  # RandomAugment(2, 7)
     k_test: int = field(default=16, metadata=AT_LEAST_ONE)  # ITM re-ranking depth in validation
     eval_batch_size: int = field(default=64, metadata=AT_LEAST_ONE)
+
+    def transform(self, name: str, image_size: int):
+        """The training transform ``name`` with this stage's augmentation (``crop_scale`` where it crops)."""
+        from albef.data.transforms import build_transform
+
+        crop = {"scale": self.crop_scale} if name in _CROPPING else {}
+        return build_transform(name, image_size, hflip=self.hflip, augment=self.augment, **crop)
 
 
 _TRAIN_KEYS = {f.name for f in fields(TrainConfig)} - {"losses"}  # the switches are flat keys of their own
@@ -369,12 +375,11 @@ def train_stage(
 
     def build_data(model, tokenizer, world, device) -> TrainingData:
         from albef.data import datasets as ds
-        from albef.data.transforms import build_transform, eval_transform
+        from albef.data.transforms import eval_transform
 
         images = ds.image_source(stage.data_dir)
         size = model.cfg.vision.image_size
-        crop = {"scale": stage.crop_scale} if transform_name in _CROPPING else {}
-        transform = build_transform(transform_name, size, hflip=stage.hflip, augment=stage.augment, **crop)
+        transform = stage.transform(transform_name, size)
         dataset = getattr(ds, dataset_cls)(Path(stage.data_dir) / stage.train_file, images, transform)
         validate = None
         if stage.val_file:
@@ -421,11 +426,8 @@ def _retrieval_validator(val_set, tokenizer, stage: TrainStageConfig, device, pr
             image_batch=stage.eval_batch_size,
             amp_dtype=amp,
         )
-        out = dict(result.metrics)
-        out.update(
-            {f"itc_{k}": v for k, v in result.itc_metrics.items() if k in ("txt_r1", "img_r1", "r_mean")}
-        )
-        return out
+        itc = {f"itc_{k}": v for k, v in result.itc_metrics.items() if k in ("txt_r1", "img_r1", "r_mean")}
+        return {**result.metrics, **itc}
 
     return validate
 
@@ -443,7 +445,6 @@ __all__ = [
     "Collate",
     "TrainStageConfig",
     "TrainingData",
-    "WorldInfo",
     "export_model",
     "finetune_stage",
     "pretrain_stage",

@@ -75,16 +75,9 @@ def finetune_vqa_stage(
 
     def build_data(model, tokenizer, world, device) -> TrainingData:
         from albef.data import datasets as ds
-        from albef.data.transforms import build_transform
         from albef.data.vqa import VQACollate, VQATrainDataset, read_answer_list
 
-        transform = build_transform(
-            "train",
-            model.cfg.vision.image_size,
-            scale=stage.crop_scale,
-            hflip=stage.hflip,
-            augment=stage.augment,
-        )
+        transform = stage.transform("train", model.cfg.vision.image_size)
         dataset = VQATrainDataset(
             Path(stage.data_dir) / stage.train_file, ds.image_source(stage.data_dir), transform
         )
