@@ -1,25 +1,23 @@
 """The one training loop every albef task uses.
 
-What it does, in the official order: for each optimisation step it sets the learning rate from the
-official schedule (:class:`albef.schedule.LRSchedule`, in steps) and the distillation weight from the alpha
-ramp, runs ``grad_accum`` micro-batches (forward under autocast on GPU, fp32 on CPU; backward; DDP's
-gradient all-reduce only on the last one), checks that the loss is finite on every rank, and steps AdamW
-with the official parameter groups. The ALBEF forward itself updates the momentum encoders and the queues,
-once per micro-batch, as in the official code.
+Each optimisation step, in the official order: the learning rate from the official schedule
+(:class:`albef.schedule.LRSchedule`, in steps) and the distillation weight from the alpha ramp; ``grad_accum``
+micro-batches (forward under autocast on GPU, fp32 on CPU; backward; DDP's gradient all-reduce only on the last
+one), the ALBEF forward itself updating the momentum encoders and queues once per micro-batch, as officially; a
+check that the loss is finite on every rank; AdamW with the official parameter groups.
 
 What it guarantees:
 
-* **Resume, bit for bit.** Checkpoints (every ``checkpoint_every`` steps and at every epoch end, atomic,
-  last ``keep_checkpoints`` kept) hold the model with momentum encoders and queues, the optimizer, the
-  scaler, the data position and every RNG of every rank. The data order and each sample's augmentation
-  are functions of ``(seed, epoch, index)`` (:mod:`albef.train.sampler`), so a run killed at any moment
-  and resumed with ``resume: auto`` reaches the same weights as an uninterrupted one (exactly, on CPU).
+* **Resume, bit for bit.** Checkpoints (:mod:`albef.train.checkpointing`: every ``checkpoint_every`` steps and
+  at every epoch end, the last ``keep_checkpoints`` kept) hold every rank's training state, and the data order
+  and augmentation are functions of ``(seed, epoch, index)`` (:mod:`albef.train.sampler`), so a run killed at
+  any moment and resumed with ``resume: auto`` reaches the same weights as an uninterrupted one (exactly, on CPU).
 * **Only matching checkpoints resume.** A checkpoint folder carries the fingerprint of the run that wrote
   it (training settings, model config, data, initial weights, albef's code). After a change it is moved aside to
   ``checkpoints.previous`` and training starts afresh, instead of silently continuing another run.
-* **A damaged checkpoint does not stop a resume.** With ``resume: auto`` a checkpoint that cannot be read
-  (truncated or corrupt: a disk, copy or sync fault after it was written) is skipped with a warning naming it
-  and why, moved aside into ``checkpoints/corrupt/`` (kept), and the newest one that reads resumes.
+* **A damaged checkpoint does not stop a resume.** ``resume: auto`` skips one that cannot be read (truncated or
+  corrupt after it was written) with a warning naming it and why, moves it into ``checkpoints/corrupt/`` (kept),
+  and resumes from the newest one that reads.
 * **Stops loudly.** A non-finite loss stops the run with the step, the epoch, the batch and every loss
   term, keeping the last good checkpoint; a failed checkpoint write (disk full) leaves the previous one.
 * **One writer.** Only rank 0 writes checkpoints, logs and exports; every rank computes.
@@ -96,16 +94,14 @@ class TrainConfig:
     # warm-up stairs of `warmup_stair` steps within epoch 0 (the official scheme)
     warmup_epochs: int = field(default=1, metadata=NON_NEGATIVE)
     warmup_stair: int = field(default=100, metadata=AT_LEAST_ONE)
-    alpha: float = field(
-        default=0.4, metadata=FRACTION
-    )  # distillation weight, ramped up over `alpha_ramp_epochs`
+    # distillation weight, ramped up over `alpha_ramp_epochs`
+    alpha: float = field(default=0.4, metadata=FRACTION)
     alpha_ramp_epochs: float = field(default=1.0, metadata=NON_NEGATIVE)
     # max global grad norm; the official code does not clip
     grad_clip: float | None = field(default=None, metadata=POSITIVE)
     seed: int = 42
-    precision: str = (
-        "auto"  # auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | fp32 | bf16 | fp16
-    )
+    # auto (bf16 on GPUs that have it, else fp16 + scaler; fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N: where this process computes (albef.device)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (a GPU speed-up; checked before any work)
@@ -274,7 +270,7 @@ class HistoryLog:
     def append(self, row: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.rows().append({k: _fmt(v) for k, v in row.items()})
+        self.rows().append({k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in row.items()})
         self._write()
 
     def _write(self) -> None:
@@ -285,12 +281,6 @@ class HistoryLog:
         lines = [",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, "\n".join(lines) + "\n")
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 class Trainer:
@@ -568,7 +558,7 @@ class Trainer:
         if self.validate is None:
             return None
         self.model.eval()
-        with preserved_rng(cuda=True), torch.no_grad():
+        with preserved_rng(), torch.no_grad():
             metrics = self.validate(self.model)
         self.model.train()
         row = {"step": self.step, "epoch": self.epoch, **metrics}
@@ -734,13 +724,10 @@ class Trainer:
     def _check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` when any rank saw a non-finite loss since the last check. Called
         before every log row and every checkpoint, so nothing is saved after a bad step."""
-        if not self._unchecked:
-            bad = math.inf
-        else:
-            flags = torch.stack([finite for _, finite, _ in self._unchecked]).tolist()  # the one host read
-            bad = next((i for i, ok in enumerate(flags) if not ok), math.inf)
-        steps = [context["step"] for context, _, _ in self._unchecked]
-        mine = steps[bad] if math.isfinite(bad) else math.inf
+        # the one host read
+        flags = torch.stack([finite for _, finite, _ in self._unchecked]).tolist() if self._unchecked else []
+        bad = next((i for i, ok in enumerate(flags) if not ok), None)
+        mine = math.inf if bad is None else self._unchecked[bad][0]["step"]
         # The earliest bad step over all ranks (inf when none).
         earliest = float(
             _all_reduce(
@@ -750,7 +737,7 @@ class Trainer:
         if not math.isfinite(earliest):
             self._unchecked.clear()
             return
-        if math.isfinite(mine):
+        if bad is not None:
             context, _, losses = self._unchecked[bad]
             terms = {k: float(v) for k, v in losses.items()}
             where = (

@@ -99,17 +99,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 @contextlib.contextmanager
-def preserved_rng(cuda: bool = False) -> Iterator[None]:
-    """Run a block without disturbing Python's, NumPy's or PyTorch's global generators (and CUDA's when
-    ``cuda``). For validation, once an epoch; per-sample loading uses the cheaper CPU-only path below."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if cuda and torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def preserved_rng() -> Iterator[None]:
+    """Run a block without disturbing Python's, NumPy's, PyTorch's or CUDA's global generators. For validation,
+    once an epoch; per-sample loading uses the cheaper CPU-only :func:`_kept_cpu_generators`."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), _kept_cpu_generators():
+        yield
 
 
 _MASK64 = (1 << 64) - 1

@@ -155,19 +155,22 @@ def _fit(
     opt: torch.optim.Optimizer,
     steps: int,
     lr: float,
-    warmup: int,
-    step_loss: Callable[[], torch.Tensor],
+    cfg: UnimodalConfig,
+    loss_on: Callable[[torch.Tensor], tuple[torch.Tensor, Any]],
+    train: torch.Tensor,
+    gen: torch.Generator,
     desc: str,
     progress: bool,
 ) -> None:
-    """``steps`` optimiser steps at ``lr`` under :func:`_lr_factor`'s schedule; ``step_loss()`` draws its batch."""
+    """``steps`` optimiser steps at ``lr`` under :func:`_lr_factor`'s schedule, each on ``cfg.batch_size``
+    indices drawn from ``train`` with ``gen``; ``loss_on(indices)`` returns the loss first."""
     from tqdm.auto import tqdm
 
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(step, steps, warmup)
-        loss = step_loss()
+            group["lr"] = lr * _lr_factor(step, steps, cfg.warmup_steps)
+        loss = loss_on(train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)])[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -216,10 +219,7 @@ def train_image_encoder(
         logits = head(encoder(pixels[index])[:, 0])
         return F.binary_cross_entropy_with_logits(logits, targets[index]), logits
 
-    def step_loss() -> torch.Tensor:
-        return loss_on(train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)])[0]
-
-    _fit(opt, cfg.vision_steps, cfg.vision_lr, cfg.warmup_steps, step_loss, "unimodal image", progress)
+    _fit(opt, cfg.vision_steps, cfg.vision_lr, cfg, loss_on, train, gen, "unimodal image", progress)
     encoder.eval()
     with torch.no_grad():
         train_loss, _ = loss_on(train)
@@ -280,10 +280,7 @@ def train_text_encoder(
         correct = (out.logits.argmax(-1)[picked] == labels[picked]).float().mean().item()
         return out.loss, correct
 
-    def step_loss() -> torch.Tensor:
-        return batch_loss(train[torch.randint(0, len(train), (cfg.batch_size,), generator=gen)])[0]
-
-    _fit(opt, cfg.text_steps, cfg.text_lr, cfg.warmup_steps, step_loss, "unimodal text", progress)
+    _fit(opt, cfg.text_steps, cfg.text_lr, cfg, batch_loss, train, gen, "unimodal text", progress)
     bert.eval()
     with torch.no_grad():
         loss, accuracy = batch_loss(heldout)
