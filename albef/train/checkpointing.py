@@ -6,9 +6,7 @@ and CUDA, Python, NumPy), the global step and epoch, and whatever small state th
 position, scheduler settings). It is written to a temporary file in the same folder, flushed to disk, and
 renamed into place, so a crash or a full disk never leaves a truncated checkpoint under a final name and
 never harms the previous one; old checkpoints are pruned only after the new one is complete.
-Loading uses ``weights_only=True``: no pickled code runs. A checkpoint that cannot be read anyway (a disk or copy
-fault truncated it) is an :class:`~albef.safe_load.UnreadableCheckpoint`; ``resume: auto`` moves it aside
-(:func:`set_aside`) and resumes from the newest one that reads.
+Loading uses ``weights_only=True``: no pickled code runs (:func:`read_checkpoint`, :func:`set_aside`).
 """
 
 from __future__ import annotations

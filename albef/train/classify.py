@@ -1,19 +1,17 @@
-"""The SNLI-VE and NLVR2 training stages as plain functions of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect
-call these), the way :mod:`albef.train.vqa` does VQA; their evaluation is
-:func:`albef.eval.stages.evaluate_classifier_stage`.
+"""The SNLI-VE and NLVR2 training stages, evaluated by :func:`albef.eval.stages.evaluate_classifier_stage`.
 
 ``finetune_classifier_stage(params, "ve")``       SNLI-VE finetuning (``params.finetune_ve``), official ``VE.py``
 ``finetune_classifier_stage(params, "nlvr")``     NLVR2 finetuning (``params.finetune_nlvr``), official ``NLVR.py``
 ``finetune_classifier_stage(params, "nlvr_ta")``  NLVR2 text-assignment pretraining on pretraining image-caption
                                                   pairs (``params.pretrain_nlvr``), official ``Pretrain_nlvr.py``
 
-Training sections are flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
-:class:`~albef.train.stages.TrainStageConfig` keys) plus ``max_words`` (sentence words kept, official 30) and,
-for VE and NLVR2, ``missing_images`` (``error`` | ``skip``, see :mod:`albef.data.classify`). Defaults not given
-in the section are the official configs' (``configs/VE.yaml``, ``NLVR.yaml``, ``NLVR_pretrain.yaml``): lr 2e-5,
-VE 5 epochs of 32 without the alpha warm-up, NLVR2 10 epochs of 16 with it, TA one epoch. As the official
-scripts, VE and NLVR2 validate on the dev split after every epoch and export the weights with the best dev
-accuracy (``val_file: null`` turns this off and exports the last weights).
+The sections have the keys of every training section (:mod:`albef.train.stages`) plus ``max_words`` (sentence
+words kept, official 30) and, for VE and NLVR2, ``missing_images`` (``error`` | ``skip``, see
+:mod:`albef.data.classify`). Defaults not given in the section are the official configs' (``configs/VE.yaml``,
+``NLVR.yaml``, ``NLVR_pretrain.yaml``): lr 2e-5, VE 5 epochs of 32 without the alpha warm-up, NLVR2 10 epochs
+of 16 with it, TA one epoch. As the official scripts, VE and NLVR2 validate on the dev split after every epoch
+and export the weights with the best dev accuracy (``val_file: null`` turns this off and exports the last
+weights).
 
 ``init``: VE takes any albef model folder or official checkpoint (a pretraining export gets a fresh
 ``cls_head``); NLVR2 takes the TA export (or a pretraining one: the fusion layers are duplicated either way)

@@ -1,23 +1,25 @@
 """The one training loop every albef task uses.
 
 Each optimisation step, in the official order: the learning rate from the official schedule
-(:class:`albef.schedule.LRSchedule`, in steps) and the distillation weight from the alpha ramp; ``grad_accum``
-micro-batches (forward under autocast on GPU, fp32 on CPU; backward; DDP's gradient all-reduce only on the last
-one), the ALBEF forward itself updating the momentum encoders and queues once per micro-batch, as officially; a
-check that the loss is finite on every rank; AdamW with the official parameter groups.
+(:class:`albef.schedule.LRSchedule`, in steps) and the distillation weight from the alpha ramp;
+``grad_accum`` micro-batches (forward under autocast on GPU, fp32 on CPU; backward; DDP's gradient
+all-reduce only on the last one), the ALBEF forward itself updating the momentum encoders and queues once
+per micro-batch, as officially; a check that the loss is finite on every rank; AdamW with the official
+parameter groups.
 
 What it guarantees:
 
-* **Resume, bit for bit.** Checkpoints (:mod:`albef.train.checkpointing`: every ``checkpoint_every`` steps and
-  at every epoch end, the last ``keep_checkpoints`` kept) hold every rank's training state, and the data order
-  and augmentation are functions of ``(seed, epoch, index)`` (:mod:`albef.train.sampler`), so a run killed at
-  any moment and resumed with ``resume: auto`` reaches the same weights as an uninterrupted one (exactly, on CPU).
+* **Resume, bit for bit.** Checkpoints (:mod:`albef.train.checkpointing`: every ``checkpoint_every`` steps
+  and at every epoch end, the last ``keep_checkpoints`` kept) hold every rank's training state, and the data
+  order and augmentation are functions of ``(seed, epoch, index)`` (:mod:`albef.train.sampler`), so a run
+  killed at any moment and resumed with ``resume: auto`` reaches the same weights as an uninterrupted one
+  (exactly, on CPU).
 * **Only matching checkpoints resume.** A checkpoint folder carries the fingerprint of the run that wrote
   it (training settings, model config, data, initial weights, albef's code). After a change it is moved aside to
   ``checkpoints.previous`` and training starts afresh, instead of silently continuing another run.
-* **A damaged checkpoint does not stop a resume.** ``resume: auto`` skips one that cannot be read (truncated or
-  corrupt after it was written) with a warning naming it and why, moves it into ``checkpoints/corrupt/`` (kept),
-  and resumes from the newest one that reads.
+* **A damaged checkpoint does not stop a resume.** ``resume: auto`` skips one that cannot be read
+  (truncated or corrupt after it was written) with a warning naming it and why, moves it into
+  ``checkpoints/corrupt/`` (kept), and resumes from the newest one that reads.
 * **Stops loudly.** A non-finite loss stops the run with the step, the epoch, the batch and every loss
   term, keeping the last good checkpoint; a failed checkpoint write (disk full) leaves the previous one.
 * **One writer.** Only rank 0 writes checkpoints, logs and exports; every rank computes.
@@ -35,7 +37,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -483,12 +485,9 @@ class Trainer:
             )
 
     # --------------------------------------------------------------------------------------- checkpoints
-    def _gather_rank_states(self) -> list[dict[str, Any]]:
-        return gather_objects({"rng": rng_state(), "choices": self.choices_gen.get_state().cpu()})
-
     def save(self) -> Path | None:
         self._check_finite()
-        ranks = self._gather_rank_states()
+        ranks = gather_objects({"rng": rng_state(), "choices": self.choices_gen.get_state().cpu()})
         path = None
         if self.world.is_main:
             extra = {
@@ -550,9 +549,6 @@ class Trainer:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _run_validation(self) -> dict[str, float] | None:
         if self.validate is None:
@@ -657,7 +653,7 @@ class Trainer:
             best=self.best,
         )
 
-    def _optimisation_step(self, batches: Iterable) -> dict[str, torch.Tensor | float]:
+    def _optimisation_step(self, batches: Iterator) -> dict[str, torch.Tensor | float]:
         """One optimisation step. Nothing in it reads a GPU value on the host: the loss terms stay on the
         device until :meth:`_log` averages them, and a non-finite loss is recorded on the device and raised
         by :meth:`_check_finite` at the next log row or checkpoint (before anything is saved)."""
@@ -667,7 +663,7 @@ class Trainer:
         terms: dict[str, torch.Tensor | float] = {}
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         for micro in range(cfg.grad_accum):
-            batch = self._to_device(next(batches))  # type: ignore[call-overload]
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
             self.batch_in_epoch += 1
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not self.world.distributed else self.ddp.no_sync()  # type: ignore[operator]
@@ -682,7 +678,10 @@ class Trainer:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-        self._record_divergence(finite, terms, alpha)
+        # this step's finiteness flag and loss terms (device tensors) wait on the device for _check_finite
+        context = {"step": self.step + 1, "epoch": self.epoch, "batch": self.batch_in_epoch, "alpha": alpha}
+        context["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._unchecked.append((context, finite, dict(terms)))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip:
@@ -713,13 +712,6 @@ class Trainer:
                 f"Lower {self.name}.batch_size and raise {self.name}.grad_accum by the same factor (same "
                 f"optimisation, less memory), or set {self.name}.grad_checkpointing: true. {exc}"
             ) from exc
-
-    def _record_divergence(self, finite: torch.Tensor, terms: dict[str, Any], alpha: float) -> None:
-        """Keep this step's finiteness flag and loss terms (device tensors) until the next check."""
-        context = {"step": self.step + 1, "epoch": self.epoch, "batch": self.batch_in_epoch, "alpha": alpha}
-        context["lr"] = self.optimizer.param_groups[0]["lr"]
-        losses = {k: v for k, v in terms.items() if isinstance(v, torch.Tensor)}
-        self._unchecked.append((context, finite, losses))
 
     def _check_finite(self) -> None:
         """Raise :class:`TrainingDiverged` when any rank saw a non-finite loss since the last check. Called

@@ -100,8 +100,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Run a block without disturbing Python's, NumPy's, PyTorch's or CUDA's global generators. For validation,
-    once an epoch; per-sample loading uses the cheaper CPU-only :func:`_kept_cpu_generators`."""
+    """Run a block without disturbing Python's, NumPy's, PyTorch's or CUDA's global generators. For
+    validation, once an epoch; per-sample loading uses the cheaper CPU-only :func:`_kept_cpu_generators`."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), _kept_cpu_generators():
         yield

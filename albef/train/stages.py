@@ -237,14 +237,13 @@ def _plot_curves(curves: dict[str, Path], path: Path, title: str) -> None:
     losses = [k for k in rows[0] if k.startswith("loss")]
     panels = 2 + ("validation" in curves)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6))
+    for ax, name in zip(axes, ("training losses", "learning rate", "validation (%)"), strict=False):
+        ax.set_xlabel("step")
+        ax.set_title(name)
     for k in losses:
         axes[0].plot(steps, [float(r[k]) for r in rows], label=k)
-    axes[0].set_xlabel("step")
-    axes[0].set_title("training losses")
     axes[0].legend(fontsize=7)
     axes[1].plot(steps, [float(r["lr"]) for r in rows], label="lr")
-    axes[1].set_xlabel("step")
-    axes[1].set_title("learning rate")
     if "alpha" in rows[0]:
         twin = axes[1].twinx()
         twin.plot(steps, [float(r["alpha"]) for r in rows], color="tab:orange", label="alpha")
@@ -255,8 +254,6 @@ def _plot_curves(curves: dict[str, Path], path: Path, title: str) -> None:
         for k in ("txt_r1", "img_r1", "r_mean", "accuracy"):
             if vrows and k in vrows[0]:
                 axes[2].plot([float(r["step"]) for r in vrows], [float(r[k]) for r in vrows], "o-", label=k)
-        axes[2].set_xlabel("step")
-        axes[2].set_title("validation (%)")
         axes[2].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

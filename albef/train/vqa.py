@@ -1,12 +1,9 @@
-"""The VQA training stage as a plain function of a ``params.yaml`` (the CLI, ``dvc.yaml`` and Prefect call it):
-``finetune_vqa_stage``, weighted answer generation with momentum distillation (``params.finetune_vqa``). Its
-evaluation is :func:`albef.eval.stages.evaluate_vqa_stage`.
+"""The VQA training stage, ``finetune_vqa_stage``: weighted answer generation with momentum distillation.
 
-Single predictions (``albef predict vqa``) are :func:`albef.serving.predict.predict` (task ``"vqa"``).
-
-``params.finetune_vqa`` is flat like the other training sections (:class:`~albef.train.engine.TrainConfig` and
-:class:`~albef.train.stages.TrainStageConfig` keys) plus ``answer_list`` (file in ``data_dir``) and
-``max_answer_tokens``. As the official, there is no validation during training.
+``params.finetune_vqa`` has the keys of every training section (:mod:`albef.train.stages`) plus
+``answer_list`` (file in ``data_dir``) and ``max_answer_tokens``. As the official, there is no validation
+during training; the evaluation is :func:`albef.eval.stages.evaluate_vqa_stage`, single predictions
+(``albef predict vqa``) are :func:`albef.serving.predict.predict` (task ``"vqa"``).
 """
 
 from __future__ import annotations
