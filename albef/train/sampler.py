@@ -89,9 +89,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        # (with drop_last, _order already gives this rank whole batches only)
         mine = self._order()[self.start_batch * self.batch_size :]
-        if self.drop_last:
-            mine = mine[: (len(mine) // self.batch_size) * self.batch_size]
         return iter([(self.epoch, i) for i in mine])
 
     def __len__(self) -> int:
@@ -130,23 +129,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return mixed >> 1
 
 
-def _seed_cpu_generators(seed: int) -> None:
-    # The CPU generator only: torch.manual_seed would also re-seed every accelerator's generator, which
-    # costs ~190 us and, in the training process, would reset the model's dropout stream on the GPU.
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFF_FFFF)
-
-
 @contextlib.contextmanager
 def _kept_cpu_generators() -> Iterator[None]:
     """Restore Python's, NumPy's and PyTorch's CPU generators after the block (a cheaper
     :func:`preserved_rng` without ``fork_rng``'s bookkeeping)."""
-    torch_state, py_state, np_state = (
-        torch.default_generator.get_state(),
-        random.getstate(),
-        np.random.get_state(),
-    )
+    torch_state = torch.default_generator.get_state()
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
         yield
     finally:
@@ -170,7 +158,11 @@ class SeededSamples(Dataset):
 
     def _load(self, key: tuple[int, int]):
         epoch, index = key
-        _seed_cpu_generators(sample_seed(self.seed, epoch, index))
+        seed = sample_seed(self.seed, epoch, index)
+        # CPU generators only (module docstring): torch.manual_seed would also reset the GPU dropout stream.
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFF_FFFF)
         return self.dataset[index]
 
     def __getitem__(self, key: tuple[int, int]):
