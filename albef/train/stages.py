@@ -134,14 +134,8 @@ def pretrain_forward(model, batch, alpha, choices):
 
 
 def retrieval_forward(model, batch, alpha, choices):
-    return model(
-        batch["images"],
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["idx"],
-        alpha=alpha,
-        choices=choices,
-    )
+    inputs = (batch[k] for k in ("images", "input_ids", "attention_mask", "idx"))
+    return model(*inputs, alpha=alpha, choices=choices)
 
 
 _TASKS = {
@@ -396,10 +390,8 @@ def train_metrics(result: FitResult, trainer: Trainer) -> dict[str, Any]:
         "epochs": round(result.step / trainer.steps_per_epoch, 3),
         "train_seconds": round(result.seconds, 2),
         "samples_per_s": round(result.samples_per_second, 2),
+        **{k: round(v, 5) for k, v in result.last_log.items() if k.startswith("loss") or k == "temp"},
     }
-    metrics.update(
-        {k: round(v, 5) for k, v in result.last_log.items() if k.startswith("loss") or k == "temp"}
-    )
     if result.validations:
         metrics["val"] = {k: round(v, 3) for k, v in result.validations[-1].items()}
     if result.best is not None and trainer.cfg.select_metric:

@@ -26,16 +26,8 @@ log = logging.getLogger(__name__)
 
 def vqa_forward(model, batch, alpha, choices):
     """The Trainer's forward for VQA (no random choices are drawn)."""
-    return model(
-        batch["images"],
-        batch["question_ids"],
-        batch["question_mask"],
-        batch["answer_ids"],
-        batch["answer_mask"],
-        batch["k"],
-        batch["weights"],
-        alpha=alpha,
-    )
+    keys = ("images", "question_ids", "question_mask", "answer_ids", "answer_mask", "k", "weights")
+    return model(*(batch[k] for k in keys), alpha=alpha)
 
 
 def vqa_train_settings(params: dict[str, Any], name: str = "finetune_vqa", task: str = "vqa"):
