@@ -173,7 +173,6 @@ ValidateFn = Callable[[nn.Module], dict[str, float]]
 @dataclass
 class FitResult:
     step: int
-    epochs_completed: int
     resumed_from: str | None
     seconds: float
     samples_per_second: float
@@ -277,9 +276,7 @@ class HistoryLog:
 
     def _write(self) -> None:
         rows = self.rows()
-        columns: list[str] = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # in order of first appearance
         lines = [",".join(columns)] + [",".join(str(r.get(c, "")) for c in columns) for r in rows]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, "\n".join(lines) + "\n")
@@ -329,9 +326,7 @@ class Trainer:
                 f"{name}: one epoch gives {self.sampler.batches_per_epoch} batches per process, fewer than "
                 f"grad_accum={cfg.grad_accum}; lower grad_accum or batch_size"
             )
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
         self.schedule = LRSchedule(
             lr=cfg.lr,
             epochs=cfg.epochs,
@@ -629,10 +624,8 @@ class Trainer:
                     due = cfg.validate_every and (
                         self.epoch % cfg.validate_every == 0 or self.epoch == cfg.epochs
                     )
-                    if due:
-                        metrics = self._run_validation()
-                        if metrics is not None:
-                            validations.append(metrics)
+                    if due and (metrics := self._run_validation()) is not None:
+                        validations.append(metrics)
                     self.save()
                     window_start += time.perf_counter() - paused
                 elif self.step >= self.total_steps:
@@ -644,7 +637,6 @@ class Trainer:
         done = self.step - start_step
         return FitResult(
             step=self.step,
-            epochs_completed=self.epoch,
             resumed_from=self.resumed_from,
             seconds=seconds,
             samples_per_second=done * global_batch / seconds if seconds > 0 else 0.0,
@@ -674,10 +666,7 @@ class Trainer:
                 for k, v in out.loss_terms().items():
                     terms[k] = terms.get(k, 0.0) + v.float() / cfg.grad_accum
                 finite = finite & torch.isfinite(out.loss.detach())
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         # this step's finiteness flag and loss terms (device tensors) wait on the device for _check_finite
         context = {"step": self.step + 1, "epoch": self.epoch, "batch": self.batch_in_epoch, "alpha": alpha}
         context["lr"] = self.optimizer.param_groups[0]["lr"]
