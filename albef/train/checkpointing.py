@@ -56,14 +56,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
     np.random.set_state(
-        (
-            "MT19937",
-            np_state["keys"].numpy().astype(np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
+        ("MT19937", keys, np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"])
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -114,8 +109,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
+    return next(reversed(list_checkpoints(directory)), None)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
