@@ -311,15 +311,9 @@ class Trainer:
         self.history = HistoryLog(self.run_dir / "history.csv", world.is_main)
         self.val_history = HistoryLog(self.run_dir / "validation.csv", world.is_main)
 
-        self.sampler = EpochSampler(
-            len(dataset),  # type: ignore[arg-type]
-            cfg.batch_size,
-            world.rank,
-            world.world_size,
-            seed=cfg.seed,
-            shuffle=True,
-            drop_last=True,
-        )
+        samples = len(dataset)  # type: ignore[arg-type]
+        # shuffled, whole batches only (the sampler's defaults)
+        self.sampler = EpochSampler(samples, cfg.batch_size, world.rank, world.world_size, seed=cfg.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.grad_accum
         if self.steps_per_epoch < 1:
             raise ConfigError(
