@@ -178,7 +178,6 @@ class Deliverer:
     @staticmethod
     def _batch_end(ops: list[dict[str, Any]], start: int) -> int:
         """Consecutive metric logs of one run travel as one ``log_batch`` call (replays after an outage)."""
-
         first = ops[start]
         end, count = start + 1, len(first.get("metrics", []))
         if first.get("op") != "log" or first.get("params") or first.get("tags"):
