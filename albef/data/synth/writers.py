@@ -557,7 +557,8 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = True) -> di
         folder.mkdir(parents=True)
     (out / "refcoco+").mkdir(parents=True, exist_ok=True)
 
-    counts = {s: n * (2 if s.startswith("nlvr") else 1) for s, n in sizes.items()}  # images per split
+    per_item = {s: 2 if s.startswith("nlvr") else 1 for s in sizes}  # images per item: an NLVR2 pair has two
+    counts = {s: n * per_item[s] for s, n in sizes.items()}  # images per split
     total = sum(counts.values())
     per_chunk = max(4, min(64, total // (cfg.workers * 8) or 1))
     chunks = [
@@ -572,7 +573,7 @@ def generate(cfg: SynthConfig, out_dir: str | Path, progress: bool = True) -> di
             results = pool.imap(_run_chunk, chunks) if pool else map(_run_chunk, chunks)
             for chunk, result in zip(chunks, results):
                 items[chunk.split] += result
-                bar.update((chunk.stop - chunk.start) * (2 if chunk.split.startswith("nlvr") else 1))
+                bar.update((chunk.stop - chunk.start) * per_item[chunk.split])
         finally:
             if pool:
                 pool.close()
